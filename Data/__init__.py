@@ -1,0 +1,1 @@
+"""Datasets: the registry of real datasets, their loaders, and synthetic image folders."""

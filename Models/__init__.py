@@ -1,0 +1,1 @@
+"""Models: ResNet20 (the CAS classifier) and class-conditional Stable Diffusion."""

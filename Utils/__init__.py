@@ -1,0 +1,1 @@
+"""Small shared helpers: atomic files, command-line errors, output paths, runtime set-up."""

@@ -1,0 +1,69 @@
+"""Command-line conventions shared by every script.
+
+Bad input is one line on stderr, `error: ...`, and exit status 2; nothing
+half-written stays behind (writers use `Utils.io.atomic_path`).
+
+Example:
+    >>> parser = ArgumentParser(description="...")
+    >>> def main(argv=None):
+    ...     args = parser.parse_args(argv)
+    ...     if args.take <= 0:
+    ...         raise UserError("--take must be a positive integer")
+    >>> if __name__ == "__main__":
+    ...     run_cli(main)
+"""
+
+import argparse
+import sys
+
+
+class UserError(Exception):
+    """A problem with the user's input or files, reported as one line."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit status 2."""
+
+    def error(self, message):
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def probability(text):
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
+    return value
+
+
+def run_cli(main, argv=None):
+    """Runs `main(argv)`, turning UserError into one line and exit status 2."""
+    try:
+        status = main(argv)
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted: rerun the same command to resume\n")
+        sys.exit(130)
+    sys.exit(status or 0)

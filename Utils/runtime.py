@@ -1,0 +1,76 @@
+"""Process-wide set-up for the scripts: seeds, GPU memory growth, precision, XLA, devices.
+
+Example:
+    >>> configure_runtime(seed=0, mixed_precision="bfloat16", xla=True)
+    >>> with distribution_scope(multi_gpu=True):
+    ...     model = build_model()
+"""
+
+import contextlib
+import os
+
+# Quieter TensorFlow start-up; must be set before TensorFlow is imported.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+
+PRECISIONS = ("float32", "float16", "bfloat16")
+
+
+def set_seed(seed):
+    """Seeds Python, NumPy and the backend: same seed, same numbers."""
+    keras.utils.set_random_seed(int(seed))
+
+
+def configure_runtime(seed=None, mixed_precision="float32", xla=False):
+    """Memory growth on every GPU, the dtype policy, and the seed.
+
+    mixed_precision: 'float32', 'float16' or 'bfloat16' (mixed_float16 /
+    mixed_bfloat16 policies: variables stay float32). Returns whether XLA
+    compilation was asked for, for `model.compile(jit_compile=...)`.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        for gpu in tf.config.list_physical_devices("GPU"):
+            try:
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except RuntimeError:  # devices already initialised
+                pass
+    if mixed_precision not in PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {PRECISIONS}, got {mixed_precision!r}")
+    keras.mixed_precision.set_dtype_policy(
+        "float32" if mixed_precision == "float32" else f"mixed_{mixed_precision}"
+    )
+    if seed is not None:
+        set_seed(seed)
+    return bool(xla)
+
+
+def add_runtime_flags(parser):
+    """The GPU flags every training or sampling script shares."""
+    parser.add_argument("--mixed_precision", choices=PRECISIONS, default="float32",
+                        help="compute dtype; variables stay float32 (default float32)")
+    parser.add_argument("--xla", action="store_true", help="compile training and sampling with XLA")
+    parser.add_argument("--multi_gpu", action="store_true",
+                        help="data-parallel over all local GPUs (MirroredStrategy on TensorFlow, "
+                             "keras.distribution.DataParallel on JAX)")
+
+
+@contextlib.contextmanager
+def distribution_scope(multi_gpu=False):
+    """Builds and trains models data-parallel over all local GPUs when asked."""
+    if not multi_gpu:
+        yield
+        return
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        with tf.distribute.MirroredStrategy().scope():
+            yield
+    elif backend == "jax":
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        yield
+    else:
+        raise ValueError(f"--multi_gpu is not supported on the {backend} backend")
