@@ -12,13 +12,16 @@ import os
 # Quieter TensorFlow start-up; must be set before TensorFlow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
+# Keras (and with it TensorFlow, seconds to start and chatty on stderr) is imported
+# inside the functions, so scripts can add these flags and reject bad arguments first.
 
 PRECISIONS = ("float32", "float16", "bfloat16")
 
 
 def set_seed(seed):
     """Seeds Python, NumPy and the backend: same seed, same numbers."""
+    import keras
+
     keras.utils.set_random_seed(int(seed))
 
 
@@ -29,6 +32,8 @@ def configure_runtime(seed=None, mixed_precision="float32", xla=False):
     mixed_bfloat16 policies: variables stay float32). Returns whether XLA
     compilation was asked for, for `model.compile(jit_compile=...)`.
     """
+    import keras
+
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
@@ -63,6 +68,8 @@ def distribution_scope(multi_gpu=False):
     if not multi_gpu:
         yield
         return
+    import keras
+
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
