@@ -1,0 +1,165 @@
+"""The diffusion presets: one place for every width, depth and default of the UNet.
+
+Three presets share one parameterised UNet (`Models/diffusion/unet.py`):
+
+- `sd1`: keras-cv's `DiffusionModel` (Stable Diffusion v1.4) layer for layer, 768-wide
+  context, working on the autoencoder's 4-channel latents. The paper's model.
+- `sd2`: keras-cv's `DiffusionModelV2` (Stable Diffusion v2.1): 64-wide attention heads,
+  Dense projections around the transformer, 1024-wide context.
+- `tiny`: the same blocks with small widths and two levels, in pixel space with no
+  autoencoder, small enough to train from scratch on a laptop CPU in minutes
+  (8x8 digits, 28x28 RetinaMNIST). Not a published model: for tests and quick runs.
+
+Example:
+    >>> preset = get_preset("sd1")
+    >>> preset.level_channels, preset.latent_channels, preset.downsample
+    ((320, 640, 1280, 1280), 4, 8)
+"""
+
+from dataclasses import dataclass
+
+from Utils.cli import UserError
+
+
+@dataclass(frozen=True)
+class DiffusionPreset:
+    """Everything that differs between the UNet presets (see the module docstring)."""
+
+    name: str
+    # UNet: one entry per resolution level, highest resolution first.
+    level_channels: tuple        # output channels of the level's ResBlocks
+    level_attention: tuple       # whether the level's ResBlocks are followed by a SpatialTransformer
+    level_heads: tuple           # attention heads at that level (head size = channels // heads);
+                                 # the middle block uses the last level's
+    num_res_blocks: int          # ResBlocks per level going down (one more going up, as keras-cv)
+    linear_attention_projection: bool  # Dense proj_in/proj_out (sd2) instead of 1x1 convolutions (sd1)
+    gelu_approximate: bool       # GEGLU with the tanh GELU (keras-cv) or the exact erf GELU (PyTorch/diffusers)
+    context_dim: int             # width of each context token (the class encoder's output)
+    context_length: int          # tokens in the context (the paper's class encoder: 100)
+    timestep_embedding_dim: int  # width of the sinusoidal timestep embedding fed to the UNet
+    norm_groups: int             # GroupNormalization groups (must divide every width)
+    # Image space.
+    latent: bool                 # True: UNet on the autoencoder's latents (4 channels, /8); False: pixels
+    image_size: object           # int, or None = the dataset's native size (tiny)
+    pretrained: bool             # keras-cv weight files exist for the UNet (+ autoencoder)
+    # Training defaults (PAPER.md for the sd presets).
+    class_encoder_hidden: int
+    enc_batch_size: int
+    enc_epochs: int
+    enc_lr: float
+    dif_batch_size: int
+    dif_epochs: int
+    dif_lr: float
+    # Generation defaults (the paper's "no optimisation" settings = keras-cv's defaults).
+    default_inference_steps: int
+    default_guidance_scale: float
+
+    @property
+    def latent_channels(self):
+        """Channels of the UNet's input and output: 4 latent channels, or 3 RGB channels."""
+        return 4 if self.latent else 3
+
+    @property
+    def downsample(self):
+        """Image size / UNet input size: 8 through the autoencoder, 1 in pixel space."""
+        return 8 if self.latent else 1
+
+    @property
+    def time_embedding_width(self):
+        """Width of the MLP-projected timestep embedding inside the UNet (keras-cv: 4 x 320 = 1280)."""
+        return 4 * self.level_channels[0]
+
+    @property
+    def min_image_size(self):
+        """The smallest image size the UNet accepts: every downsampling step must halve exactly."""
+        return self.downsample * 2 ** (len(self.level_channels) - 1)
+
+
+# The paper's training and generation settings, shared by both Stable Diffusion presets.
+_SD_TRAINING = dict(
+    latent=True,
+    image_size=128,
+    pretrained=True,
+    context_length=100,
+    timestep_embedding_dim=320,
+    norm_groups=32,
+    num_res_blocks=2,
+    class_encoder_hidden=500,
+    enc_batch_size=64, enc_epochs=50, enc_lr=1e-4,
+    dif_batch_size=16, dif_epochs=10, dif_lr=1e-5,
+    default_inference_steps=50,
+    default_guidance_scale=7.5,
+)
+
+PRESETS = {
+    "sd1": DiffusionPreset(
+        name="sd1",
+        level_channels=(320, 640, 1280, 1280),
+        level_attention=(True, True, True, False),
+        level_heads=(8, 8, 8, 8),
+        linear_attention_projection=False,
+        gelu_approximate=True,  # keras-cv's; the PyTorch original uses the exact GELU
+        context_dim=768,
+        **_SD_TRAINING,
+    ),
+    "sd2": DiffusionPreset(
+        name="sd2",
+        level_channels=(320, 640, 1280, 1280),
+        level_attention=(True, True, True, False),
+        level_heads=(5, 10, 20, 20),  # 64-wide heads
+        linear_attention_projection=True,
+        gelu_approximate=True,
+        context_dim=1024,
+        **_SD_TRAINING,
+    ),
+    "tiny": DiffusionPreset(
+        name="tiny",
+        level_channels=(32, 64),
+        level_attention=(False, True),  # attention only at the lower resolution (4x4 / 14x14)
+        level_heads=(4, 4),
+        num_res_blocks=2,
+        linear_attention_projection=False,
+        # The exact GELU and a timestep embedding as wide as the first level (as SD's 320)
+        # make tiny expressible as a diffusers UNet2DConditionModel (diffusers_convert.py).
+        gelu_approximate=False,
+        context_dim=64,
+        context_length=4,
+        timestep_embedding_dim=32,
+        norm_groups=8,
+        latent=False,
+        image_size=None,
+        pretrained=False,
+        # CPU-sized, measured on digits (benchmarks/results/diffusion.md): the enc stage
+        # trains the UNet from scratch (20 epochs at 2e-3; 5e-3 does not converge), the
+        # dif stage fine-tunes it briefly; 20 DDIM steps at guidance 3 (10 give the same).
+        class_encoder_hidden=64,
+        enc_batch_size=64, enc_epochs=20, enc_lr=2e-3,
+        dif_batch_size=64, dif_epochs=5, dif_lr=5e-4,
+        default_inference_steps=20,
+        default_guidance_scale=3.0,
+    ),
+}
+
+
+def _check(preset):
+    levels = len(preset.level_channels)
+    if not (len(preset.level_attention) == len(preset.level_heads) == levels):
+        raise ValueError(f"preset {preset.name}: level_* tuples must have one entry per level")
+    for channels, heads in zip(preset.level_channels, preset.level_heads):
+        if channels % heads or channels % preset.norm_groups:
+            raise ValueError(f"preset {preset.name}: {channels} channels not divisible by "
+                             f"{heads} heads and {preset.norm_groups} groups")
+
+
+for _preset in PRESETS.values():
+    _check(_preset)
+
+
+def get_preset(name):
+    """The preset called `name` ('sd1', 'sd2' or 'tiny'); a DiffusionPreset passes through."""
+    if isinstance(name, DiffusionPreset):
+        return name
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(f"unknown diffusion preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,165 @@
+"""The diffusion presets, UNet layers and the tiny UNet (fast: no full-size model here)."""
+
+import math
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from Models.diffusion import layers as L
+from Models.diffusion.presets import PRESETS, get_preset
+from Models.diffusion.unet import build_unet, timestep_embedding
+from Utils.cli import UserError
+
+TINY = get_preset("tiny")
+
+
+def _inputs(preset, size, batch=2, seed=0, timesteps=(10, 700)):
+    rng = np.random.default_rng(seed)
+    s = size // preset.downsample
+    x = ops.convert_to_tensor(rng.standard_normal((batch, s, s, preset.latent_channels)), "float32")
+    t_emb = timestep_embedding(ops.convert_to_tensor(timesteps[:batch]), preset.timestep_embedding_dim)
+    context = ops.convert_to_tensor(
+        rng.standard_normal((batch, preset.context_length, preset.context_dim)), "float32")
+    return x, t_emb, context
+
+
+@pytest.fixture(scope="module")
+def tiny_unet8():
+    keras.utils.set_random_seed(0)
+    return build_unet(TINY, 8)
+
+
+def test_presets_have_the_papers_settings():
+    sd1, sd2 = get_preset("sd1"), get_preset("sd2")
+    assert sd1.level_channels == (320, 640, 1280, 1280) and sd1.context_dim == 768
+    assert sd2.context_dim == 1024 and sd2.linear_attention_projection
+    # sd2's heads are 64 wide at every level, sd1's 8 per level.
+    assert {c // h for c, h in zip(sd2.level_channels, sd2.level_heads)} == {64}
+    for sd in (sd1, sd2):
+        assert (sd.context_length, sd.image_size, sd.latent_channels, sd.downsample) == (100, 128, 4, 8)
+        assert (sd.enc_batch_size, sd.enc_epochs, sd.enc_lr) == (64, 50, 1e-4)
+        assert (sd.dif_batch_size, sd.dif_epochs, sd.dif_lr) == (16, 10, 1e-5)
+        assert (sd.default_inference_steps, sd.default_guidance_scale) == (50, 7.5)
+        assert sd.class_encoder_hidden == 500 and sd.pretrained
+    assert not TINY.latent and TINY.latent_channels == 3 and TINY.downsample == 1
+    assert TINY.image_size is None and not TINY.pretrained
+    assert get_preset(TINY) is TINY
+
+
+def test_unknown_preset_is_one_line_user_error():
+    with pytest.raises(UserError, match="unknown diffusion preset 'sd3'.*sd1, sd2, tiny"):
+        get_preset("sd3")
+
+
+def test_every_preset_width_divides_into_groups_and_heads():
+    for preset in PRESETS.values():
+        for channels, heads in zip(preset.level_channels, preset.level_heads):
+            assert channels % heads == 0 and channels % preset.norm_groups == 0
+
+
+def test_timestep_embedding_is_keras_cv_formula():
+    t = np.array([0, 1, 999])
+    got = ops.convert_to_numpy(timestep_embedding(ops.convert_to_tensor(t), dim=320))
+    half = 160
+    freqs = np.exp(-math.log(10000) * np.arange(half) / half)
+    args = t[:, None] * freqs[None]
+    np.testing.assert_allclose(got, np.concatenate([np.cos(args), np.sin(args)], axis=1), atol=1e-4)
+    assert got.shape == (3, 320)
+
+
+def test_tiny_unet_shapes(tiny_unet8):
+    x, t_emb, context = _inputs(TINY, 8)
+    out = ops.convert_to_numpy(tiny_unet8([x, t_emb, context]))
+    assert out.shape == (2, 8, 8, 3)
+    assert np.isfinite(out).all()
+    # Small enough to train from scratch on a CPU.
+    assert tiny_unet8.count_params() < 3_000_000
+
+
+def test_tiny_unet_28px_any_context_length():
+    unet = build_unet(TINY, 28, context_length=7)
+    x, t_emb, _ = _inputs(TINY, 28)
+    context = ops.ones((2, 7, TINY.context_dim))
+    out = ops.convert_to_numpy(unet([x, t_emb, context]))
+    assert out.shape == (2, 28, 28, 3) and np.isfinite(out).all()
+
+
+def test_tiny_unet_depends_on_context_and_timestep(tiny_unet8):
+    x, t_emb, context = _inputs(TINY, 8)
+    base = ops.convert_to_numpy(tiny_unet8([x, t_emb, context]))
+    other_context = ops.convert_to_numpy(tiny_unet8([x, t_emb, context * -1.0 + 1.0]))
+    other_t = timestep_embedding(ops.convert_to_tensor([500, 20]), TINY.timestep_embedding_dim)
+    other_time = ops.convert_to_numpy(tiny_unet8([x, other_t, context]))
+    assert np.abs(base - other_context).max() > 1e-4
+    assert np.abs(base - other_time).max() > 1e-4
+    # Each sample only sees its own inputs (no mixing across the batch).
+    single = ops.convert_to_numpy(tiny_unet8([x[:1], t_emb[:1], context[:1]]))
+    np.testing.assert_allclose(single, base[:1], atol=1e-5)
+
+
+def test_image_size_must_halve_through_every_level():
+    with pytest.raises(UserError, match="multiple of 2"):
+        build_unet(TINY, 7)
+    with pytest.raises(UserError, match="multiple of 64"):
+        build_unet(get_preset("sd1"), 100)
+
+
+def test_same_seed_same_weights_and_the_unet_learns(tiny_unet8):
+    """Same seed, same weights; then SGD steps on one batch lower the loss: gradients flow.
+
+    (SGD, not Adam: on TensorFlow, Adam's per-variable slots cost ~30 s of graph building.)
+    """
+    keras.utils.set_random_seed(0)
+    unet = build_unet(TINY, 8)
+    for a, b in zip(unet.get_weights(), tiny_unet8.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x, t_emb, context = _inputs(TINY, 8, batch=2, seed=3)
+    target = ops.convert_to_tensor(np.random.default_rng(4).standard_normal((2, 8, 8, 3)), "float32")
+    unet.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse", jit_compile=False)
+    losses = unet.fit([x, t_emb, context], target, epochs=20, batch_size=2, verbose=0).history["loss"]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@pytest.mark.parametrize("layer", [
+    L.PaddedConv2D(8, 3, padding=1, strides=2),
+    L.UNetResBlock(16, groups=4),
+    L.SpatialTransformer(2, 8, linear_projection=True, groups=4),
+    L.TransformerBlock(16, 2, 8),
+    L.CrossAttention(2, 8),
+    L.GEGLU(32),
+    L.Upsample(8),
+    L.VAEResBlock(16, groups=4),
+    L.VAEAttentionBlock(16, groups=4),
+    L.LatentScale(),
+])
+def test_layer_config_round_trip(layer):
+    config = layer.get_config()
+    clone = type(layer).from_config(config)
+    assert clone.get_config() == config
+
+
+def test_spatial_transformer_projections_linear_vs_conv():
+    x, context = ops.ones((1, 4, 4, 16)), ops.ones((1, 3, 8))
+    conv = L.SpatialTransformer(2, 8, linear_projection=False, groups=4)
+    dense = L.SpatialTransformer(2, 8, linear_projection=True, groups=4)
+    conv([x, context]), dense([x, context])
+    # Same number of weights, different kernel shapes (1x1 conv vs dense), as keras-cv's sd1/sd2.
+    assert conv.proj_in.conv2d.kernel.shape == (1, 1, 16, 16)
+    assert dense.proj_in.kernel.shape == (16, 16)
+
+
+def test_cross_attention_attends_to_context():
+    keras.utils.set_random_seed(0)
+    attention = L.CrossAttention(2, 4)
+    x = ops.convert_to_tensor(np.random.default_rng(0).standard_normal((1, 5, 8)), "float32")
+    c1 = ops.convert_to_tensor(np.random.default_rng(1).standard_normal((1, 3, 6)), "float32")
+    c2 = ops.convert_to_tensor(np.random.default_rng(2).standard_normal((1, 3, 6)), "float32")
+    out1, out2 = attention(x, context=c1), attention(x, context=c2)
+    assert out1.shape == (1, 5, 8)
+    assert np.abs(ops.convert_to_numpy(out1 - out2)).max() > 1e-4
+    # Permuting the context tokens does not change attention's output.
+    perm = ops.convert_to_tensor(ops.convert_to_numpy(c1)[:, ::-1])
+    np.testing.assert_allclose(ops.convert_to_numpy(attention(x, context=perm)),
+                               ops.convert_to_numpy(out1), atol=1e-5)
