@@ -1,0 +1,312 @@
+"""Checkpoints of the two training stages, and the model `generate_dataset.py` / tuning load.
+
+Layout of one stage's folder (`Utils.paths.diffusion_checkpoint_dir(exp, dataset, stage)`:
+`MyEmbedding/` for "enc", `DiffusionFt/` for "dif"):
+
+    settings.json                 what the checkpoints were trained with (checked on every reuse)
+    epoch_{E:03d}.weights.h5      weights of the trained part after epoch E (1-based), every --freq
+                                  epochs and at the last one; kept for model selection
+    epoch_{E:03d}.optimizer.h5    optimizer state + epoch counter, only for the newest checkpoint
+    log.csv, logs/                loss per epoch (CSV), TensorBoard events
+    samples_epoch_{E:03d}.png     a grid of generated samples per class
+
+The trained part is the class encoder in "enc" (plus the UNet for presets without
+pretrained weights: `tiny` trains it from scratch in that stage) and the UNet in
+"dif". A checkpoint E is resumable when both of its files exist; the optimizer
+file is written first and the weights file last, each atomically, so a run
+killed at any moment leaves the previous checkpoint complete.
+
+The weight files are plain HDF5: one group per part, one dataset per variable in
+the order of `layer.weights` (attribute `path` = the Keras variable path), so
+they can be read without this code.
+
+Example:
+    >>> model, used = load_generation_model("tiny", get_spec("digits"), exp=0, enc_epoch=20, dif_epoch=10)
+    >>> images = model.generate(labels, num_steps=25, guidance_scale=3.0, seed=0)
+"""
+
+import re
+
+import h5py
+import keras
+import numpy as np
+
+from Models.diffusion.conditional_diffusion import ClassConditionalDiffusion
+from Models.diffusion.presets import get_preset
+from Utils.cli import UserError
+from Utils.io import atomic_path, read_json
+from Utils.paths import diffusion_checkpoint_dir
+
+SETTINGS_FILE = "settings.json"
+# Settings that make checkpoints incompatible with a model: checked on every load.
+IDENTITY_KEYS = ("preset", "dataset", "num_classes", "image_size", "context_length", "context_dim",
+                 "random_init", "init_seed")
+_WEIGHTS_RE = re.compile(r"^epoch_(\d+)\.weights\.h5$")
+
+
+def weights_path(folder, epoch):
+    return folder / f"epoch_{int(epoch):03d}.weights.h5"
+
+
+def optimizer_path(folder, epoch):
+    return folder / f"epoch_{int(epoch):03d}.optimizer.h5"
+
+
+def image_size_for(preset, spec):
+    """The size the diffusion model works at: the preset's (sd: 128), or the dataset's native size."""
+    preset = get_preset(preset)
+    return int(preset.image_size or spec.image_size)
+
+
+def model_identity(preset, spec, random_init, init_seed):
+    """The identity part of settings.json (see IDENTITY_KEYS)."""
+    preset = get_preset(preset)
+    return {"preset": preset.name, "dataset": spec.name, "num_classes": spec.num_classes,
+            "image_size": image_size_for(preset, spec), "context_length": preset.context_length,
+            "context_dim": preset.context_dim, "random_init": bool(random_init or not preset.pretrained),
+            "init_seed": int(init_seed)}
+
+
+# ----- weight files ------------------------------------------------------------------------
+def save_parts(path, parts, attrs=None):
+    """Writes the weights of `parts` ({name: layer}) to one HDF5 file, atomically."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            for key, value in (attrs or {}).items():
+                f.attrs[key] = value
+            for name, layer in parts.items():
+                group = f.create_group(name)
+                for i, variable in enumerate(layer.weights):
+                    data = group.create_dataset(f"{i:05d}", data=keras.ops.convert_to_numpy(variable))
+                    data.attrs["path"] = variable.path
+
+
+def load_parts(path, parts):
+    """Loads `parts` ({name: layer}) from a `save_parts` file; a mismatch is a UserError."""
+    try:
+        with h5py.File(path, "r") as f:
+            for name, layer in parts.items():
+                if name not in f:
+                    raise UserError(f"{path} holds no weights for the {name} "
+                                    f"(it has: {', '.join(f.keys()) or 'nothing'})")
+                group = f[name]
+                values = [group[key][()] for key in sorted(group.keys())]
+                expected = [tuple(v.shape) for v in layer.weights]
+                if [v.shape for v in values] != expected:
+                    raise UserError(f"the {name} weights in {path} do not fit this model "
+                                    f"(different preset, dataset or image size?)")
+                layer.set_weights(values)
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def save_optimizer(path, optimizer, epoch):
+    """The optimizer's variables (iterations, moments, loss scale) and the epoch counter."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["epoch"] = int(epoch)
+            for i, variable in enumerate(optimizer.variables):
+                data = f.create_dataset(f"{i:05d}", data=keras.ops.convert_to_numpy(variable))
+                data.attrs["path"] = variable.path
+
+
+def load_optimizer(path, optimizer):
+    """Restores `save_optimizer`'s state into a built optimizer; returns the stored epoch."""
+    try:
+        with h5py.File(path, "r") as f:
+            values = [f[key][()] for key in sorted(f.keys())]
+            if [v.shape for v in values] != [tuple(v.shape) for v in optimizer.variables]:
+                raise UserError(f"optimizer state {path} does not fit this model")
+            for variable, value in zip(optimizer.variables, values):
+                variable.assign(value)
+            return int(f.attrs["epoch"])
+    except OSError as e:
+        raise UserError(f"cannot read optimizer state {path}: {e}") from None
+
+
+def saved_epochs(folder):
+    """Epochs with a weights file in `folder`, ascending."""
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _WEIGHTS_RE.match(p.name)))
+
+
+def resumable_epoch(folder):
+    """The newest epoch whose weights and optimizer state both exist (0 if none)."""
+    complete = [e for e in saved_epochs(folder) if optimizer_path(folder, e).exists()]
+    return max(complete, default=0)
+
+
+def remove_old_optimizer_states(folder, keep_epoch):
+    for epoch in saved_epochs(folder):
+        if epoch != keep_epoch and optimizer_path(folder, epoch).exists():
+            optimizer_path(folder, epoch).unlink()
+
+
+# ----- settings.json -----------------------------------------------------------------------
+def read_settings(folder):
+    return read_json(folder / SETTINGS_FILE)
+
+
+def check_settings(folder, expected, keys=None):
+    """Compares settings.json in `folder` with `expected` on `keys`; a difference is a UserError."""
+    stored = read_settings(folder)
+    if stored is None:
+        return None
+    for key in keys or expected.keys():
+        if stored.get(key) != expected.get(key):
+            raise UserError(f"{folder} holds checkpoints made with {key}={stored.get(key)!r}, not "
+                            f"{expected.get(key)!r}; use another --exp or the same settings")
+    return stored
+
+
+def require_checkpoint(folder, epoch, what):
+    """The weights file of `epoch` in `folder`; a missing one is a UserError listing what exists."""
+    path = weights_path(folder, epoch)
+    if not path.exists() or read_settings(folder) is None:
+        have = saved_epochs(folder) if read_settings(folder) is not None else []
+        listing = ", ".join(map(str, have)) if have else "none"
+        raise UserError(f"no {what} checkpoint for epoch {epoch} in {folder} (epochs there: {listing})")
+    return path
+
+
+# ----- building and loading models ---------------------------------------------------------
+def build_model(preset, spec, stage="enc", random_init=False, init_seed=0, cond_dropout=0.0,
+                seed=0, with_autoencoder=True):
+    """A ClassConditionalDiffusion for `spec`, initialised as the pipeline does.
+
+    The parts are built in a fixed order right after seeding with `init_seed`,
+    so random weights (tiny, or `random_init`) are the same in every script.
+    For sd presets without `random_init`, keras-cv's published UNet and
+    autoencoder weights are loaded (Models/diffusion/weights.py; offline and
+    missing: a one-line UserError).
+    """
+    from Models.diffusion.unet import build_unet
+    from Models.diffusion.class_encoder import ClassEncoder
+
+    preset = get_preset(preset)
+    size = image_size_for(preset, spec)
+    keras.utils.set_random_seed(int(init_seed))
+    unet = build_unet(preset, size, preset.context_length)
+    encoder = ClassEncoder(spec.num_classes, preset.context_length, preset.context_dim,
+                           hidden=preset.class_encoder_hidden, name="class_encoder")
+    encoder.build((None, spec.num_classes))
+    image_encoder = image_decoder = None
+    if preset.latent and with_autoencoder:
+        from Models.diffusion.autoencoder import build_image_decoder, build_image_encoder
+
+        image_encoder = build_image_encoder(size)
+        image_decoder = build_image_decoder(size)
+    if preset.pretrained and not random_init:
+        from Models.diffusion.weights import load_pretrained_weights
+
+        load_pretrained_weights(unet, f"unet_{preset.name}")
+        if image_encoder is not None:
+            load_pretrained_weights(image_encoder, "encoder")
+            load_pretrained_weights(image_decoder, "decoder")
+    keras.utils.set_random_seed(int(seed))
+    return ClassConditionalDiffusion(preset, spec.num_classes, size, stage=stage,
+                                     cond_dropout=cond_dropout, seed=seed, unet=unet,
+                                     class_encoder=encoder, image_encoder=image_encoder,
+                                     image_decoder=image_decoder)
+
+
+def enc_parts(model):
+    """What an "enc" checkpoint holds: the class encoder, + the UNet when it trained from scratch."""
+    parts = {"class_encoder": model.class_encoder}
+    if not model.preset.pretrained:
+        parts["unet"] = model.unet
+    return parts
+
+
+def resolve_generation_checkpoints(preset, spec, exp, enc_epoch, dif_epoch):
+    """Checks the enc (and dif) checkpoints exist and fit; returns their settings and paths."""
+    preset = get_preset(preset)
+    enc_dir = diffusion_checkpoint_dir(exp, spec.name, "enc")
+    enc_path = require_checkpoint(enc_dir, enc_epoch, "class-encoder")
+    enc_settings = read_settings(enc_dir)
+    identity = model_identity(preset, spec, enc_settings.get("random_init"), enc_settings.get("init_seed", 0))
+    check_settings(enc_dir, identity, IDENTITY_KEYS)
+    used = {"enc": str(enc_path), "dif": None}
+    if dif_epoch:
+        dif_dir = diffusion_checkpoint_dir(exp, spec.name, "dif")
+        dif_path = require_checkpoint(dif_dir, dif_epoch, "fine-tuned UNet")
+        check_settings(dif_dir, identity, IDENTITY_KEYS)
+        trained_with = read_settings(dif_dir).get("enc_epoch")
+        if trained_with != enc_epoch:
+            raise UserError(f"the UNet in {dif_dir} was fine-tuned with the class encoder of epoch "
+                            f"{trained_with}, not --enc_epoch {enc_epoch}")
+        used["dif"] = str(dif_path)
+    return enc_settings, used
+
+
+def load_generation_model(preset, spec, exp, enc_epoch, dif_epoch=0):
+    """The model that generates for (enc_epoch, dif_epoch): in memory, for scripts and tuning.
+
+    dif_epoch 0 = the UNet without fine-tuning (sd: keras-cv's pretrained one;
+    tiny: the one trained in the enc stage). The UNet's initialisation
+    (pretrained or random, and its seed) follows the enc stage's settings.json.
+    Returns (model, {"enc": path, "dif": path or None}).
+    """
+    enc_settings, used = resolve_generation_checkpoints(preset, spec, exp, enc_epoch, dif_epoch)
+    model = build_model(preset, spec, random_init=enc_settings["random_init"],
+                        init_seed=enc_settings.get("init_seed", 0))
+    load_parts(used["enc"], enc_parts(model))
+    if used["dif"]:
+        load_parts(used["dif"], {"unet": model.unet})
+    return model, used
+
+
+# ----- the tuning stage's entry points ------------------------------------------------------
+def available_epochs(exp, dataset, stage):
+    """Epochs with a weights checkpoint of `stage` ("enc" or "dif") for (exp, dataset), ascending."""
+    folder = diffusion_checkpoint_dir(exp, dataset, stage)
+    return saved_epochs(folder) if read_settings(folder) is not None else []
+
+
+def recorded_enc_epoch(exp, dataset):
+    """The class-encoder epoch the UNet fine-tuning of (exp, dataset) used (settings.json), or None."""
+    settings = read_settings(diffusion_checkpoint_dir(exp, dataset, "dif")) or {}
+    return settings.get("enc_epoch")
+
+
+def load_for_generation(exp, dataset, preset, stage, epoch, enc_epoch=None, model=None):
+    """The model of one checkpoint of `stage`, for in-memory generation (hyp_opt.py's trials).
+
+    stage "enc": class-encoder checkpoint `epoch`, UNet without fine-tuning.
+    stage "dif": fine-tuned UNet checkpoint `epoch` with the class encoder of `enc_epoch`
+    (None: the one recorded beside the UNet checkpoints).
+    `model`: a model returned by an earlier call; its parts are reloaded in place
+    when they can be (no rebuild, no recompilation of the sampler).
+    """
+    from Data.registry import get_spec
+
+    spec = get_spec(dataset)
+    if stage == "enc":
+        enc, dif = int(epoch), 0
+    elif stage == "dif":
+        enc = recorded_enc_epoch(exp, spec.name) if enc_epoch is None else int(enc_epoch)
+        if enc is None:
+            raise UserError(f"no fine-tuned UNet checkpoints in {diffusion_checkpoint_dir(exp, spec.name, 'dif')}")
+        dif = int(epoch)
+    else:
+        raise UserError(f"stage must be enc or dif, got {stage!r}")
+    enc_settings, used = resolve_generation_checkpoints(preset, spec, exp, enc, dif)
+    reusable = (model is not None and model.preset.name == get_preset(preset).name
+                and model.num_classes == spec.num_classes
+                and getattr(model, "_init_key", None) == _init_key(enc_settings)
+                # the un-fine-tuned UNet of sd presets is not in any checkpoint file
+                and (used["dif"] or not model.preset.pretrained or getattr(model, "_unet_source", None) == "init"))
+    if not reusable:
+        model, used = load_generation_model(preset, spec, exp, enc, dif)
+    else:
+        load_parts(used["enc"], enc_parts(model))
+        if used["dif"]:
+            load_parts(used["dif"], {"unet": model.unet})
+    model._init_key = _init_key(enc_settings)
+    model._unet_source = used["dif"] or ("init" if model.preset.pretrained else used["enc"])
+    return model
+
+
+def _init_key(enc_settings):
+    return (bool(enc_settings.get("random_init")), int(enc_settings.get("init_seed", 0)))

@@ -1,0 +1,10 @@
+"""The paper's pipeline as a library: Optuna tuning, the chained stages of `reproduce.py`, the report.
+
+| module | what |
+| --- | --- |
+| `tuning.py` | Bayesian optimisation of the generation settings (PAPER.md stages 2 and 4): search space, objective, study storage / resume, pruning, plots, the stage table JSON |
+| `stages.py` | class encoder -> tuning #1 -> UNet fine-tuning -> tuning #2 -> generation -> CAS -> report, each skipped when its outputs exist; the `quick` and `paper` budgets |
+| `report.py` | `REPORT.md` with its PNG figures: CAS table and curve beside the paper's, tuning history, chosen settings, samples, quality metrics, commands and versions |
+
+The scripts `hyp_opt.py` and `reproduce.py` are thin command lines over these.
+"""

@@ -1,0 +1,361 @@
+"""REPORT.md of a pipeline run: what came out, beside the paper's figures, and how it was made.
+
+`write_report` gathers what the stages left behind and writes
+`Experiments/Exp_{exp}/{dataset}/REPORT.md` with its PNG figures in a
+`figures/` folder beside it (copies, so the folder can be shared alone):
+
+1. the CAS table (ours: real and x1..xN, top-1 / top-5) beside the paper's
+   published row (`Utils.paths.PUBLISHED_CAS_JSON`, when present) and the
+   majority-class floor of the real test split, and the CAS curve
+   (`Metrics.cas.plot_cas`);
+2. the stage table (after the class encoder / after fine-tuning, without and
+   with tuned settings) beside the paper's;
+3. the two tuning studies: trial counts, search space, winner, history plots;
+4. the settings the final dataset was generated with;
+5. a grid of real and generated samples per class;
+6. quality metrics (`CAS Results/quality_exp{exp}.json`) when computed;
+7. the exact commands of every stage, their time, and the software versions.
+
+Example:
+    >>> write_report(exp=0, dataset="digits", preset="tiny", budget="quick",
+    ...              stage_log=read_stage_log(0, "digits"), command="python reproduce.py")
+    PosixPath('Experiments/Exp_0/digits/REPORT.md')
+"""
+
+import datetime
+import platform
+import shutil
+import subprocess
+
+from pathlib import Path
+
+import numpy as np
+
+from Utils.io import atomic_path, atomic_write_text, read_json
+from Utils.paths import (PUBLISHED_CAS_JSON, REPO_ROOT, cas_results_json, experiment_dir,
+                         pipeline_results_json, quality_results_json, synthetic_dir)
+
+REPORT_FILE = "REPORT.md"
+FIGURES = "figures"
+SAMPLES_PER_CLASS = 8
+STAGE_TITLES = {"after_class_encoder": "after the class encoder (stage 1)",
+                "after_unet_finetune": "after UNet fine-tuning (stage 3)"}
+
+
+def majority_floor(y_test, label_names):
+    """(accuracy, label name, count, n) of always predicting the most frequent test class."""
+    counts = np.bincount(np.asarray(y_test), minlength=len(label_names))
+    top = int(np.argmax(counts))
+    return float(counts[top] / counts.sum()), label_names[top], int(counts[top]), int(counts.sum())
+
+
+def _pct(value):
+    return "–" if value is None else f"{100 * value:.1f} %"
+
+
+def _copy_figure(source, figures_dir, name):
+    """Copies a PNG into the report's figures/ folder; returns its path relative to the report."""
+    source = Path(source)
+    if not source.is_file():
+        return None
+    target = figures_dir / name
+    with atomic_path(target) as tmp:
+        shutil.copyfile(source, tmp)
+    return f"{FIGURES}/{name}"
+
+
+def _multiple_keys(runs):
+    """The "x<N>" keys of a CAS table, by N."""
+    keys = [k for k in runs if k.startswith("x") and k[1:].isdigit()]
+    return sorted(keys, key=lambda k: int(k[1:]))
+
+
+def cas_section(exp, dataset, splits, figures_dir):
+    from Metrics.cas import load_cas, plot_cas, published_cas
+
+    ours = load_cas(exp, dataset)
+    paper = published_cas(dataset)
+    floor, floor_name, floor_count, n_test = majority_floor(splits.y_test, splits.spec.label_names)
+    lines = ["## Classification accuracy score (CAS)", "",
+             f"ResNet20 trained on each training set, validated and tested on the REAL "
+             f"{dataset} splits (test: {n_test} images). Ours from `{cas_results_json(exp)}`"
+             + (f"; the paper's from `{PUBLISHED_CAS_JSON.name}`." if paper else
+                "; the paper did not report this dataset."), ""]
+    keys = ["real"] + sorted(set(_multiple_keys(ours)) | set(_multiple_keys(paper) if paper else []),
+                             key=lambda k: int(k[1:]))
+    header = "| training set | ours top-1 | ours top-5 | n train | epochs |"
+    rule = "| --- | --- | --- | --- | --- |"
+    if paper:
+        header += " paper top-1 | paper top-5 |"
+        rule += " --- | --- |"
+    lines += [header, rule]
+    for key in keys:
+        mine = ours.get(key) or {}
+        if not mine and key not in (paper or {}):
+            continue
+        row = (f"| {key} | {_pct(mine.get('top1'))} | {_pct(mine.get('top5'))} | "
+               f"{mine.get('n_train', '–')} | {mine.get('epochs_run', '–')} |")
+        if paper:
+            theirs = paper.get(key) or {}
+            row += f" {_pct(theirs.get('top1'))} | {_pct(theirs.get('top5'))} |"
+        lines.append(row)
+    lines += ["", f"Majority-class floor: always answering \"{floor_name}\" scores **{_pct(floor)}** "
+                  f"top-1 on the real test split ({floor_count} of {n_test}).", ""]
+    if ours:
+        plot = plot_cas(exp, dataset)
+        relative = _copy_figure(plot, figures_dir, "cas_curve.png")
+        if relative:
+            lines += [f"![CAS curve: ours against the paper's]({relative})", ""]
+    else:
+        lines += ["No CAS result recorded yet.", ""]
+    return lines
+
+
+def pipeline_section(exp, dataset):
+    table = (read_json(pipeline_results_json(exp), default={}) or {}).get(dataset, {})
+    published = read_json(PUBLISHED_CAS_JSON, default={}) if PUBLISHED_CAS_JSON.exists() else {}
+    paper = (published or {}).get("pipeline", {}).get(dataset, {})
+    lines = ["## The stage table (top-1 / top-5 on the real test split)", "",
+             "Generated images from each stage's checkpoints, default settings (`no_opt`: the preset's "
+             "steps and guidance scale, last checkpoint) and tuned ones (`opt`: the study's winner, "
+             "chosen on VALIDATION accuracy; `opt_kid`: the KID study's winner), one ResNet20 each. "
+             f"From `{pipeline_results_json(exp)}`.", ""]
+    if not table:
+        return lines + ["Nothing recorded yet.", ""]
+    columns = ["no_opt", "opt"] + (["opt_kid"] if any("opt_kid" in v for v in table.values()) else [])
+    header = "| stage | " + " | ".join(f"ours {c}" for c in columns) + " |"
+    rule = "| --- |" + " --- |" * len(columns)
+    if paper:
+        header += " paper no_opt | paper opt |"
+        rule += " --- | --- |"
+    lines += [header, rule]
+    for stage_key, title in STAGE_TITLES.items():
+        cells = table.get(stage_key, {})
+        row = f"| {title} | " + " | ".join(
+            f"{_pct(cells[c].get('top1'))} / {_pct(cells[c].get('top5'))}" if c in cells else "–"
+            for c in columns) + " |"
+        if paper:
+            theirs = paper.get(stage_key, {})
+            row += " " + " | ".join(
+                f"{_pct(theirs[c]['top1'])} / {_pct(theirs[c]['top5'])}" if c in theirs else "–"
+                for c in ("no_opt", "opt")) + " |"
+        lines.append(row)
+    lines += ["", "| stage | row | settings | validation top-1 | images | classifier epochs |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for stage_key, title in STAGE_TITLES.items():
+        for column, cell in table.get(stage_key, {}).items():
+            settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                 for k, v in (cell.get("settings") or {}).items())
+            lines.append(f"| {title} | {column} | {settings} | {_pct(cell.get('val_accuracy'))} | "
+                         f"{cell.get('num_imgs', '–')} | {cell.get('classifier_epochs', '–')} |")
+    return lines + [""]
+
+
+def tuning_section(exp, dataset, storage_url, figures_dir):
+    from Pipeline import tuning
+    from Utils.paths import optimization_plots_dir
+
+    lines = ["## Tuning (Optuna: TPE sampler, Hyperband pruner)", "",
+             "Objective: best validation accuracy of a ResNet20 trained on the trial's images; "
+             "the test accuracy is stored per trial and never optimised.", ""]
+    storage = None
+    if storage_url:
+        try:
+            storage = tuning.open_storage(storage_url)
+        except Exception as e:  # the report must not fail over a missing study
+            lines += [f"Storage {tuning.redact(storage_url)} could not be opened: {e}", ""]
+    for stage, title in (("enc", "Study #1: class-encoder checkpoints"), ("dif", "Study #2: fine-tuned UNet")):
+        name = tuning.tuning_study_name(dataset, exp, stage)
+        lines += [f"### {title} (`{name}`)", ""]
+        study = None
+        if storage is not None:
+            import optuna
+
+            try:
+                study = optuna.load_study(study_name=name, storage=storage)
+            except KeyError:
+                study = None
+        if study is None:
+            lines += ["Not run.", ""]
+            continue
+        counts = tuning.count_trials(study)
+        lines.append("Trials: " + ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items())) + ".")
+        protocol = study.user_attrs.get("protocol", {})
+        if protocol:
+            lines.append(f"Per trial: {protocol.get('num_imgs')} generated images, ResNet20 for at most "
+                         f"{protocol.get('classifier_epochs')} epochs (batch {protocol.get('classifier_batch_size')}), "
+                         f"seed {protocol.get('seed')}.")
+        if tuning.completed_trials(study):
+            best = study.best_trial
+            params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+            lines.append(f"Winner: trial {best.number}, {params}: validation top-1 {_pct(best.value)}, "
+                         f"test top-1 {_pct(best.user_attrs.get('test_top1'))} (recorded only).")
+        lines += ["", "| trial | state | settings | validation top-1 | test top-1 (recorded) | epochs |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for trial in study.get_trials(deepcopy=False):
+            params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+            epochs = max(trial.intermediate_values) if trial.intermediate_values else "–"
+            lines.append(f"| {trial.number} | {trial.state.name.lower()} | {params} | "
+                         f"{_pct(trial.value) if trial.value is not None else '–'} | "
+                         f"{_pct(trial.user_attrs.get('test_top1'))} | {epochs} |")
+        lines.append("")
+        plots = optimization_plots_dir(exp, dataset, stage)
+        for plot, caption in (("history", "optimisation history"), ("contour_steps_ugs", "steps x UGS"),
+                              ("intermediate_values", "validation accuracy per epoch (what the pruner saw)")):
+            relative = _copy_figure(plots / f"{plot}.png", figures_dir, f"{stage}_{plot}.png")
+            if relative:
+                lines.append(f"![{title}: {caption}]({relative})")
+        if plots.is_dir():
+            lines += ["", f"All plots: `{plots}`."]
+        lines.append("")
+    return lines
+
+
+def generation_section(manifest):
+    lines = ["## The generated dataset", ""]
+    if not manifest:
+        return lines + ["Not generated yet.", ""]
+    settings = {**manifest.get("settings", {}), "resize_method": manifest.get("resize_method"),
+                "complete": manifest.get("complete")}
+    shown = {k: settings[k] for k in ("img_total", "enc_epoch", "dif_epoch", "inf_steps", "ugs", "eta", "seed",
+                                      "preset", "generation_size", "native_size", "resize_method", "complete")
+             if settings.get(k) is not None}
+    lines += ["The settings of tuning #2's winner (class encoder of tuning #1's winner):", "",
+              "| setting | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in shown.items()]
+    return lines + [""]
+
+
+def samples_section(dataset, splits, exp, figures_dir):
+    from Data.images import save_image_grid
+    from Data.synthetic import load_image_folder
+
+    lines = ["## Samples per class: real (test split) and generated", ""]
+    names = splits.spec.label_names
+    real = figures_dir / "samples_real.png"
+    save_image_grid(splits.x_test, splits.y_test, names, real, per_class=SAMPLES_PER_CLASS,
+                    title=f"{dataset}: real test images")
+    lines.append(f"![real samples]({FIGURES}/{real.name})")
+    folder = synthetic_dir(exp, dataset)
+    try:
+        x, y, _ = load_image_folder(folder, splits.spec)
+    except Exception as e:  # no generated set yet: say so, keep the rest of the report
+        lines += ["", f"No generated images to show ({str(e).splitlines()[0]})."]
+        return lines + [""]
+    generated = figures_dir / "samples_generated.png"
+    save_image_grid(x, y, names, generated, per_class=SAMPLES_PER_CLASS,
+                    title=f"{dataset}: generated images (first of each class)")
+    lines.append(f"![generated samples]({FIGURES}/{generated.name})")
+    return lines + [""]
+
+
+def quality_section(exp, dataset):
+    results = (read_json(quality_results_json(exp), default={}) or {}).get(dataset)
+    lines = ["## Quality metrics", ""]
+    if not results:
+        return lines + [f"Not computed (`python evaluate_dataset.py --dataset {dataset} "
+                        f"--synthetic_dir '{synthetic_dir(exp, dataset)}' --exp {exp} --features resnet20`).", ""]
+    lines += [f"From `{quality_results_json(exp)}`.", "", "| folder / features | metric | value |",
+              "| --- | --- | --- |"]
+    for key, entry in results.items():
+        overall = entry.get("overall", entry) if isinstance(entry, dict) else {}
+        for metric, value in overall.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                lines.append(f"| {key} | {metric} | {value:.4g} |")
+            elif isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
+                lines.append(f"| {key} | {metric} | {value[0]:.4g} ± {value[1]:.2g} |")
+    return lines + [""]
+
+
+def versions():
+    """{package: version} of what ran, plus Python, platform and the git commit."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("tensorflow", "tensorflow-cpu", "keras", "keras-cv", "optuna", "numpy", "scipy",
+                    "scikit-learn", "pillow", "matplotlib"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        import keras
+
+        out["keras backend"] = keras.backend.backend()
+    except ImportError:
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            out["git commit"] = commit.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        import os
+
+        out["cpu cores"] = str(os.cpu_count())
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        out["GPUs"] = ", ".join(g.name for g in gpus) if gpus else "none"
+    except ImportError:
+        pass
+    return out
+
+
+def commands_section(command, stage_log):
+    lines = ["## How this was made", "", "The whole pipeline:", "", "```", command, "```", "",
+             "Each stage ran the equivalent of (in order; a stage whose outputs existed was skipped):", "",
+             "| stage | status | seconds | finished |", "| --- | --- | --- | --- |"]
+    for name, entry in stage_log.items():
+        lines.append(f"| {name} | {entry.get('status', '?')} | {entry.get('seconds', '–')} | "
+                     f"{entry.get('finished', '–')} |")
+    lines += ["", "```"]
+    lines += [entry["command"] for entry in stage_log.values() if entry.get("command")]
+    lines += ["```", "", "| software | version |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in versions().items()]
+    return lines + [""]
+
+
+def write_report(exp, dataset, preset, budget, stage_log, command, storage_url=None, data_dir=None,
+                 manifest=None, wall_seconds=None):
+    """Writes REPORT.md (and figures/) into the experiment folder; returns the report's path."""
+    from Data.loaders import load_dataset
+
+    out_dir = experiment_dir(exp, dataset)
+    figures_dir = out_dir / FIGURES
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    splits = load_dataset(dataset, data_dir=data_dir)
+    now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    lines = [f"# Reproduction report: {dataset}, preset `{preset}`, Exp {exp}", "",
+             f"Written {now} by `reproduce.py` with the `{budget}` budget"
+             + (f"; the stages run by this invocation took {wall_seconds:.0f} s." if wall_seconds else "."), ""]
+    if preset != "sd1":
+        lines += [f"**Note:** the generator here is the `{preset}` preset, not the paper's pretrained "
+                  "Stable Diffusion v1 (see Models/diffusion/presets.py): the paper's figures are shown "
+                  "for reference, not as a target these numbers should meet.", ""]
+    if budget != "paper":
+        lines += [f"**Note:** the `{budget}` budget uses far fewer trials, images and epochs than the "
+                  "paper (see Pipeline/stages.py, BUDGETS); `--budget paper` runs the paper's sizes.", ""]
+    lines += cas_section(exp, dataset, splits, figures_dir)
+    lines += pipeline_section(exp, dataset)
+    lines += tuning_section(exp, dataset, storage_url, figures_dir)
+    lines += generation_section(manifest)
+    lines += samples_section(dataset, splits, exp, figures_dir)
+    lines += quality_section(exp, dataset)
+    lines += commands_section(command, stage_log)
+    path = out_dir / REPORT_FILE
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def python_command(argv):
+    """A shell-pasteable command line for `python <argv>`."""
+    import shlex
+
+    return " ".join(["python", *map(shlex.quote, map(str, argv))])
+
+
+

@@ -1,0 +1,181 @@
+"""Sampler throughput: our guided DDIM (one batched UNet call per step) against keras-cv's loop.
+
+sd1: keras-cv's own `StableDiffusion.generate_image` (two UNet `predict_on_batch`
+calls per step, eager DDIM arithmetic between them) with random weights: its
+private `_diffusion_model` / `_decoder` are set to random-weight keras-cv models
+so nothing downloads, and the same weights are copied into ours. Same image
+size, batch, steps, guidance scale, contexts (our class encoder's) and XLA
+setting; the images/s of both, measured side by side in one process,
+alternating, after a warm-up run of each (compilation excluded).
+
+tiny: the same comparison against a keras-cv-style loop (the loop of
+`generate_image`, written out for our UNet: two separate `predict_on_batch`
+calls per step), with the same timesteps, so the two must also agree
+numerically (printed).
+
+    python benchmarks/bench_sampler.py                       # both, CPU-sized defaults
+    python benchmarks/bench_sampler.py --which sd1 --batch 2 --steps 5 --xla
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import ops  # noqa: E402
+
+from Models.diffusion.class_encoder import ClassEncoder  # noqa: E402
+from Models.diffusion.conditional_diffusion import ClassConditionalDiffusion  # noqa: E402
+from Models.diffusion.presets import get_preset  # noqa: E402
+from Models.diffusion.sampler import DDIMSampler  # noqa: E402
+from Models.diffusion.schedule import NoiseSchedule  # noqa: E402
+from Models.diffusion.unet import build_unet, timestep_embedding  # noqa: E402
+
+
+def timed(fn, repeats):
+    """Seconds per call of fn() (after one warm-up call), best of `repeats`."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def side_by_side(ours, theirs, repeats):
+    """Warm both up, then time them alternately; returns (ours_s, theirs_s) best-of."""
+    ours()
+    theirs()
+    best_ours = best_theirs = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ours()
+        best_ours = min(best_ours, time.perf_counter() - start)
+        start = time.perf_counter()
+        theirs()
+        best_theirs = min(best_theirs, time.perf_counter() - start)
+    return best_ours, best_theirs
+
+
+def bench_sd1(batch, steps, guidance, repeats, xla):
+    from keras_cv.models import StableDiffusion
+    from keras_cv.src.models.stable_diffusion.decoder import Decoder
+    from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel
+
+    from Models.diffusion.autoencoder import build_image_decoder
+
+    preset, size, length = get_preset("sd1"), 128, get_preset("sd1").context_length
+    keras.utils.set_random_seed(0)
+    reference = StableDiffusion(img_height=size, img_width=size, jit_compile=xla)
+    kc_unet = DiffusionModel(size, size, length, download_weights=False)
+    kc_decoder = Decoder(size, size, download_weights=False)
+    kc_unet.compile(jit_compile=xla)
+    kc_decoder.compile(jit_compile=xla)
+    reference._diffusion_model, reference._decoder = kc_unet, kc_decoder
+
+    unet = build_unet(preset, size, length)
+    unet.set_weights(kc_unet.get_weights())
+    decoder = build_image_decoder(size)
+    decoder.set_weights(kc_decoder.get_weights())
+    encoder = ClassEncoder(10, length, preset.context_dim, name="class_encoder")
+    model = ClassConditionalDiffusion(preset, 10, size, unet=unet, class_encoder=encoder, image_decoder=decoder)
+
+    labels = np.arange(batch) % 10
+    context, uncond = model.contexts(labels)
+    # keras-cv's unconditional context is its text encoder's; ours is the class encoder's.
+    reference._get_unconditional_context = lambda: uncond
+    rng = np.random.default_rng(0)
+    check = [rng.standard_normal((1, 16, 16, 4)).astype("float32"),
+             timestep_embedding(ops.convert_to_tensor([501.0]), 320), ops.convert_to_numpy(context[:1])]
+    parity = float(np.max(np.abs(kc_unet.predict_on_batch(check) - unet.predict_on_batch(check))))
+    print(f"sd1: same UNet weights, max |keras-cv - ours| on one call: {parity:.2e}")
+
+    noise = rng.standard_normal((batch, 16, 16, 4)).astype("float32")
+
+    def ours():
+        model.generate(labels, num_steps=steps, guidance_scale=guidance, seed=0, batch_size=batch,
+                       jit_compile=xla)
+
+    def theirs():
+        reference.generate_image(context, batch_size=batch, num_steps=steps,
+                                 unconditional_guidance_scale=guidance, diffusion_noise=noise)
+
+    return side_by_side(ours, theirs, repeats)
+
+
+def keras_cv_style_loop(unet, schedule, noise, context, uncond, steps, guidance, dim):
+    """keras-cv's `generate_image` loop for our UNet: two predict_on_batch calls per step."""
+    latent = noise
+    timesteps, alpha_t, alpha_prev, _ = schedule.ddim_coefficients(steps)
+    batch = noise.shape[0]
+    uncond = ops.repeat(uncond, batch, axis=0)
+    for i, t in enumerate(timesteps):
+        latent_prev = latent
+        t_emb = ops.repeat(timestep_embedding(ops.convert_to_tensor([float(t)]), dim), batch, axis=0)
+        eps_uncond = unet.predict_on_batch([latent, t_emb, uncond])
+        eps = unet.predict_on_batch([latent, t_emb, context])
+        eps = ops.array(eps_uncond + guidance * (eps - eps_uncond))
+        pred_x0 = (latent_prev - math.sqrt(1 - alpha_t[i]) * eps) / math.sqrt(alpha_t[i])
+        latent = ops.array(eps) * math.sqrt(1.0 - alpha_prev[i]) + math.sqrt(alpha_prev[i]) * pred_x0
+    return ops.convert_to_numpy(latent)
+
+
+def bench_tiny(batch, steps, guidance, repeats, xla, image_size=8):
+    preset = get_preset("tiny")
+    keras.utils.set_random_seed(0)
+    unet = build_unet(preset, image_size)
+    unet.compile(jit_compile=xla)
+    encoder = ClassEncoder(10, preset.context_length, preset.context_dim, hidden=preset.class_encoder_hidden)
+    context = encoder(ops.one_hot(ops.convert_to_tensor(np.arange(batch) % 10), 10))
+    uncond = encoder(ops.zeros((1, 10)))
+    noise = np.random.default_rng(0).standard_normal((batch, image_size, image_size, 3)).astype("float32")
+    schedule = NoiseSchedule()
+    sampler = DDIMSampler(unet, schedule, preset.timestep_embedding_dim, jit_compile=xla)
+
+    def ours():
+        return sampler.sample(noise, context, uncond, steps, guidance)
+
+    def theirs():
+        return keras_cv_style_loop(unet, schedule, noise, context, uncond, steps, guidance,
+                                   preset.timestep_embedding_dim)
+
+    difference = float(np.max(np.abs(ours() - theirs())))
+    print(f"tiny: max |ours - keras-cv-style loop| after {steps} steps: {difference:.2e}")
+    return side_by_side(ours, theirs, repeats)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--which", choices=("sd1", "tiny", "both"), default="both")
+    parser.add_argument("--batch", type=int, default=None, help="images per call (sd1: 2, tiny: 250)")
+    parser.add_argument("--steps", type=int, default=None, help="DDIM steps (sd1: 5, tiny: 25)")
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (best of)")
+    parser.add_argument("--xla", action="store_true", help="XLA for both (keras-cv's default is XLA on)")
+    args = parser.parse_args(argv)
+    rows = []
+    for which in (("sd1", "tiny") if args.which == "both" else (args.which,)):
+        batch = args.batch or {"sd1": 2, "tiny": 250}[which]
+        steps = args.steps or {"sd1": 5, "tiny": 25}[which]
+        bench = bench_sd1 if which == "sd1" else bench_tiny
+        ours_s, theirs_s = bench(batch, steps, args.guidance, args.repeats, args.xla)
+        baseline = "keras-cv StableDiffusion.generate_image" if which == "sd1" else "keras-cv-style loop"
+        rows.append((which, batch, steps, batch / ours_s, batch / theirs_s, theirs_s / ours_s, baseline))
+        print(f"{which}: ours {batch / ours_s:.3f} img/s, {baseline} {batch / theirs_s:.3f} img/s, "
+              f"ratio {theirs_s / ours_s:.2f}x", flush=True)
+    print("\n| preset | batch | steps | ours (img/s) | baseline (img/s) | ratio | baseline |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for which, batch, steps, ours_ips, theirs_ips, ratio, baseline in rows:
+        print(f"| {which} | {batch} | {steps} | {ours_ips:.3f} | {theirs_ips:.3f} | {ratio:.2f}x | {baseline} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""Keras (TensorFlow backend) against diffusers/PyTorch: the same UNet, the same weights, one run.
+
+For each preset the Keras UNet is built with random (seeded) weights and converted to a
+diffusers `UNet2DConditionModel` with `Models/diffusion/diffusers_convert.py` (the
+PyTorch tensors share the NumPy export's memory: two copies of the weights in all).
+Then, alternating Keras and PyTorch in every round so that load on the machine hits
+both alike:
+
+  sampling  one classifier-free-guided DDIM step of B images: ours is the project's
+            `DDIMSampler` step (one compiled call: UNet on 2B + update; XLA optional),
+            diffusers' is its UNet on 2B under inference_mode + `DDIMScheduler.step`;
+  training  one step of the noise-prediction loss: forward, backward and a plain SGD
+            update (no optimizer state: full sd1 would need 4 more copies with Adam),
+            a compiled tf.function against eager PyTorch;
+  profile   (--profile) the forward time per block type (ResBlocks, transformers, ...)
+            and micro-benchmarks of the ops inside the slowest, to say why.
+
+Usage (the figures in benchmarks/results/interop.md):
+    nice -n 10 .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets tiny sd1 --profile --xla tiny
+
+Prints Markdown tables and one JSON line; --json writes the raw figures.
+"""
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import torch  # noqa: E402
+import diffusers  # noqa: E402
+from keras import ops  # noqa: E402
+
+from Models.diffusion import diffusers_convert as dc  # noqa: E402
+from Models.diffusion.presets import get_preset  # noqa: E402
+from Models.diffusion.sampler import DDIMSampler  # noqa: E402
+from Models.diffusion.schedule import NoiseSchedule  # noqa: E402
+from Models.diffusion.unet import build_unet, timestep_embedding  # noqa: E402
+
+# Per preset: image size, images per sampling step (2x UNet evaluations), training batch.
+CASES = {
+    "tiny": dict(image_size=32, sample_batch=16, train_batch=32),
+    "sd1": dict(image_size=128, sample_batch=1, train_batch=2),
+}
+
+
+def build_pair(preset, image_size, seed=0):
+    """Our UNet (random, seeded) and the diffusers UNet holding the same weights."""
+    keras.utils.set_random_seed(seed)
+    unet = build_unet(preset, image_size, preset.context_length)
+    rng = np.random.default_rng(seed)
+    for variable in unet.weights:  # norms and biases too: no constant tensors
+        if len(variable.shape) == 1:
+            variable.assign(variable.numpy() + 0.05 * rng.standard_normal(variable.shape).astype("float32"))
+    config = dc.diffusers_unet_config(preset, sample_size=image_size // preset.downsample)
+    tensors = dc.unet_tensors(unet, preset)
+    with torch.device("meta"):  # no third copy: the parameters become views of `tensors`
+        model = diffusers.UNet2DConditionModel.from_config(config)
+    model.load_state_dict({name: torch.from_numpy(value) for name, value in tensors.items()}, assign=True)
+    return unet, model.eval(), tensors
+
+
+def inputs(preset, case, batch, seed=0):
+    size = case["image_size"] // preset.downsample
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((batch, size, size, preset.latent_channels)).astype("float32")
+    context = rng.standard_normal((batch, preset.context_length, preset.context_dim)).astype("float32")
+    timesteps = rng.integers(0, 1000, batch)
+    return x, context, timesteps
+
+
+def nchw(x):
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def set_exact_gelu(unet, exact):
+    """Switches every GEGLU of `unet` between the exact and the tanh GELU (read at call time, eager)."""
+    for layer in unet.layers:
+        if hasattr(layer, "transformer_block"):
+            layer.transformer_block.geglu.approximate = not exact
+
+
+def parity(unet, model, preset, case):
+    """Max abs difference of one noise prediction (same inputs): the weights are the same."""
+    x, context, timesteps = inputs(preset, case, 1)
+    ours = np.asarray(unet([ops.convert_to_tensor(x),
+                            timestep_embedding(ops.convert_to_tensor(timesteps), preset.timestep_embedding_dim),
+                            ops.convert_to_tensor(context)]))
+    with torch.inference_mode():
+        theirs = model(nchw(x), torch.from_numpy(timesteps), torch.from_numpy(context)).sample
+    return float(np.abs(ours - theirs.numpy().transpose(0, 2, 3, 1)).max())
+
+
+class KerasSampling:
+    """One guided DDIM step of the project's sampler (steps of a 50-step schedule)."""
+
+    def __init__(self, unet, preset, case, jit_compile=False):
+        self.sampler = DDIMSampler(unet, NoiseSchedule(), preset.timestep_embedding_dim, jit_compile=jit_compile)
+        batch = case["sample_batch"]
+        self.x, context, _ = inputs(preset, case, batch)
+        self.context, self.uncond = context, context[:1] * 0.5
+
+    def __call__(self):
+        self.sampler.sample(self.x, self.context, self.uncond, num_steps=1, guidance_scale=7.5)
+
+
+class TorchSampling:
+    """diffusers' equivalent: UNet on [uncond; cond] + DDIMScheduler.step (SD's config)."""
+
+    def __init__(self, model, preset, case):
+        self.model = model
+        self.scheduler = diffusers.DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+            set_alpha_to_one=False, steps_offset=1)
+        self.scheduler.set_timesteps(1)
+        x, context, _ = inputs(preset, case, case["sample_batch"])
+        self.x = nchw(x)
+        self.context = torch.from_numpy(np.concatenate([np.repeat(context[:1] * 0.5, len(x), 0), context]))
+
+    def __call__(self):
+        t = self.scheduler.timesteps[0]
+        with torch.inference_mode():
+            eps = self.model(torch.cat([self.x, self.x]), t, self.context).sample
+            eps_uncond, eps_cond = eps.chunk(2)
+            eps = eps_uncond + 7.5 * (eps_cond - eps_uncond)
+            self.scheduler.step(eps, t, self.x).prev_sample
+
+
+class KerasTraining:
+    """Forward + backward + SGD update of the noise-prediction MSE, as one tf.function."""
+
+    def __init__(self, unet, preset, case, jit_compile=False):
+        self.unet, self.preset = unet, preset
+        self.optimizer = keras.optimizers.SGD(1e-4)
+        self.optimizer.build(unet.trainable_variables)
+        x, context, timesteps = inputs(preset, case, case["train_batch"], seed=1)
+        noise = np.random.default_rng(2).standard_normal(x.shape).astype("float32")
+        alpha = NoiseSchedule().alphas_cumprod[timesteps].astype("float32").reshape(-1, 1, 1, 1)
+        self.batch = [tf.constant(np.sqrt(alpha) * x + np.sqrt(1 - alpha) * noise),
+                      tf.constant(timesteps), tf.constant(context), tf.constant(noise)]
+        self.step = tf.function(self._step, jit_compile=jit_compile)
+
+    def _step(self, x_t, timesteps, context, noise):
+        with tf.GradientTape() as tape:
+            t_emb = timestep_embedding(timesteps, self.preset.timestep_embedding_dim)
+            loss = ops.mean(ops.square(self.unet([x_t, t_emb, context], training=True) - noise))
+        grads = tape.gradient(loss, self.unet.trainable_variables)
+        self.optimizer.apply(grads, self.unet.trainable_variables)
+        return loss
+
+    def __call__(self):
+        float(self.step(*self.batch))
+
+
+class TorchTraining:
+    def __init__(self, model, preset, case):
+        self.model = model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+        x, context, timesteps = inputs(preset, case, case["train_batch"], seed=1)
+        noise = np.random.default_rng(2).standard_normal(x.shape).astype("float32")
+        alpha = NoiseSchedule().alphas_cumprod[timesteps].astype("float32").reshape(-1, 1, 1, 1)
+        self.batch = (nchw(np.sqrt(alpha) * x + np.sqrt(1 - alpha) * noise), torch.from_numpy(timesteps),
+                      torch.from_numpy(context), nchw(noise))
+
+    def __call__(self):
+        x_t, timesteps, context, noise = self.batch
+        self.model.train()
+        loss = ((self.model(x_t, timesteps, context).sample - noise) ** 2).mean()
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)  # free the gradients before the Keras turn
+        self.model.eval()
+        float(loss.detach())
+
+
+def side_by_side(runners, rounds):
+    """{name: [seconds per round]}; one warm-up call each (compilation), then alternating rounds."""
+    for run in runners.values():
+        run()
+    times = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            times[name].append(timed(run))
+            gc.collect()
+    return times
+
+
+# ----- profile: where the time goes ------------------------------------------------------
+def block_profile(unet, model, preset, case, rounds):
+    """Forward seconds per block type, ours against diffusers', at the sampling batch (2B)."""
+    batch = 2 * case["sample_batch"]
+    prefixes = dc._unet_block_prefixes(preset)
+    by_type = {}
+    for layer in unet.layers:
+        if layer.weights:
+            by_type.setdefault(type(layer).__name__, []).append(layer)
+    x, context, timesteps = inputs(preset, case, batch)
+    with torch.inference_mode():  # the projected timestep embedding every ResBlock takes
+        temb_torch = model.time_embedding(model.time_proj(torch.from_numpy(timesteps)))
+    temb_keras = tf.constant(temb_torch.numpy())
+    context_keras = tf.constant(context)
+    context_torch = torch.from_numpy(context)
+    totals = {}
+    for kind in ("UNetResBlock", "SpatialTransformer", "PaddedConv2D", "Upsample"):
+        keras_total = torch_total = 0.0
+        for layer, prefix in zip(by_type.get(kind, []), prefixes[kind]):
+            shape = layer.input[0].shape if kind in ("UNetResBlock", "SpatialTransformer") else layer.input.shape
+            hidden = np.random.default_rng(0).standard_normal((batch, *shape[1:])).astype("float32")
+            module = model.get_submodule(prefix)
+            h_keras, h_torch = tf.constant(hidden), nchw(hidden)
+            if kind == "UNetResBlock":
+                k, t = _compare(layer, ([h_keras, temb_keras],), module, (h_torch, temb_torch), rounds)
+            elif kind == "SpatialTransformer":
+                k, t = _compare(layer, ([h_keras, context_keras],), module, (h_torch, context_torch), rounds)
+            else:
+                k, t = _compare(layer, (h_keras,), module, (h_torch,), rounds)
+            keras_total, torch_total = keras_total + k, torch_total + t
+        totals[kind] = (keras_total, torch_total)
+    return totals
+
+
+def _compare(keras_layer, keras_args, torch_module, torch_args, rounds):
+    """Median seconds of one call: the Keras layer in a tf.function, the torch module in inference mode."""
+
+    @tf.function
+    def keras_call():
+        return keras_layer(*keras_args)
+
+    def torch_call():
+        return torch_module(*torch_args)
+
+    keras_call()
+    with torch.inference_mode():
+        torch_call()
+        k = statistics.median(timed(keras_call) for _ in range(rounds))
+        t = statistics.median(timed(torch_call) for _ in range(rounds))
+    return k, t
+
+
+def op_profile(preset, case, rounds):
+    """Micro-benchmarks of the ops inside the UNet blocks, at the first level's shapes (2B images)."""
+    from diffusers.models.activations import GEGLU as TorchGEGLU
+    from diffusers.models.attention_processor import Attention
+
+    from Models.diffusion.layers import GEGLU, CrossAttention, PaddedConv2D
+
+    batch = 2 * case["sample_batch"]
+    size = case["image_size"] // preset.downsample
+    channels, heads = preset.level_channels[0], preset.level_heads[0]
+    tokens = size * size
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((batch, size, size, channels)).astype("float32")
+    sequence = rng.standard_normal((batch, tokens, channels)).astype("float32")
+    image_keras, image_torch = tf.constant(image), nchw(image)
+    sequence_keras, sequence_torch = tf.constant(sequence), torch.from_numpy(sequence)
+    pairs = {
+        "GroupNorm": (keras.layers.GroupNormalization(groups=preset.norm_groups, epsilon=1e-5), image_keras,
+                      torch.nn.GroupNorm(preset.norm_groups, channels, eps=1e-5), image_torch),
+        "conv 3x3, ZeroPadding2D + Conv2D (ours)": (PaddedConv2D(channels, 3, padding=1), image_keras,
+                                                    torch.nn.Conv2d(channels, channels, 3, padding=1), image_torch),
+        "conv 3x3, Conv2D(padding='same')": (keras.layers.Conv2D(channels, 3, padding="same"), image_keras,
+                                             torch.nn.Conv2d(channels, channels, 3, padding=1), image_torch),
+        f"self-attention, {tokens} tokens (matmul+softmax vs SDPA)": (
+            CrossAttention(heads, channels // heads), sequence_keras,
+            Attention(channels, heads=heads, dim_head=channels // heads), sequence_torch),
+        "GEGLU": (GEGLU(channels * 4, approximate=False), sequence_keras,
+                  TorchGEGLU(channels, channels * 4), sequence_torch),
+    }
+    return {name: _compare(layer, (x_keras,), module, (x_torch,), rounds)
+            for name, (layer, x_keras, module, x_torch) in pairs.items()}
+
+
+# ----- report -------------------------------------------------------------------------------
+def run_preset(name, rounds, profile, xla):
+    preset, case = get_preset(name), CASES[name]
+    unet, model, tensors = build_pair(preset, case["image_size"])
+    params = sum(int(np.prod(v.shape)) for v in unet.weights)
+    result = {"preset": name, **case, "params": params, "max_abs_diff": parity(unet, model, preset, case)}
+    if preset.gelu_approximate:  # keras-cv's tanh GELU (the sd presets): the exact one, as diffusers
+        set_exact_gelu(unet, True)
+        result["max_abs_diff_exact_gelu"] = parity(unet, model, preset, case)
+        set_exact_gelu(unet, False)
+
+    sampling = {"keras": KerasSampling(unet, preset, case), "torch": TorchSampling(model, preset, case)}
+    if xla:
+        sampling["keras_xla"] = KerasSampling(unet, preset, case, jit_compile=True)
+    result["sampling_s"] = side_by_side(sampling, rounds)
+    del sampling
+    gc.collect()
+    if profile:
+        result["blocks_s"] = block_profile(unet, model, preset, case, rounds)
+        result["ops_s"] = op_profile(preset, case, rounds)
+    training = {"keras": KerasTraining(unet, preset, case), "torch": TorchTraining(model, preset, case)}
+    result["training_s"] = side_by_side(training, rounds)
+    del training, unet, model, tensors
+    keras.backend.clear_session()
+    gc.collect()
+    return result
+
+
+def markdown(results):
+    lines = ["| preset | what | Keras/TF s | PyTorch s | Keras / PyTorch |", "| --- | --- | --- | --- | --- |"]
+    for r in results:
+        for what, key, unit in (("guided DDIM step", "sampling_s", f"{r['sample_batch']} img"),
+                                ("training step (SGD)", "training_s", f"batch {r['train_batch']}")):
+            keras_s, torch_s = (statistics.median(r[key][side]) for side in ("keras", "torch"))
+            lines.append(f"| {r['preset']} ({r['image_size']} px, {r['params'] / 1e6:.1f}M) | {what}, {unit} | "
+                         f"{keras_s:.3f} | {torch_s:.3f} | {keras_s / torch_s:.2f} |")
+            if "keras_xla" in r[key]:
+                xla_s = statistics.median(r[key]["keras_xla"])
+                lines.append(f"| | {what}, XLA | {xla_s:.3f} | {torch_s:.3f} | {xla_s / torch_s:.2f} |")
+    for r in results:
+        lines.append(f"\n{r['preset']}: same weights, one noise prediction: max abs difference "
+                     f"{r['max_abs_diff']:.2e}" + (f" (tanh GELU of the preset; {r['max_abs_diff_exact_gelu']:.2e} "
+                                                   "with the exact GELU)" if "max_abs_diff_exact_gelu" in r else ""))
+        if "blocks_s" in r:
+            lines += ["", f"{r['preset']}: forward seconds by block type (batch {2 * r['sample_batch']})", "",
+                      "| block | Keras/TF s | PyTorch s | Keras / PyTorch |", "| --- | --- | --- | --- |"]
+            for kind, (k, t) in r["blocks_s"].items():
+                lines.append(f"| {kind} | {k:.4f} | {t:.4f} | {k / t:.2f} |")
+            lines += ["", f"{r['preset']}: ops at the first level's shapes", "",
+                      "| op | Keras/TF s | PyTorch s | Keras / PyTorch |", "| --- | --- | --- | --- |"]
+            for op, (k, t) in r["ops_s"].items():
+                lines.append(f"| {op} | {k:.5f} | {t:.5f} | {k / t:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--presets", nargs="+", default=["tiny", "sd1"], choices=sorted(CASES))
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per measurement (median)")
+    parser.add_argument("--profile", action="store_true", help="per block type and per op timings")
+    parser.add_argument("--xla", nargs="*", default=[], choices=sorted(CASES), metavar="PRESET",
+                        help="also time the Keras sampler with XLA for these presets (compiling sd1 takes minutes)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="threads per op in both frameworks (default: every core). On a shared CPU "
+                             "use 1: PyTorch's worker threads spin-wait and slow down many times over")
+    parser.add_argument("--json", type=Path, default=None, help="write the raw figures here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    results = [run_preset(name, args.rounds, args.profile, name in args.xla) for name in args.presets]
+    env = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "machine": platform.processor(),
+           "tensorflow": tf.__version__, "keras": keras.__version__, "torch": torch.__version__,
+           "diffusers": diffusers.__version__, "torch_threads": torch.get_num_threads(),
+           "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+           "load_average": os.getloadavg(), "command": " ".join(sys.argv)}
+    print(markdown(results))
+    print(json.dumps({"env": env, "results": results}))
+    if args.json:
+        args.json.write_text(json.dumps({"env": env, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""The diffusers converter without PyTorch: configs -> presets, folders, errors, the command line.
+
+Numerical parity against diffusers itself is in test_diffusers_parity.py; here the
+converter's own contract: it never imports torch or diffusers, derives our presets from
+the real SD 1.5 / SD 2.1 configs, refuses unsupported configs in one line, names every
+missing / unexpected / mismatched tensor without touching the model, and round-trips
+our UNet through a diffusers folder exactly.
+"""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+from safetensors.numpy import load_file, save_file
+
+import convert_diffusers
+from Models.diffusion import diffusers_convert as dc
+from Models.diffusion.presets import get_preset
+from Models.diffusion.unet import build_unet, timestep_embedding
+from Utils.cli import UserError
+
+TINY = get_preset("tiny")
+_SD_BLOCKS = dict(
+    down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+)
+# The published configs (unet/config.json) of SD 1.5 and SD 2.1, as on the Hugging Face Hub.
+SD15_UNET = dict(
+    _class_name="UNet2DConditionModel", _diffusers_version="0.6.0", act_fn="silu", attention_head_dim=8,
+    block_out_channels=[320, 640, 1280, 1280], center_input_sample=False, cross_attention_dim=768,
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-05, norm_num_groups=32, out_channels=4, sample_size=64,
+    **_SD_BLOCKS,
+)
+SD21_UNET = dict(
+    SD15_UNET, _diffusers_version="0.10.0.dev0", attention_head_dim=[5, 10, 20, 20], cross_attention_dim=1024,
+    dual_cross_attention=False, num_class_embeds=None, only_cross_attention=False, sample_size=96,
+    upcast_attention=True, use_linear_projection=True,
+)
+
+
+def _random_weights(model, seed):
+    """Every weight random (no constant norms / zero biases), as after training."""
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        variable.assign(rng.standard_normal(variable.shape).astype("float32") * 0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny_unet():
+    keras.utils.set_random_seed(0)
+    unet = build_unet(TINY, image_size=None)
+    _random_weights(unet, 0)
+    return unet
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tiny_unet):
+    """Our random tiny UNet written as a diffusers pipeline folder (unet/ only)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    dc.save_unet_as_diffusers(tiny_unet, TINY, root / "unet")
+    return root
+
+
+def test_the_library_imports_neither_torch_nor_diffusers():
+    code = ("import sys, Models.diffusion.diffusers_convert, convert_diffusers; "
+            "assert not {'torch', 'diffusers'} & set(sys.modules), sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=dc.Path(__file__).parent.parent)
+
+
+@pytest.mark.parametrize("config, name", [(SD15_UNET, "sd1"), (SD21_UNET, "sd2")])
+def test_published_sd_configs_give_our_sd_presets(config, name):
+    preset = dc.unet_preset_from_config(config)
+    # Ours in all but the GELU: diffusers' is exact, keras-cv's (our sd presets') tanh-approximated.
+    assert preset == dataclasses.replace(get_preset(name), gelu_approximate=False)
+    assert dc.unet_preset_from_config(config, base=name) == preset
+    # and back: our preset's config describes the same UNet
+    ours = dc.diffusers_unet_config(preset)
+    for key in ("block_out_channels", "cross_attention_dim", "down_block_types", "up_block_types",
+                "in_channels", "layers_per_block"):
+        assert ours[key] == config[key], key
+    assert np.broadcast_to(config["attention_head_dim"], 4).tolist() == ours["attention_head_dim"]
+    assert ours["use_linear_projection"] == config.get("use_linear_projection", False)
+
+
+def test_the_wrong_base_preset_names_every_differing_field():
+    with pytest.raises(UserError, match=r"not have the sd1 architecture: level_heads: .*"
+                                        r"linear_attention_projection: .*context_dim: config 1024 vs sd1 768"):
+        dc.unet_preset_from_config(SD21_UNET, base="sd1")
+
+
+def test_an_unknown_architecture_keeps_the_nearest_presets_defaults():
+    config = dict(SD15_UNET, block_out_channels=[64, 128, 256, 256], norm_num_groups=16)
+    preset = dc.unet_preset_from_config(config)
+    assert preset.name == "diffusers" and not preset.pretrained and preset.latent
+    assert preset.level_channels == (64, 128, 256, 256) and preset.timestep_embedding_dim == 64
+    assert preset.context_length == get_preset("sd1").context_length
+
+
+@pytest.mark.parametrize("change, named", [
+    (dict(in_channels=9), "in_channels=9"),  # the inpainting UNet
+    (dict(addition_embed_type="text_time"), "addition_embed_type='text_time'"),  # SDXL
+    (dict(transformer_layers_per_block=[1, 2, 10, 1]), "transformer_layers_per_block"),
+    (dict(class_embed_type="timestep"), "class_embed_type"),
+    (dict(up_block_types=["UpBlock2D"] * 4), "does not mirror down_block_types"),
+    (dict(down_block_types=["SimpleCrossAttnDownBlock2D"] * 4), "down_block_types"),
+    (dict(layers_per_block=[2, 2, 1, 1]), "layers_per_block"),
+    (dict(_class_name="UNet2DModel"), "UNet2DModel"),
+])
+def test_unsupported_unet_configs_are_one_line_errors(change, named):
+    with pytest.raises(UserError) as error:
+        dc.unet_preset_from_config(dict(SD15_UNET, **change))
+    assert named in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_preset_diffusers_cannot_express_is_refused():
+    odd = dataclasses.replace(TINY, timestep_embedding_dim=64)
+    with pytest.raises(UserError, match="timestep embedding is 64 wide"):
+        dc.diffusers_unet_config(odd)
+
+
+def test_our_unet_round_trips_exactly_through_a_diffusers_folder(tiny_unet, tiny_folder):
+    config, tensors = dc.read_diffusers_model(tiny_folder / "unet")
+    assert dc.unet_preset_from_config(config) == TINY
+    assert tensors["conv_in.weight"].shape == (32, 3, 3, 3)  # PyTorch (out, in, kh, kw)
+    assert tensors["time_embedding.linear_1.weight"].shape == (128, 32)  # Linear (out, in)
+    unet = build_unet(TINY, image_size=8)
+    dc.load_unet_weights(unet, TINY, tensors)
+    for ours, loaded in zip(tiny_unet.weights, unet.weights):
+        np.testing.assert_array_equal(ours.numpy(), loaded.numpy())
+    rng = np.random.default_rng(0)
+    inputs = [ops.convert_to_tensor(rng.standard_normal((1, 8, 8, 3)).astype("float32")),
+              timestep_embedding(ops.convert_to_tensor([300]), TINY.timestep_embedding_dim),
+              ops.convert_to_tensor(rng.standard_normal((1, 4, 64)).astype("float32"))]
+    np.testing.assert_array_equal(np.asarray(tiny_unet(inputs)), np.asarray(unet(inputs)))
+
+
+def test_missing_unexpected_and_mismatched_tensors_are_named_and_nothing_is_loaded(tiny_folder):
+    _, tensors = dc.read_diffusers_model(tiny_folder / "unet")
+    del tensors["mid_block.attentions.0.proj_in.weight"]
+    tensors["mid_block.attentions.0.proj_in.wieght"] = np.zeros(1, np.float32)
+    tensors["conv_out.weight"] = tensors["conv_out.weight"][:, :16]
+    unet = build_unet(TINY, image_size=8)
+    before = [w.numpy().copy() for w in unet.weights]
+    with pytest.raises(UserError) as error:
+        dc.load_unet_weights(unet, TINY, tensors)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "missing 1: mid_block.attentions.0.proj_in.weight" in message
+    assert "unexpected 1: mid_block.attentions.0.proj_in.wieght" in message
+    assert "shape mismatch 1: conv_out.weight (3, 16, 3, 3) (expected (3, 32, 3, 3))" in message
+    assert all(np.array_equal(b, w.numpy()) for b, w in zip(before, unet.weights))
+
+
+def test_sd1_and_sd2_projections_are_not_interchangeable(tiny_folder):
+    """A 1x1-conv checkpoint (SD1) does not load into Dense projections (SD2): named, not reshaped."""
+    _, tensors = dc.read_diffusers_model(tiny_folder / "unet")
+    linear = dataclasses.replace(TINY, linear_attention_projection=True)
+    with pytest.raises(UserError, match=r"shape mismatch 12: .*proj_in.weight \(64, 64, 1, 1\) "
+                                        r"\(expected \(64, 64\)\)"):
+        dc.load_unet_weights(build_unet(linear, image_size=8), linear, tensors)
+
+
+def test_half_precision_and_sharded_folders_read_as_float32(tmp_path, tiny_folder):
+    _, tensors = dc.read_diffusers_model(tiny_folder / "unet")
+    names = sorted(tensors)
+    half = {name: tensors[name].astype(np.float16) for name in names}
+    shards = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2:]}
+    for shard, shard_names in shards.items():
+        save_file({name: half[name] for name in shard_names}, tmp_path / shard)
+    index = {"weight_map": {name: shard for shard, shard_names in shards.items() for name in shard_names}}
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "config.json").write_text((tiny_folder / "unet" / "config.json").read_text())
+    _, read = dc.read_diffusers_model(tmp_path)
+    assert sorted(read) == names and all(value.dtype == np.float32 for value in read.values())
+    np.testing.assert_allclose(read["conv_in.weight"], tensors["conv_in.weight"], atol=1e-3)
+
+
+def test_a_bin_checkpoint_without_torch_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps(SD15_UNET))
+    (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+    with pytest.raises(UserError, match=r"PyTorch \.bin file and torch is not installed"):
+        dc.read_diffusers_model(tmp_path)
+
+
+def test_folders_without_weights_or_config_are_one_line(tmp_path):
+    with pytest.raises(UserError, match="config.json is missing"):
+        dc.read_diffusers_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(SD15_UNET))
+    with pytest.raises(UserError, match="no weights in .*diffusion_pytorch_model.safetensors"):
+        dc.read_diffusers_model(tmp_path)
+
+
+def test_only_stable_diffusions_vae_is_accepted_and_legacy_names_are_read():
+    dc.check_autoencoder_config({"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512],
+                                 "layers_per_block": 2, "latent_channels": 4, "sample_size": 512})
+    with pytest.raises(UserError, match=r"scaling_factor=0.13025"):  # SDXL's VAE
+        dc.check_autoencoder_config({**dc.VAE_CONFIG, "scaling_factor": 0.13025})
+    with pytest.raises(UserError, match=r"block_out_channels=\[64\]"):
+        dc.check_autoencoder_config({**dc.VAE_CONFIG, "block_out_channels": [64]})
+    legacy = {"encoder.mid_block.attentions.0.query.weight": 1, "decoder.mid_block.attentions.0.proj_attn.bias": 2,
+              "encoder.conv_in.weight": 3}
+    assert dc._modern_vae_names(legacy) == {"encoder.mid_block.attentions.0.to_q.weight": 1,
+                                            "decoder.mid_block.attentions.0.to_out.0.bias": 2,
+                                            "encoder.conv_in.weight": 3}
+
+
+def test_command_line_round_trip(tmp_path, tiny_folder):
+    out = tmp_path / "keras"
+    assert convert_diffusers.main(["to-keras", str(tiny_folder), "--out", str(out), "--preset", "tiny"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["unet.weights.h5", "unet_preset.json"]
+    assert json.loads((out / "unet_preset.json").read_text())["name"] == "tiny"
+    back = tmp_path / "back"
+    assert convert_diffusers.main(["to-diffusers", "--preset", str(out / "unet_preset.json"),
+                                   "--unet_weights", str(out / "unet.weights.h5"), "--out", str(back)]) == 0
+    original = load_file(tiny_folder / "unet" / "diffusion_pytorch_model.safetensors")
+    written = load_file(back / "diffusion_pytorch_model.safetensors")
+    assert sorted(original) == sorted(written)
+    assert all(np.array_equal(original[name], written[name]) for name in original)
+    assert json.loads((back / "config.json").read_text()) == json.loads(
+        (tiny_folder / "unet" / "config.json").read_text())
+
+
+def test_command_line_errors_are_one_line_and_write_nothing(tmp_path, tiny_folder, run_script):
+    # a tensor with the wrong shape: named, exit 2, no output folder content
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_folder / "unet" / "config.json").read_text())
+    tensors = load_file(tiny_folder / "unet" / "diffusion_pytorch_model.safetensors")
+    tensors["conv_in.bias"] = np.zeros(7, np.float32)
+    save_file(tensors, broken / "diffusion_pytorch_model.safetensors")
+    result = run_script("convert_diffusers.py", "to-keras", broken, "--out", tmp_path / "out")
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "conv_in.bias (7,) (expected (32,))" in last
+    assert not (tmp_path / "out").exists()
+    # a preset check that fails, and weights that do not fit the preset
+    with pytest.raises(UserError, match="does not have the sd1 architecture"):
+        convert_diffusers.main(["to-keras", str(tiny_folder), "--out", str(tmp_path / "out"), "--preset", "sd1"])
+    weights = tmp_path / "w.weights.h5"
+    build_unet(dataclasses.replace(TINY, num_res_blocks=1), None).save_weights(weights)
+    with pytest.raises(UserError, match="does not fit the tiny UNet"):
+        convert_diffusers.main(["to-diffusers", "--preset", "tiny", "--unet_weights", str(weights),
+                                "--out", str(tmp_path / "out")])
+    with pytest.raises(UserError, match="neither a preset"):
+        convert_diffusers.main(["to-diffusers", "--preset", "sd9", "--unet_weights", str(weights),
+                                "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

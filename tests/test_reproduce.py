@@ -1,0 +1,88 @@
+"""reproduce.py: the whole pipeline, killed mid-way and resumed; bad input; the report.
+
+The pipeline runs on digits with the tiny preset and a budget cut to the bone
+(one diffusion epoch per stage, one trial per study, a few dozen images per
+trial, one-epoch classifiers, x1 only): it checks the chaining, skipping and
+resuming, not the accuracy (benchmarks/results/pipeline.md has real runs).
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_BUDGET = ["--enc_epochs", "1", "--dif_epochs", "1", "--n_trials_enc", "1", "--n_trials_dif", "1",
+               "--num_imgs", "30", "--tuning_classifier_epochs", "1", "--classifier_epochs", "1",
+               "--classifier_batch_size", "64", "--max_multiple", "1"]
+
+
+def _env(root):
+    return dict(os.environ, SDDG_OUTPUT_ROOT=str(root), PYTHONUNBUFFERED="1")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "huge"], "argument --budget: invalid choice: 'huge'"),
+    (["--storage", "foo://nowhere"], "cannot open the Optuna storage foo://nowhere"),
+    (["--stop_after", "lunch"], "--stop_after 'lunch' is not a stage"),
+    (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["--preset", "sd9"], "unknown diffusion preset 'sd9'"),
+    (["--max_multiple", "0"], "--max_multiple: expected a positive integer"),
+])
+def test_bad_flags_are_one_line_and_exit_2(tmp_path, args, message):
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, str(REPO / "reproduce.py"), *args], cwd=tmp_path, env=_env(tmp_path),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
+    assert not any(tmp_path.iterdir()), "nothing may be written on bad input"
+    assert time.perf_counter() - started < 30  # fails before TensorFlow starts
+
+
+def _stage_lines(text):
+    return [line for line in text.splitlines() if re.match(r"^\[\d+/\d+\] ", line)]
+
+
+@pytest.mark.slow
+def test_killed_pipeline_resumes_and_skips_finished_stages(tmp_path):
+    """Kill reproduce.py (SIGKILL) while it fine-tunes the UNet; the rerun skips stages 1-3 and completes."""
+    command = [sys.executable, str(REPO / "reproduce.py"), *TINY_BUDGET, "--max_steps", "5"]
+    first = subprocess.Popen(command, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    seen = []
+    try:
+        for line in first.stdout:
+            seen.append(line)
+            if line.startswith("[4/") and line.rstrip().endswith("running"):
+                time.sleep(3)  # inside SD_adapting's dif stage
+                break
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert any(line.startswith("[3/") and "done in" in line for line in seen), "".join(seen)[-3000:]
+    stage_log = json.loads((tmp_path / "Experiments" / "Exp_0" / "digits" / "stages.json").read_text())
+    assert stage_log["dif"]["status"] == "running" and stage_log["tune_enc"]["status"] == "done"
+
+    second = subprocess.run(command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    lines = _stage_lines(second.stdout)
+    skipped = [line.split()[1].rstrip(":") for line in lines if "skipped" in line]
+    ran = [line.split()[1].rstrip(":") for line in lines if line.rstrip().endswith("running")]
+    assert skipped[:3] == ["enc", "enc_default", "tune_enc"], lines
+    assert ran[:1] == ["dif"] and {"tune_dif", "generate", "cas_real", "cas_x1"} <= set(ran), lines
+    report = (tmp_path / "Experiments" / "Exp_0" / "digits" / "REPORT.md").read_text()
+    for heading in ("## Classification accuracy score", "## The stage table", "## Tuning", "## Samples",
+                    "## How this was made"):
+        assert heading in report
+    assert "python SD_adapting.py --train_model dif" in report
+    cas = json.loads((tmp_path / "CAS Results" / "test_accuracies_exp0.json").read_text())["digits"]
+    assert {"real", "x1"} <= set(cas)
+    assert (tmp_path / "Experiments" / "Exp_0" / "digits" / "figures" / "samples_generated.png").exists()

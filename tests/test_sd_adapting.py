@@ -1,0 +1,164 @@
+"""SD_adapting.py and ClassConditionalDiffusion's training: what trains, checkpoints, resume, errors."""
+
+import csv
+import dataclasses
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import keras
+import numpy as np
+import pytest
+
+import SD_adapting  # noqa: E402
+from Data.registry import get_spec  # noqa: E402
+from Models.diffusion import checkpoints as ck  # noqa: E402
+from Models.diffusion.conditional_diffusion import ClassConditionalDiffusion, make_optimizer  # noqa: E402
+from Models.diffusion.presets import get_preset  # noqa: E402
+from Utils.cli import UserError  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+ENC = ["--dataset", "digits", "--preset", "tiny", "--train_model", "enc", "--epochs", "3", "--freq", "1",
+       "--batch_size", "128", "--grid_per_class", "1", "--verbose", "0"]
+
+
+def error_lines(stderr):
+    """stderr without TensorFlow's own start-up log lines (absl / C++ logging)."""
+    return [line for line in stderr.splitlines()
+            if line.strip() and not line.startswith("WARNING: All log messages")
+            and not re.match(r"^[IWEF]\d{4} ", line)]
+
+
+def csv_epochs(path):
+    with open(path, newline="") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+# ----- the model: what each stage trains -------------------------------------------------------
+def _one_eager_step(model, data):
+    model.compile(optimizer=make_optimizer(1e-2, 10), run_eagerly=True)
+    model.fit(data[0], data[1], batch_size=len(data[0]), epochs=1, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def digits_batch():
+    from Data.loaders import load_dataset
+
+    splits = load_dataset("digits")
+    return splits.x_train[:16], splits.y_train[:16]
+
+
+@pytest.mark.parametrize("stage", ["enc", "dif"])
+def test_each_stage_trains_only_its_part(stage, digits_batch):
+    # A "pretrained" tiny preset behaves as sd1/sd2 do: its enc stage leaves the UNet alone.
+    pretrained = dataclasses.replace(get_preset("tiny"), pretrained=True)
+    keras.utils.set_random_seed(0)
+    model = ClassConditionalDiffusion(pretrained, num_classes=10, image_size=8, stage=stage)
+    before = {name: [w.numpy().copy() for w in part.weights]
+              for name, part in (("unet", model.unet), ("class_encoder", model.class_encoder))}
+    _one_eager_step(model, digits_batch)
+    trained = {"enc": "class_encoder", "dif": "unet"}[stage]
+    for name, part in (("unet", model.unet), ("class_encoder", model.class_encoder)):
+        changed = any(not np.array_equal(a, w.numpy()) for a, w in zip(before[name], part.weights))
+        assert changed is (name == trained), (stage, name)
+    assert set(model.trained_parts()) == {trained}
+
+
+def test_tiny_enc_trains_the_unet_and_cond_dropout_one_never_trains_on_labels(digits_batch):
+    import tensorflow as tf
+
+    # tiny has no pretrained UNet: its enc stage trains the UNet from scratch too.
+    model = ClassConditionalDiffusion("tiny", num_classes=10, image_size=8, stage="enc")
+    trainable = {id(v) for v in model.trainable_variables}
+    assert {id(v) for v in model.unet.weights if v.trainable} <= trainable
+    assert set(model.trained_parts()) == {"class_encoder", "unet"}
+
+    images, labels = (keras.ops.convert_to_tensor(a) for a in digits_batch)
+    for p, expect_zero in ((1.0, True), (0.0, False)):
+        model.cond_dropout = p
+        with tf.GradientTape() as tape:
+            loss = model.diffusion_loss(images, labels)
+        grad = tape.gradient(loss, model.class_encoder.dense1.kernel.value)
+        assert float(loss) > 0
+        assert (float(tf.reduce_max(tf.abs(grad))) == 0.0) is expect_zero
+
+
+# ----- the script ----------------------------------------------------------------------------
+def test_enc_killed_resumes_without_redoing_epochs_then_dif(tmp_path, run_script, monkeypatch):
+    folder = tmp_path / "Checkpoints" / "DDPM" / "Exp_0" / "digits" / "MyEmbedding"
+    env = dict(os.environ, SDDG_OUTPUT_ROOT=str(tmp_path), PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, str(REPO / "SD_adapting.py"), *ENC], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ck.weights_path(folder, 1).exists():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert ck.weights_path(folder, 1).exists() and not ck.weights_path(folder, 3).exists()
+    killed_at = ck.resumable_epoch(folder)
+
+    resumed = run_script("SD_adapting.py", *ENC)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming enc training from the checkpoint of epoch {killed_at}" in resumed.stdout
+    assert f"epochs {killed_at + 1}..3" in resumed.stdout
+    assert csv_epochs(folder / "log.csv") == [1, 2, 3]
+    assert ck.saved_epochs(folder) == [1, 2, 3]
+    assert [e for e in (1, 2, 3) if ck.optimizer_path(folder, e).exists()] == [3]  # only the newest
+    assert all((folder / f"samples_epoch_{e:03d}.png").exists() for e in (1, 2, 3))
+    assert list((folder / "logs").rglob("events.out.tfevents.*"))
+    with h5py.File(ck.optimizer_path(folder, 3), "r") as f:
+        iterations = [f[k][()] for k in f if "iteration" in f[k].attrs["path"]]
+    assert iterations == [3 * 9]  # 3 epochs x ceil(1077 / 128) steps: no epoch trained twice
+    with h5py.File(ck.weights_path(folder, 3), "r") as f:
+        assert set(f.keys()) == {"class_encoder", "unet"}  # tiny: the UNet trained here too
+
+    again = run_script("SD_adapting.py", *ENC)
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+    other = run_script("SD_adapting.py", *ENC, "--lr", "0.01")
+    assert other.returncode == 2
+    assert error_lines(other.stderr) == [
+        f"error: {folder} holds checkpoints made with lr=0.001, not 0.01; use another --exp or the same settings"]
+
+    # dif: the class encoder of epoch 2, frozen; the UNet continues from the enc stage's.
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
+    dif = ["--dataset", "digits", "--preset", "tiny", "--train_model", "dif", "--epochs", "1",
+           "--batch_size", "256", "--grid_per_class", "0", "--verbose", "0"]
+    with pytest.raises(UserError, match="needs --enc_epoch"):
+        SD_adapting.main(dif)
+    with pytest.raises(UserError, match=r"no class-encoder checkpoint for epoch 7 .*epochs there: 1, 2, 3"):
+        SD_adapting.main(dif + ["--enc_epoch", "7"])
+    with pytest.raises(UserError, match="no fine-tuned UNet checkpoint for epoch 4"):
+        SD_adapting.main(dif + ["--enc_epoch", "2", "--dif_epoch", "4"])
+    dif_folder = folder.parent / "DiffusionFt"
+    assert not dif_folder.exists()
+    assert SD_adapting.main(dif + ["--enc_epoch", "2"]) == 0
+    assert ck.saved_epochs(dif_folder) == [1]
+    assert ck.read_settings(dif_folder)["enc_epoch"] == 2
+    with h5py.File(ck.weights_path(dif_folder, 1), "r") as f:
+        assert set(f.keys()) == {"unet"}
+    # Generation refuses a UNet fine-tuned with another class encoder.
+    with pytest.raises(UserError, match="fine-tuned with the class encoder of epoch 2"):
+        ck.resolve_generation_checkpoints("tiny", get_spec("digits"), 0, 3, 1)
+
+
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, run_script, monkeypatch):
+    result = run_script("SD_adapting.py", "--dataset", "nosuch", "--train_model", "enc", "--preset", "tiny")
+    assert result.returncode == 2
+    assert len(error_lines(result.stderr)) == 1 and "unknown dataset 'nosuch'" in result.stderr
+    for argv, message in [
+        (["--preset", "sd9"], "unknown diffusion preset"),
+        (["--train_model", "dif", "--enc_epoch", "1"], "no class-encoder checkpoint for epoch 1"),
+        (["--dif_epoch", "1"], "--dif_epoch is for --train_model dif"),
+        (["--enc_epoch", "5"], "no class-encoder checkpoint for epoch 5"),
+        (["--lr", "0"], "--lr must be positive"),
+    ]:
+        monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
+        with pytest.raises(UserError, match=re.escape(message)):
+            SD_adapting.main(["--dataset", "digits", "--train_model", "enc", "--preset", "tiny"] + argv)
+    assert not (tmp_path / "Checkpoints").exists()
