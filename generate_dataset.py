@@ -197,7 +197,7 @@ def main(argv=None):
     from Data.images import RESIZE_METHOD, resize_images
     from Models.diffusion import checkpoints as ck
     from Utils.io import merge_json
-    from Utils.runtime import configure_runtime, distribution_scope
+    from Utils.runtime import configure_runtime
 
     manifest_path = out_dir / "manifest.json"
     header = {"settings": plan["settings"], "img_total": args.img_total,
@@ -207,8 +207,8 @@ def main(argv=None):
                         "(seed, c, n) and the settings"}
     if todo:
         jit = configure_runtime(seed=args.seed, mixed_precision=args.mixed_precision, xla=args.xla)
-        with distribution_scope(args.multi_gpu):
-            model, _ = ck.load_generation_model(plan["preset"], spec, args.exp, args.enc_epoch, args.dif_epoch)
+        model = _cached_model(plan, args, lambda: ck.load_generation_model(
+            plan["preset"], spec, args.exp, args.enc_epoch, args.dif_epoch)[0])
         merge_json(manifest_path, {**header, "versions": versions(), "complete": False})
         labels = np.array([c for c, _ in todo], np.int64)
         indices = np.array([n for _, n in todo], np.int64)
@@ -234,6 +234,25 @@ def main(argv=None):
     state = "complete" if complete else f"{sum(on_disk)} of {args.img_total} images on disk (other parts pending)"
     print(f"done: {out_dir} ({state})")
     return 0
+
+
+# In-process callers (tests, notebooks, a driver calling main() per shard) reuse the
+# loaded model and its compiled sampler when the same checkpoint files are asked for.
+_MODEL_CACHE = {}
+
+
+def _cached_model(plan, args, load):
+    from Utils.runtime import distribution_scope
+
+    files = [p for p in plan["used"].values() if p]
+    key = (plan["preset"].name, plan["spec"].name, args.mixed_precision, args.multi_gpu,
+           plan["settings"]["random_init"], plan["settings"]["init_seed"],
+           tuple((p, os.stat(p).st_mtime_ns) for p in files))
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        with distribution_scope(args.multi_gpu):
+            _MODEL_CACHE[key] = load()
+    return _MODEL_CACHE[key]
 
 
 def _remove_stale_temporaries(*folders):

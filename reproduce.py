@@ -37,6 +37,9 @@ parser.add_argument("--seed", type=int, default=0, help="seed of every stage (de
 parser.add_argument("--storage", default=None,
                     help="Optuna storage URL for both studies (default: sqlite file in the experiment folder)")
 parser.add_argument("--stop_after", default=None, help="stop after this stage (names: see Pipeline/stages.py)")
+parser.add_argument("--quality", action="store_true",
+                    help="also compute the quality metrics of the generated set (evaluate_dataset.py, "
+                         "ResNet20 features) for the report")
 override = parser.add_argument_group("budget overrides (default: the budget's)")
 override.add_argument("--enc_epochs", type=positive_int, help="class-encoder training epochs")
 override.add_argument("--dif_epochs", type=positive_int, help="UNet fine-tuning epochs")
@@ -77,7 +80,7 @@ def main(argv=None):
     command = " ".join(["python", "reproduce.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     pipeline = Pipeline(args.dataset, args.preset, budget, exp=args.exp, seed=args.seed,
                         data_dir=args.data_dir, storage=args.storage, runtime_argv=runtime_argv(args),
-                        command=command)
+                        command=command, quality=args.quality)
     pipeline.run(stop_after=args.stop_after)
     return 0
 

@@ -90,11 +90,15 @@ def _curves(runs):
     return {prefix: sorted(points) for prefix, points in curves.items()}
 
 
-def plot_cas(exp, dataset):
-    """Draws the CAS curves of one dataset into CAS Results/cas_{dataset}_exp{exp}.png; returns the path."""
+def plot_cas(exp, dataset, floor=None):
+    """Draws the CAS curves of one dataset into CAS Results/cas_{dataset}_exp{exp}.png; returns the path.
+
+    floor: optional top-1 of always answering the majority class of the real test split,
+    drawn as a black dotted line (the pipeline report passes it).
+    """
     import matplotlib.pyplot as plt
 
-    fig = cas_figure(exp, dataset)
+    fig = cas_figure(exp, dataset, floor=floor)
     path = results_dir() / f"cas_{dataset}_exp{exp}.png"
     try:
         with atomic_path(path) as tmp:
@@ -104,7 +108,7 @@ def plot_cas(exp, dataset):
     return path
 
 
-def cas_figure(exp, dataset):
+def cas_figure(exp, dataset, floor=None):
     """The matplotlib Figure that `plot_cas` saves (its legend names every curve drawn)."""
     import matplotlib
 
@@ -148,6 +152,9 @@ def cas_figure(exp, dataset):
         real_line(runs["real"], "ours, real", "C3", linewidth=1.5)
     for prefix in sorted(p for p in ours if p):
         curve(ours[prefix], prefix, next(colors, "k"), linewidth=1.5)
+    if floor is not None:
+        ax.axhline(floor, color="k", linestyle=(0, (1, 3)), linewidth=1,
+                   label=f"majority-class floor ({floor:.1%})")
 
     ax.set_xlim(*x_range)
     ax.set_xticks(range(1, int(x_range[1]) + 1))

@@ -102,7 +102,7 @@ def cas_section(exp, dataset, splits, figures_dir):
     lines += ["", f"Majority-class floor: always answering \"{floor_name}\" scores **{_pct(floor)}** "
                   f"top-1 on the real test split ({floor_count} of {n_test}).", ""]
     if ours:
-        plot = plot_cas(exp, dataset)
+        plot = plot_cas(exp, dataset, floor=floor)
         relative = _copy_figure(plot, figures_dir, "cas_curve.png")
         if relative:
             lines += [f"![CAS curve: ours against the paper's]({relative})", ""]
@@ -143,7 +143,10 @@ def pipeline_section(exp, dataset):
     lines += ["", "| stage | row | settings | validation top-1 | images | classifier epochs |",
               "| --- | --- | --- | --- | --- | --- |"]
     for stage_key, title in STAGE_TITLES.items():
-        for column, cell in table.get(stage_key, {}).items():
+        cells = table.get(stage_key, {})
+        for column in sorted(cells, key=lambda c: ("no_opt", "opt", "opt_kid").index(c)
+                             if c in ("no_opt", "opt", "opt_kid") else 9):
+            cell = cells[column]
             settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                  for k, v in (cell.get("settings") or {}).items())
             lines.append(f"| {title} | {column} | {settings} | {_pct(cell.get('val_accuracy'))} | "
@@ -252,17 +255,22 @@ def quality_section(exp, dataset):
     results = (read_json(quality_results_json(exp), default={}) or {}).get(dataset)
     lines = ["## Quality metrics", ""]
     if not results:
-        return lines + [f"Not computed (`python evaluate_dataset.py --dataset {dataset} "
+        return lines + [f"Not computed (`reproduce.py --quality`, or `python evaluate_dataset.py --dataset {dataset} "
                         f"--synthetic_dir '{synthetic_dir(exp, dataset)}' --exp {exp} --features resnet20`).", ""]
-    lines += [f"From `{quality_results_json(exp)}`.", "", "| folder / features | metric | value |",
-              "| --- | --- | --- |"]
-    for key, entry in results.items():
-        overall = entry.get("overall", entry) if isinstance(entry, dict) else {}
-        for metric, value in overall.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                lines.append(f"| {key} | {metric} | {value:.4g} |")
-            elif isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value):
-                lines.append(f"| {key} | {metric} | {value[0]:.4g} ± {value[1]:.2g} |")
+    columns = ("fid", "kid_mean", "mmd2_gaussian", "precision", "recall", "density", "coverage")
+    lines += [f"From `{quality_results_json(exp)}` (synthetic set against the real "
+              "reference split, `Metrics/quality.py`).", "",
+              "| folder | features | n synthetic | " + " | ".join(columns) + " | suspected copies |",
+              "| --- | --- | --- |" + " --- |" * len(columns) + " --- |"]
+    for folder, by_features in results.items():
+        for features, result in (by_features or {}).items():
+            if not isinstance(result, dict) or "overall" not in result:
+                continue
+            overall, memo = result["overall"], result.get("memorization", {})
+            cells = " | ".join("–" if overall.get(c) is None else f"{overall[c]:.4g}" for c in columns)
+            share = memo.get("suspected_share")
+            lines.append(f"| `{folder}` | {features} | {overall.get('n_synthetic', '–')} | {cells} | "
+                         f"{'–' if share is None else f'{100 * share:.1f} %'} |")
     return lines + [""]
 
 

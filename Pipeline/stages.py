@@ -1,14 +1,19 @@
 """The whole pipeline, stage by stage, each skipped when its outputs exist (`reproduce.py`).
 
     1 enc          SD_adapting.py --train_model enc             class encoder (tiny: + UNet from scratch)
-    2 enc_default  hyp_opt.py --train_model enc --no-optimize   stage table: after the encoder, defaults
-    3 tune_enc     hyp_opt.py --train_model enc                 Bayesian optimisation #1
+    2 tune_enc     hyp_opt.py --train_model enc                 Bayesian optimisation #1
+    3 enc_default  hyp_opt.py --train_model enc --no-optimize   stage table: after the encoder, defaults
     4 dif          SD_adapting.py --train_model dif             UNet fine-tuning, #1's class encoder frozen
-    5 dif_default  hyp_opt.py --train_model dif --no-optimize   stage table: after fine-tuning, defaults
-    6 tune_dif     hyp_opt.py --train_model dif                 Bayesian optimisation #2
+    5 tune_dif     hyp_opt.py --train_model dif                 Bayesian optimisation #2
+    6 dif_default  hyp_opt.py --train_model dif --no-optimize   stage table: after fine-tuning, defaults
     7 generate     generate_dataset.py                          xN_max x the real training set, #2's settings
     8 cas_real, cas_x1..cas_xN   classifier_training.py         CAS of real data and of each multiple
+      quality      evaluate_dataset.py                          with --quality: FID, KID, PRDC, memorisation
     9 report       REPORT.md                                    always rewritten
+
+The no-optimisation rows come after the studies: with `enqueue_defaults` (the
+quick budget) a study's first trial IS the default settings, and the no-opt
+stage takes that trial's numbers instead of computing them again.
 
 Each stage runs the script's `main(argv)` in this process (no new Python and
 TensorFlow start per stage); the command line it is equivalent to is printed,
@@ -66,6 +71,11 @@ class Budget:
         max_steps: cap of the inference-steps search range (None: the paper's; "preset": the
             preset's default steps).
         generation_batch_size: images per sampler call.
+        prune_after: Hyperband's minimum resource in epochs (1: Optuna's default, the paper's
+            configuration; "half": half the tuning classifier's epochs, for short noisy runs).
+        enqueue_defaults: each study's first trial is the default settings (hyp_opt.py
+            --enqueue_defaults), so with a handful of trials the winner is never worse than
+            no optimisation on validation.
     """
 
     name: str
@@ -80,13 +90,16 @@ class Budget:
     max_multiple: int
     max_steps: object
     generation_batch_size: int = 250
+    prune_after: object = 1
+    enqueue_defaults: bool = False
 
 
 BUDGETS = {
     # digits + tiny in about 10 minutes on 2 CPU cores (benchmarks/results/pipeline.md).
     "quick": Budget("quick", enc_epochs=None, dif_epochs=None, n_trials_enc=3, n_trials_dif=3,
-                    num_imgs=300, tuning_classifier_epochs=4, classifier_epochs=12,
-                    classifier_batch_size=64, max_multiple=3, max_steps="preset"),
+                    num_imgs=250, tuning_classifier_epochs=4, classifier_epochs=8,
+                    classifier_batch_size=64, max_multiple=3, max_steps="preset", prune_after="half",
+                    enqueue_defaults=True),
     # PAPER.md: 50 / 40 trials of 4,000 images, the CAS protocol (100 epochs, batch 256), x1..x10.
     "paper": Budget("paper", enc_epochs=None, dif_epochs=None, n_trials_enc=50, n_trials_dif=40,
                     num_imgs=4000, tuning_classifier_epochs=100, classifier_epochs=100,
@@ -118,12 +131,14 @@ class Pipeline:
         storage: Optuna storage URL for both studies (None: the default SQLite file).
         runtime_argv: GPU flags passed on to the training and generation scripts
             (e.g. ["--mixed_precision", "bfloat16", "--xla"]).
+        quality: add the quality-metrics stage (evaluate_dataset.py, ResNet20 features)
+            before the report.
         command: the reproduce.py command line, for the report.
         log: where progress lines go.
     """
 
     def __init__(self, dataset, preset, budget, exp=0, seed=0, data_dir=None, storage=None,
-                 runtime_argv=(), command="python reproduce.py", log=print):
+                 runtime_argv=(), command="python reproduce.py", log=print, quality=False):
         from Data.registry import get_spec
         from Models.diffusion.presets import get_preset
 
@@ -133,6 +148,7 @@ class Pipeline:
         self.budget = budget
         self.exp, self.seed, self.data_dir, self.storage = exp, seed, data_dir, storage
         self.runtime_argv = list(runtime_argv)
+        self.quality = bool(quality)
         self.command = command
         self.log = log
         self.enc_epochs = budget.enc_epochs or self.preset.enc_epochs
@@ -231,6 +247,11 @@ class Pipeline:
         if not optimize:
             return argv + ["--no-optimize"]
         argv += ["--n_trials", str(b.n_trials_enc if stage == "enc" else b.n_trials_dif), "--save_plots"]
+        prune_after = max(1, b.tuning_classifier_epochs // 2) if b.prune_after == "half" else int(b.prune_after)
+        if prune_after != 1:
+            argv += ["--prune_after", str(prune_after)]
+        if b.enqueue_defaults:
+            argv.append("--enqueue_defaults")
         if self.max_steps:
             argv += ["--max_steps", str(self.max_steps)]
         if self.storage:
@@ -245,23 +266,23 @@ class Pipeline:
                   lambda: ["--train_model", "enc", *self.common(), "--epochs", str(self.enc_epochs),
                            "--freq", "1", *runtime],
                   lambda: self.checkpoints_done("enc", self.enc_epochs)),
-            Stage("enc_default", "stage table, class encoder, default settings", "hyp_opt.py",
-                  lambda: self.tune_argv("enc", optimize=False),
-                  lambda: self.cell_done("enc", "no_opt")),
             Stage("tune_enc", "tuning #1 (class-encoder checkpoint, steps, UGS)", "hyp_opt.py",
                   lambda: self.tune_argv("enc", optimize=True),
                   lambda: self.cell_done("enc", "opt", b.n_trials_enc)),
+            Stage("enc_default", "stage table, class encoder, default settings", "hyp_opt.py",
+                  lambda: self.tune_argv("enc", optimize=False),
+                  lambda: self.cell_done("enc", "no_opt")),
             Stage("dif", "UNet fine-tuning", "SD_adapting.py",
                   lambda: ["--train_model", "dif", *self.common(), "--enc_epoch",
                            str(self.winner("enc")["enc_epoch"]), "--epochs", str(self.dif_epochs),
                            "--freq", "1", *runtime],
                   lambda: self.checkpoints_done("dif", self.dif_epochs)),
-            Stage("dif_default", "stage table, fine-tuned UNet, default settings", "hyp_opt.py",
-                  lambda: self.tune_argv("dif", optimize=False),
-                  lambda: self.cell_done("dif", "no_opt")),
             Stage("tune_dif", "tuning #2 (UNet checkpoint, steps, UGS)", "hyp_opt.py",
                   lambda: self.tune_argv("dif", optimize=True),
                   lambda: self.cell_done("dif", "opt", b.n_trials_dif)),
+            Stage("dif_default", "stage table, fine-tuned UNet, default settings", "hyp_opt.py",
+                  lambda: self.tune_argv("dif", optimize=False),
+                  lambda: self.cell_done("dif", "no_opt")),
             Stage("generate", f"generation of x{b.max_multiple} the real training set", "generate_dataset.py",
                   self.generate_argv, self.generation_done),
             Stage("cas_real", "CAS of the real training set", "classifier_training.py",
@@ -274,7 +295,22 @@ class Pipeline:
                 lambda k=k: ["--dataset", self.dataset, "--exp", str(self.exp), "--synthetic", "--take", str(k),
                              *self.cas_common()],
                 lambda k=k: self.cas_done(f"x{k}")))
+        if self.quality:
+            stages.append(Stage(
+                "quality", "quality metrics of the generated set (ResNet20 features)", "evaluate_dataset.py",
+                lambda: ["--dataset", self.dataset, "--synthetic_dir", str(synthetic_dir(self.exp, self.dataset)),
+                         "--exp", str(self.exp), "--features", "resnet20", "--seed", str(self.seed),
+                         *(["--data_dir", str(self.data_dir)] if self.data_dir else [])],
+                self.quality_done))
         return stages
+
+    def quality_done(self):
+        from Metrics.quality import folder_key
+        from Utils.paths import quality_results_json
+
+        table = read_json(quality_results_json(self.exp), default={}) or {}
+        entry = table.get(self.dataset, {}).get(folder_key(synthetic_dir(self.exp, self.dataset)), {})
+        return "quality metrics recorded" if "resnet20" in entry else None
 
     def cas_common(self):
         argv = ["--epochs", str(self.budget.classifier_epochs), "--batch_size", str(self.budget.classifier_batch_size),

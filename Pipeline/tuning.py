@@ -385,8 +385,6 @@ class GenerationObjective:
         return float(kid_objective(images, labels, self.splits.x_train, self.splits.y_train, seed=self.seed))
 
     def __call__(self, trial):
-        import optuna
-
         trial.set_user_attr("worker", worker_id())
         settings = self.space.suggest(trial)
         started = time.perf_counter()
@@ -451,8 +449,6 @@ def open_storage(url, create_folder=False):
     create_folder: create a sqlite file's folder (the default storage's experiment folder);
     otherwise a missing folder is an error, not a silently created tree.
     """
-    import optuna
-
     url = str(url).strip()
     try:
         if url.startswith("journal:"):
@@ -499,7 +495,6 @@ def open_study(storage, name, direction, seed, max_resource, protocol, min_resou
         protocol: JSON-able dict of what makes trials comparable (preset, images per
             trial, classifier epochs, seed, ...), stored in the study.
     """
-    import optuna
 
     sampler = trial_sampler(seed, 0)
     pruner = (optuna.pruners.HyperbandPruner(min_resource=min(int(min_resource), int(max_resource)),
@@ -528,7 +523,6 @@ def trial_sampler(seed, trial_number):
     would have (a sampler seeded once per process would repeat its first random
     draws after every restart).
     """
-    import optuna
 
     return optuna.samplers.TPESampler(seed=int(np.random.SeedSequence([int(seed), int(trial_number)])
                                                .generate_state(1)[0]))
@@ -572,7 +566,6 @@ def fail_dead_trials(study):
     Local workers are checked directly (their process is gone); others through the
     RDB heartbeat (silent for more than GRACE_PERIOD_S).
     """
-    import optuna
     from optuna.trial import TrialState
 
     running = (TrialState.RUNNING,)
@@ -622,7 +615,6 @@ def run_study(study, objective, n_trials, log=print, seed=None):
     FAIL (Optuna) and the error propagates: rerun to resume.
     seed: reseed the TPE sampler per trial (`trial_sampler`); None keeps the study's sampler.
     """
-    import optuna
     from optuna.trial import TrialState
 
     failed = fail_dead_trials(study)
@@ -640,12 +632,13 @@ def run_study(study, objective, n_trials, log=print, seed=None):
     bar = tqdm(total=n_trials, initial=min(done, n_trials), desc=f"tuning {study.study_name}", unit="trial")
     try:
         while done + running < n_trials:
-            before = {t.number for t in study.get_trials(deepcopy=False)}
+            trials = study.get_trials(deepcopy=False)
+            finished_before = {t.number for t in trials if t.state.is_finished()}
             if seed is not None:
-                study.sampler = trial_sampler(seed, len(before))
+                study.sampler = trial_sampler(seed, len(trials))
             study.optimize(objective, n_trials=1, gc_after_trial=True)
             for trial in study.get_trials(deepcopy=False):
-                if trial.number not in before:
+                if trial.state.is_finished() and trial.number not in finished_before:
                     tqdm.write(describe_trial(trial))
             new_done, running = progress()
             bar.update(max(0, min(new_done, n_trials) - min(done, n_trials)))
@@ -837,7 +830,6 @@ def tuning_study_name(dataset, exp, stage, objective="cas"):
 
 def study_winner(storage, dataset, exp, stage, objective="cas"):
     """The best trial of an existing study in `storage`, or None when there is none."""
-    import optuna
 
     name = tuning_study_name(dataset, exp, stage, objective)
     try:
@@ -873,16 +865,45 @@ def check_options(options):
         raise UserError("--enc_epoch, --is_1 and --ugs_1 are for --train_model dif "
                         "(tuning enc searches the class-encoder epoch)")
     if not o.optimize:
-        return None
+        # Scoring the defaults needs no study, but reuses one's trial of the same settings when there is one.
+        if o.storage:
+            return open_storage(o.storage)
+        default = experiment_dir(o.exp, spec.name) / STORAGE_FILE
+        return open_storage(default_storage_url(o.exp, spec.name)) if default.is_file() else None
     return open_storage(o.storage or default_storage_url(o.exp, spec.name), create_folder=o.storage is None)
 
 
-def run_tuning(options, log=print, storage=None):
+def reusable_default_trial(storage, name, settings, protocol):
+    """A COMPLETE trial of study `name` with exactly `settings` and the same protocol, or None.
+
+    Its numbers are what scoring those settings again would give (same seed, images and
+    classifier protocol), so the no-opt row takes them instead of recomputing them.
+    """
+    if storage is None:
+        return None
+
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return None
+    stored = study.user_attrs.get("protocol", {})
+    if any(stored.get(k) != v for k, v in protocol.items()):
+        return None
+    for trial in completed_trials(study):
+        if as_builtin(trial.params) == as_builtin(settings) and "test_top1" in trial.user_attrs:
+            return study, trial
+    return None
+
+
+_UNSET = object()
+
+
+def run_tuning(options, log=print, storage=_UNSET):
     """hyp_opt.py's work: tune (or score the defaults of) one stage; returns the stage-table cell.
 
     Writes the study into the storage, the cell into CAS Results/pipeline_optimization_exp{exp}.json
     ("opt", "opt_kid" or "no_opt") and, with save_plots, the Optuna plots.
-    storage: from `check_options` (None: it is called here).
+    storage: from `check_options` (left out: it is called here).
     """
     from Data.loaders import load_dataset
     from Data.registry import get_spec
@@ -890,7 +911,7 @@ def run_tuning(options, log=print, storage=None):
     from Models.diffusion.presets import get_preset
 
     o = options
-    if storage is None:
+    if storage is _UNSET:
         storage = check_options(o)
     # Our own line per trial replaces Optuna's INFO lines.
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -926,9 +947,22 @@ def run_tuning(options, log=print, storage=None):
 
     if not o.optimize:
         settings = default_settings(o.stage, preset, epochs)
-        log(f"scoring the default settings {settings} ({o.num_imgs} images, "
-            f"{o.classifier_epochs} classifier epochs)")
-        result = objective.evaluate(settings)
+        name = tuning_study_name(spec.name, o.exp, o.stage, "cas")
+        match = {**common, "dataset": spec.name, "stage": o.stage, "objective": "cas"}
+        if o.stage == "dif" and o.enc_epoch is not None:
+            match["enc_epoch"] = o.enc_epoch
+        found = reusable_default_trial(storage, name, settings, match)
+        if found:
+            study, trial = found
+            log(f"the default settings {settings} were trial {trial.number} of study {name} "
+                f"(same images, seed and classifier protocol): taking its numbers")
+            result = {"top1": trial.user_attrs["test_top1"], "top5": trial.user_attrs["test_top5"],
+                      "val_accuracy": trial.value, "epochs_run": trial.user_attrs.get("epochs_run"),
+                      "settings": settings, "from_trial": {"study": name, "trial": trial.number}}
+        else:
+            log(f"scoring the default settings {settings} ({o.num_imgs} images, "
+                f"{o.classifier_epochs} classifier epochs)")
+            result = objective.evaluate(settings)
         entry = {**result, "settings": as_builtin(result["settings"]), **common}
         record_pipeline(o.exp, spec.name, o.stage, "no_opt", entry)
         log(f"no optimisation: validation {entry['val_accuracy']:.4f}, test top-1 {entry['top1']:.4f}, "

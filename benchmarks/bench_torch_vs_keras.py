@@ -255,6 +255,28 @@ def _compare(keras_layer, keras_args, torch_module, torch_args, rounds):
     return k, t
 
 
+def _compare_backward(keras_layer, keras_input, torch_module, torch_input, rounds):
+    """Median seconds of forward + gradient w.r.t. the input and the weights (what training pays)."""
+
+    @tf.function
+    def keras_call():
+        with tf.GradientTape() as tape:
+            tape.watch(keras_input)
+            loss = tf.reduce_sum(keras_layer(keras_input))
+        return tape.gradient(loss, [keras_input, *keras_layer.trainable_variables])
+
+    def torch_call():
+        x = torch_input.detach().requires_grad_()
+        torch_module(x).sum().backward()
+        torch_module.zero_grad(set_to_none=True)
+
+    keras_call()
+    torch_call()
+    k = statistics.median(timed(keras_call) for _ in range(rounds))
+    t = statistics.median(timed(torch_call) for _ in range(rounds))
+    return k, t
+
+
 def op_profile(preset, case, rounds):
     """Micro-benchmarks of the ops inside the UNet blocks, at the first level's shapes (2B images)."""
     from diffusers.models.activations import GEGLU as TorchGEGLU
@@ -284,8 +306,11 @@ def op_profile(preset, case, rounds):
         "GEGLU": (GEGLU(channels * 4, approximate=False), sequence_keras,
                   TorchGEGLU(channels, channels * 4), sequence_torch),
     }
-    return {name: _compare(layer, (x_keras,), module, (x_torch,), rounds)
-            for name, (layer, x_keras, module, x_torch) in pairs.items()}
+    results = {name: _compare(layer, (x_keras,), module, (x_torch,), rounds)
+               for name, (layer, x_keras, module, x_torch) in pairs.items()}
+    layer, x_keras, module, x_torch = pairs["GroupNorm"]
+    results["GroupNorm, forward + backward"] = _compare_backward(layer, x_keras, module, x_torch, rounds)
+    return results
 
 
 # ----- report -------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -70,7 +71,7 @@ def tiny_folder(tmp_path_factory, tiny_unet):
 def test_the_library_imports_neither_torch_nor_diffusers():
     code = ("import sys, Models.diffusion.diffusers_convert, convert_diffusers; "
             "assert not {'torch', 'diffusers'} & set(sys.modules), sorted(sys.modules)")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=dc.Path(__file__).parent.parent)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 
 @pytest.mark.parametrize("config, name", [(SD15_UNET, "sd1"), (SD21_UNET, "sd2")])
@@ -252,3 +253,47 @@ def test_command_line_errors_are_one_line_and_write_nothing(tmp_path, tiny_folde
         convert_diffusers.main(["to-diffusers", "--preset", "sd9", "--unet_weights", str(weights),
                                 "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_install_as_a_fine_tuned_unet_checkpoint(tmp_path, monkeypatch, tiny_unet, tiny_folder):
+    """to-keras --dataset: the UNet becomes DiffusionFt epoch K beside class-encoder epoch N."""
+    import h5py
+
+    from Data.registry import get_spec
+    from Models.diffusion import checkpoints as ck
+    from Models.diffusion.class_encoder import ClassEncoder
+    from Utils.paths import diffusion_checkpoint_dir
+
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
+    spec = get_spec("digits")
+    args = ["to-keras", str(tiny_folder), "--dataset", "digits", "--enc_epoch", "3", "--dif_epoch", "2"]
+    with pytest.raises(UserError, match="no class-encoder checkpoint for epoch 3"):
+        convert_diffusers.main(args)
+    enc_dir = diffusion_checkpoint_dir(0, "digits", "enc")
+    enc_dir.mkdir(parents=True)
+    (enc_dir / "settings.json").write_text(json.dumps({**ck.model_identity(TINY, spec, True, 0), "stage": "enc"}))
+    encoder = ClassEncoder(10, TINY.context_length, TINY.context_dim, hidden=TINY.class_encoder_hidden)
+    encoder.build((None, 10))
+    ck.save_parts(ck.weights_path(enc_dir, 3), {"class_encoder": encoder, "unet": tiny_unet})
+
+    assert convert_diffusers.main(args) == 0
+    dif_dir = diffusion_checkpoint_dir(0, "digits", "dif")
+    settings = json.loads((dif_dir / "settings.json").read_text())
+    assert settings["enc_epoch"] == 3 and settings["preset"] == "tiny" and "diffusers" in settings["source"]
+    with h5py.File(ck.weights_path(dif_dir, 2), "r") as f:  # checkpoints.py's layout, our weights
+        stored = [f["unet"][key][()] for key in sorted(f["unet"])]
+    assert len(stored) == len(tiny_unet.weights)
+    assert all(np.array_equal(a, w.numpy()) for a, w in zip(stored, tiny_unet.weights))
+    # generate_dataset.py's own check accepts the pair
+    _, used = ck.resolve_generation_checkpoints(TINY, spec, 0, enc_epoch=3, dif_epoch=2)
+    assert used["dif"] == str(ck.weights_path(dif_dir, 2))
+
+    with pytest.raises(UserError, match="exists; choose another --dif_epoch"):
+        convert_diffusers.main(args)
+    with pytest.raises(UserError, match="class encoder .* is for tiny"):
+        convert_diffusers.main(args[:-2] + ["--dif_epoch", "5", "--preset", "sd1"])
+    # never beside a real fine-tuning (settings.json without this source)
+    settings["source"] = None
+    (dif_dir / "settings.json").write_text(json.dumps(settings))
+    with pytest.raises(UserError, match="made with source=None"):
+        convert_diffusers.main(args[:-2] + ["--dif_epoch", "5"])

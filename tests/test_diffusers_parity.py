@@ -13,7 +13,9 @@ abs difference < 1e-4:
 - AutoencoderKL encode / decode: our autoencoder builder is not parameterised by width,
   so this runs at full width (~84M parameters) with random weights at 16 px;
 - our DDIM sampler with classifier-free guidance against diffusers' `DDIMScheduler`
-  (Stable Diffusion's config) over a few steps.
+  (Stable Diffusion's config) over a few steps;
+- a (briefly trained) diffusers UNet installed with `convert_diffusers.py` generates the
+  same PNGs through `generate_dataset.py` as a diffusers-side loop (a bound in uint8 levels).
 
 torch and diffusers come from requirements-dev.txt; without them these tests skip
 (and fail under CI=true).
@@ -251,27 +253,32 @@ def _train_briefly(model, contexts, uncond, steps=50, seed=0):
     return model.eval()
 
 
-def test_converted_unet_generates_the_same_images_through_generate_dataset(tmp_path, monkeypatch, run_script):
+def test_converted_unet_generates_the_same_images_through_generate_dataset(tmp_path, monkeypatch, run_script,
+                                                                           tiny_pair):
     """digits, tiny: a diffusers UNet -> our checkpoint -> generate_dataset.py PNGs == a diffusers loop."""
     from PIL import Image
 
     import convert_diffusers
     from Data.registry import get_spec
     from Models.diffusion import checkpoints as ck
+    from Models.diffusion.class_encoder import ClassEncoder
     from Models.diffusion.conditional_diffusion import initial_noise, to_uint8_images
     from Utils.paths import diffusion_checkpoint_dir
 
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
     tiny, spec = get_preset("tiny"), get_spec("digits")
-    # A class-encoder checkpoint as SD_adapting.py's enc stage leaves it (random weights).
+    # A class-encoder checkpoint as SD_adapting.py's enc stage leaves it: random class encoder,
+    # and (tiny trains its UNet in that stage) some UNet, which the fine-tuned one replaces.
     enc_dir = diffusion_checkpoint_dir(0, spec.name, "enc")
-    model = ck.build_model(tiny, spec, random_init=True, init_seed=5)
     enc_dir.mkdir(parents=True)
     (enc_dir / ck.SETTINGS_FILE).write_text(json.dumps(
         {**ck.model_identity(tiny, spec, True, 5), "stage": "enc"}))
-    ck.save_parts(ck.weights_path(enc_dir, 1), ck.enc_parts(model))
-    contexts = np.asarray(model.class_encoder(ops.eye(10)))
-    uncond = np.asarray(model.class_encoder(ops.zeros((1, 10))))
+    keras.utils.set_random_seed(5)
+    encoder = ClassEncoder(10, tiny.context_length, tiny.context_dim, hidden=tiny.class_encoder_hidden)
+    encoder.build((None, 10))
+    ck.save_parts(ck.weights_path(enc_dir, 1), {"class_encoder": encoder, "unet": tiny_pair[1]})
+    contexts = np.asarray(encoder(ops.eye(10)))
+    uncond = np.asarray(encoder(ops.zeros((1, 10))))
     # A diffusers UNet trained a little in PyTorch, saved by diffusers, installed as fine-tuned epoch 1.
     diffusers_unet = _train_briefly(_diffusers_unet(dc.diffusers_unet_config(tiny), seed=4), contexts, uncond)
     diffusers_unet.save_pretrained(tmp_path / "diffusers_unet")

@@ -220,8 +220,13 @@ def test_study_resumes_to_the_total_and_a_killed_trial_is_failed(tiny_checkpoint
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         return done.stdout
 
-    run(2)
+    out = run(2, "--enqueue_defaults")
     assert len(_trial_states(db)) == 2 and set(_trial_states(db)) <= {"COMPLETE", "PRUNED"}
+    # The first trial is the default settings: last checkpoint, the preset's UGS, steps clipped to --max_steps.
+    from Models.diffusion.presets import get_preset
+
+    defaults = {"inf_steps": 5, "ugs": float(get_preset("tiny").default_guidance_scale), "enc_epoch": 2}
+    assert f"first trial: the default settings {defaults}" in out
 
     # Rerun asking for 3 in total, killed (SIGKILL) in the middle of its one new trial.
     worker = subprocess.Popen([*command, "--n_trials", "3"], cwd=root, env=_quiet_env(root),
@@ -300,3 +305,20 @@ def test_objective_never_reads_test_labels(tiny_checkpoints, monkeypatch):
     with pytest.raises(_TestSplitRead):
         objective(trial)
     assert trial.user_attrs["val_accuracy"] == value and "test_top1" not in trial.user_attrs
+
+
+def test_kid_objective_tunes_without_classifiers_and_records_its_winners_cas(tiny_checkpoints, monkeypatch):
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tiny_checkpoints))
+    options = tuning.TuningOptions(dataset="digits", stage="enc", exp=0, preset="tiny", n_trials=2, num_imgs=40,
+                                   classifier_epochs=1, classifier_batch_size=32, max_steps=5, objective="kid")
+    entry = tuning.run_tuning(options, log=lambda _: None)
+    storage = tuning.open_storage(tuning.default_storage_url(0, "digits"))
+    study = optuna.load_study(study_name="digits_exp0_study_enc_kid", storage=storage)
+    assert study.direction.name == "MINIMIZE" and len(tuning.completed_trials(study)) == 2
+    for trial in study.trials:  # no classifier per trial: no epochs reported, no accuracy
+        assert not trial.intermediate_values and "test_top1" not in trial.user_attrs
+        assert trial.user_attrs["kid"] == trial.value
+    assert entry["kid"] == study.best_value and entry["settings"] == tuning.as_builtin(study.best_params)
+    table = json.loads((tiny_checkpoints / "CAS Results" / "pipeline_optimization_exp0.json").read_text())
+    cell = table["digits"]["after_class_encoder"]["opt_kid"]
+    assert cell["objective"] == "kid" and 0 <= cell["top1"] <= 1 and 0 <= cell["val_accuracy"] <= 1

@@ -25,10 +25,10 @@ EPOCHS = 12
 def test_generated_digits_are_recognised_by_a_classifier_trained_on_real_ones(tmp_path, monkeypatch):
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
     assert SD_adapting.main(["--dataset", "digits", "--preset", "tiny", "--train_model", "enc",
-                             "--epochs", str(EPOCHS), "--freq", str(EPOCHS), "--lr", "5e-3",
+                             "--epochs", str(EPOCHS), "--freq", str(EPOCHS),
                              "--grid_per_class", "0", "--verbose", "0"]) == 0
     assert generate_dataset.main(["--dataset", "digits", "--preset", "tiny", "--enc_epoch", str(EPOCHS),
-                                  "--img_total", "300", "--inf_steps", "10", "--ugs", "3",
+                                  "--img_total", "300", "--inf_steps", "10", "--ugs", "5",
                                   "--batch_size", "300", "--grid_per_class", "0"]) == 0
 
     spec = get_spec("digits")

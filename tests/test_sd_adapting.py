@@ -89,6 +89,7 @@ def test_tiny_enc_trains_the_unet_and_cond_dropout_one_never_trains_on_labels(di
 
 
 # ----- the script ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_enc_killed_resumes_without_redoing_epochs_then_dif(tmp_path, run_script, monkeypatch):
     folder = tmp_path / "Checkpoints" / "DDPM" / "Exp_0" / "digits" / "MyEmbedding"
     env = dict(os.environ, SDDG_OUTPUT_ROOT=str(tmp_path), PYTHONUNBUFFERED="1")
@@ -123,7 +124,8 @@ def test_enc_killed_resumes_without_redoing_epochs_then_dif(tmp_path, run_script
     other = run_script("SD_adapting.py", *ENC, "--lr", "0.01")
     assert other.returncode == 2
     assert error_lines(other.stderr) == [
-        f"error: {folder} holds checkpoints made with lr=0.001, not 0.01; use another --exp or the same settings"]
+        f"error: {folder} holds checkpoints made with lr={get_preset('tiny').enc_lr}, not 0.01; "
+        "use another --exp or the same settings"]
 
     # dif: the class encoder of epoch 2, frozen; the UNet continues from the enc stage's.
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))

@@ -129,8 +129,7 @@ class ClassConditionalDiffusion(keras.Model):
         self.loss_tracker = keras.metrics.Mean(name="loss")
         self._sampler = None
         self._sampler_key = None
-        # None: clip x0 for pixel-space presets only (see `sampler`).
-        self.clip_sample = None
+        self.clip_sample = False  # see `sampler`
         self.set_stage(stage)
         self.built = True
 
@@ -266,10 +265,11 @@ class ClassConditionalDiffusion(keras.Model):
     def sampler(self, jit_compile=False):
         """The DDIM sampler over this model's UNet (built once per jit setting).
 
-        Pixel-space presets (tiny) clip the predicted x0 to the image range [-1, 1]
-        (diffusers' `clip_sample`); latent presets do not, as Stable Diffusion's config.
+        `self.clip_sample` (default False, Stable Diffusion's config) clips the
+        predicted x0 to [-1, 1]. Measured on digits with tiny, clipping makes the
+        samples worse (benchmarks/results/diffusion.md), so it stays off for tiny too.
         """
-        clip = self.clip_sample if self.clip_sample is not None else not self.preset.latent
+        clip = bool(self.clip_sample)
         key = (bool(jit_compile), clip)
         if self._sampler is None or self._sampler_key != key:
             self._sampler = DDIMSampler(self.unet, self.schedule, self.preset.timestep_embedding_dim,
