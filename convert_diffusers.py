@@ -25,7 +25,7 @@ UNet (Checkpoints/DDPM/Exp_{exp}/{dataset}/DiffusionFt/), paired with class-enco
 checkpoint --enc_epoch, whose preset it must have; generate_dataset.py and
 hyp_opt.py then use it like a UNet fine-tuned here. (sd presets keep keras-cv's
 tanh GELU and autoencoder epsilon: a converted SD model then differs slightly
-from diffusers, see benchmarks/results/interop.md; tiny matches exactly.)
+from diffusers, see BENCHMARKS.md; tiny matches exactly.)
 
 to-diffusers writes `config.json` + `diffusion_pytorch_model.safetensors` that
 `UNet2DConditionModel.from_pretrained(--out)` loads. --preset is a preset name or a
@@ -198,7 +198,7 @@ def install_unet_checkpoint(source, dataset, exp, enc_epoch, dif_epoch, preset_n
           f"with class encoder epoch {enc_epoch})")
     if converted.gelu_approximate != preset.gelu_approximate:
         print(f"note: preset {preset.name} uses keras-cv's tanh GELU, diffusers the exact one: "
-              "noise predictions differ slightly (benchmarks/results/interop.md)")
+              "noise predictions differ slightly (BENCHMARKS.md)")
     return 0
 
 

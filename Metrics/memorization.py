@@ -16,7 +16,7 @@ by symmetry). A synthetic image is a SUSPECTED COPY when
 
 i.e. it is at least three times closer to a training image than that image's
 nearest neighbour is. The threshold was checked on real data
-(benchmarks/results/metrics.md): none of the 400 held-out real RetinaMNIST
+(BENCHMARKS.md): none of the 400 held-out real RetinaMNIST
 test images falls under it (smallest ratio 0.54 with ResNet20 features, 0.65
 in pixel space), while exact copies sit at 0. It is a screening rule in the spirit of the
 authenticity test of Alaa et al. (ICML 2022, which uses 1) and of Meehan

@@ -95,7 +95,7 @@ class Budget:
 
 
 BUDGETS = {
-    # digits + tiny in about 10 minutes on 2 CPU cores (benchmarks/results/pipeline.md).
+    # digits + tiny in about 10 minutes on 2 CPU cores (BENCHMARKS.md).
     "quick": Budget("quick", enc_epochs=None, dif_epochs=None, n_trials_enc=3, n_trials_dif=3,
                     num_imgs=250, tuning_classifier_epochs=4, classifier_epochs=8,
                     classifier_batch_size=64, max_multiple=3, max_steps="preset", prune_after="half",

@@ -18,7 +18,7 @@ Usage:
     nice -n 10 .venv/bin/python benchmarks/bench_classifier.py digits
     nice -n 10 .venv/bin/python benchmarks/bench_classifier.py throughput --steps 4 --rounds 3
 
-Each part prints a Markdown table (paste into benchmarks/results/classifier.md)
+Each part prints a Markdown table (paste into BENCHMARKS.md)
 and a JSON line with the raw figures.
 """
 

@@ -15,7 +15,7 @@ both alike:
   profile   (--profile) the forward time per block type (ResBlocks, transformers, ...)
             and micro-benchmarks of the ops inside the slowest, to say why.
 
-Usage (the figures in benchmarks/results/interop.md):
+Usage (the figures in BENCHMARKS.md):
     nice -n 10 .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets tiny sd1 --profile --xla tiny
 
 Prints Markdown tables and one JSON line; --json writes the raw figures.

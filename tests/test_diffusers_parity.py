@@ -220,7 +220,7 @@ def test_ddim_sampler_with_guidance_matches_diffusers_ddim_scheduler(tiny_pair):
 
 
 # Pixel-level bound for a converted model generating through generate_dataset.py against
-# the same model in a diffusers-side loop (measured: benchmarks/results/interop.md).
+# the same model in a diffusers-side loop (measured: BENCHMARKS.md).
 MAX_LEVEL_DIFFERENCE = 1        # uint8 levels
 MAX_SHARE_DIFFERENT = 0.01      # of all pixel values
 

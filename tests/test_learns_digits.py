@@ -4,7 +4,7 @@ SD_adapting.py's enc stage (tiny: class encoder + UNet from scratch) for a few
 epochs, generate_dataset.py, then a classifier trained on REAL digits must
 recognise the generated digits' classes well above chance (10 %). The full
 pipeline measurement (both stages, ResNet20, >= 80 %) is in
-benchmarks/results/diffusion.md.
+BENCHMARKS.md.
 """
 
 import numpy as np

@@ -3,7 +3,7 @@
 The pipeline runs on digits with the tiny preset and a budget cut to the bone
 (one diffusion epoch per stage, one trial per study, a few dozen images per
 trial, one-epoch classifiers, x1 only): it checks the chaining, skipping and
-resuming, not the accuracy (benchmarks/results/pipeline.md has real runs).
+resuming, not the accuracy (BENCHMARKS.md has real runs).
 """
 
 import json

@@ -3,7 +3,7 @@
 Random weights (`random_init`): keras-cv's files cannot be downloaded here. At
 128 px, as the paper: one class-encoder training step (the UNet and the
 autoencoder frozen), then a 2-step guided DDIM generation decoded to pixels.
-The peak memory (RSS) is printed for benchmarks/results/diffusion.md.
+The peak memory (RSS) is printed for BENCHMARKS.md.
 """
 
 import resource

@@ -267,7 +267,7 @@ class ClassConditionalDiffusion(keras.Model):
 
         `self.clip_sample` (default False, Stable Diffusion's config) clips the
         predicted x0 to [-1, 1]. Measured on digits with tiny, clipping makes the
-        samples worse (benchmarks/results/diffusion.md), so it stays off for tiny too.
+        samples worse (BENCHMARKS.md), so it stays off for tiny too.
         """
         clip = bool(self.clip_sample)
         key = (bool(jit_compile), clip)

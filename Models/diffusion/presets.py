@@ -129,7 +129,7 @@ PRESETS = {
         latent=False,
         image_size=None,
         pretrained=False,
-        # CPU-sized, measured on digits (benchmarks/results/diffusion.md): the enc stage
+        # CPU-sized, measured on digits (BENCHMARKS.md): the enc stage
         # trains the UNet from scratch (batch 32 learns faster per CPU second than 64;
         # lr 5e-3 does not converge), the dif stage fine-tunes it briefly.
         class_encoder_hidden=64,
