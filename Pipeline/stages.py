@@ -244,6 +244,9 @@ class Pipeline:
                 "--batch_size", str(b.generation_batch_size)]
         if stage == "dif":
             argv += ["--enc_epoch", str(self.winner("enc")["enc_epoch"])]
+        # Mixed precision and XLA speed up the trials' sampling; several GPUs serve several
+        # workers on one study instead (hyp_opt.py refuses --multi_gpu).
+        argv += [flag for flag in self.runtime_argv if flag != "--multi_gpu"]
         if not optimize:
             return argv + ["--no-optimize"]
         argv += ["--n_trials", str(b.n_trials_enc if stage == "enc" else b.n_trials_dif), "--save_plots"]

@@ -111,10 +111,13 @@ def test_fine_tuned_unet_and_other_settings_into_the_same_folder(root, reference
     with pytest.raises(UserError, match="other settings"):
         generate_dataset.main(COMMON + ["--out_dir", str(reference), "--dif_epoch", "1"])
     tuned = root / "tuned"
-    assert generate_dataset.main(COMMON + ["--out_dir", str(tuned), "--dif_epoch", "1"]) == 0
+    assert generate_dataset.main(COMMON + ["--out_dir", str(tuned), "--dif_epoch", "1",
+                                           "--keep_generation_size"]) == 0
     assert json.loads((tuned / "manifest.json").read_text())["checkpoints"]["dif"].endswith("epoch_001.weights.h5")
     assert files_of(tuned).keys() == files_of(reference).keys()
     assert files_of(tuned) != files_of(reference)
+    # --keep_generation_size: the model-size images beside (tiny works at the native 8 px).
+    assert files_of(root / "tuned_8px") == files_of(tuned)
 
 
 def test_killed_run_resumes_to_the_same_data_set(root, reference):

@@ -119,7 +119,7 @@ def test_sampler_matches_reference_ddim_with_one_batched_unet_call_per_step(eta)
     step_noises = rng.standard_normal((6, 3, 4, 4, 3)).astype("float32")
 
     sampler = DDIMSampler(stand_in, timestep_embedding_dim=dim)
-    sampler.step_model.compile(run_eagerly=True)  # eager, so the stand-in can count its calls
+    sampler.model.compile(run_eagerly=True)  # eager, so the stand-in can count its calls
     sampler.sample(noise, context, uncond, num_steps=1, guidance_scale=2.5)  # builds the step
     stand_in.calls.clear()
     got = sampler.sample(noise, context, uncond, num_steps=6, guidance_scale=2.5, eta=eta,
