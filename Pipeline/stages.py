@@ -158,10 +158,11 @@ class Pipeline:
         self._train_size = None
 
     # ----- facts the stages need -------------------------------------------------------
-    def common(self):
+    def common(self, reads_real_data=True):
         argv = ["--dataset", self.dataset, "--exp", str(self.exp), "--preset", self.preset.name,
                 "--seed", str(self.seed)]
-        return argv + (["--data_dir", str(self.data_dir)] if self.data_dir else [])
+        # generate_dataset.py needs only the registry, not the real images: no --data_dir.
+        return argv + (["--data_dir", str(self.data_dir)] if self.data_dir and reads_real_data else [])
 
     def train_size(self):
         if self._train_size is None:
@@ -322,7 +323,7 @@ class Pipeline:
 
     def generate_argv(self):
         enc, dif = self.winner("enc"), self.winner("dif")
-        return ["--img_total", str(self.generation_target()), *self.common(),
+        return ["--img_total", str(self.generation_target()), *self.common(reads_real_data=False),
                 "--enc_epoch", str(enc["enc_epoch"]), "--dif_epoch", str(dif["dif_epoch"]),
                 "--inf_steps", str(dif["inf_steps"]), "--ugs", str(dif["ugs"]),
                 "--batch_size", str(self.budget.generation_batch_size), *self.runtime_argv]
