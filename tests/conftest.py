@@ -50,3 +50,18 @@ def run_script(tmp_path):
         )
 
     return run
+
+
+# The longest test files, longest first (pytest --durations, session 2): run them first so the
+# two xdist workers (pytest.ini) end together instead of one finishing a long file alone.
+LONGEST_FILES_FIRST = ("test_reproduce.py", "test_hyp_opt.py", "test_keras_cv_parity.py",
+                       "test_sd_adapting.py", "test_classifier_training.py", "test_learns_digits.py",
+                       "test_sd1_full_size.py", "test_generate_dataset.py", "test_diffusers_parity.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONGEST_FILES_FIRST.index(name) if name in LONGEST_FILES_FIRST else len(LONGEST_FILES_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept
