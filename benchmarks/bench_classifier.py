@@ -25,7 +25,6 @@ and a JSON line with the raw figures.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile

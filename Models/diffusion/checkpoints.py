@@ -29,7 +29,6 @@ import re
 
 import h5py
 import keras
-import numpy as np
 
 from Models.diffusion.conditional_diffusion import ClassConditionalDiffusion
 from Models.diffusion.presets import get_preset

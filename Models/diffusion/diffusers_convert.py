@@ -230,7 +230,6 @@ def unet_preset_from_config(config, base=None):
     down = tuple(config.get("down_block_types", ()))
     up = tuple(config.get("up_block_types", ()))
     down_kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
-    up_kinds = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
     if len(down) != levels or any(block not in down_kinds for block in down):
         raise UserError(f"unsupported diffusers UNet config: down_block_types={list(down)} "
                         f"(expected {levels} of {', '.join(down_kinds)})")
