@@ -560,6 +560,20 @@ def _worker_alive(worker):
     return _process_start_ticks(pid) == ticks
 
 
+def _worker_dead(trial):
+    """True when the RUNNING trial's worker is known to be gone.
+
+    A worker claims its trial (the "worker" attribute) a moment after Optuna creates
+    it; one killed in between leaves a trial nobody claims, dead once GRACE_PERIOD_S
+    has passed since it started.
+    """
+    worker = trial.user_attrs.get("worker")
+    if worker is None:
+        started = trial.datetime_start
+        return started is not None and time.time() - started.timestamp() > GRACE_PERIOD_S
+    return _worker_alive(worker) is False
+
+
 def fail_dead_trials(study):
     """Marks FAIL the RUNNING trials of dead workers; returns their numbers.
 
@@ -574,7 +588,7 @@ def fail_dead_trials(study):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)  # the heartbeat's verdict (RDB storages)
     for trial in study.get_trials(deepcopy=False, states=running):
-        if _worker_alive(trial.user_attrs.get("worker")) is False:
+        if _worker_dead(trial):
             try:
                 study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
             except optuna.exceptions.UpdateFinishedTrialError:

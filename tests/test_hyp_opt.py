@@ -117,6 +117,17 @@ def test_trials_of_a_dead_process_are_failed_on_resume_and_not_counted(tmp_path)
     assert any("trial(s) 0 left running by a killed process" in m for m in messages)
 
 
+def test_a_trial_its_worker_never_claimed_is_failed_after_the_grace_period(tmp_path, monkeypatch):
+    """Killed between Optuna creating the trial and the objective storing its worker id."""
+    study = tuning.open_study(tuning.open_storage(f"journal:{tmp_path}/study.log"), "s", "maximize", 0, None, {})
+    unclaimed = study.ask()
+    assert tuning.fail_dead_trials(study) == []  # just started: its worker may still claim it
+    assert study.trials[unclaimed.number].state.name == "RUNNING"
+    monkeypatch.setattr(tuning.time, "time", lambda: 2 * tuning.GRACE_PERIOD_S + 1e10)
+    assert tuning.fail_dead_trials(study) == [unclaimed.number]
+    assert study.trials[unclaimed.number].state.name == "FAIL"
+
+
 def test_failing_trial_is_marked_failed_and_not_counted(tmp_path):
     storage = tuning.open_storage(f"sqlite:///{tmp_path}/s.db")
     study = tuning.open_study(storage, "s", "maximize", 0, None, {})
@@ -205,6 +216,14 @@ def _trial_states(db):
         return [state for _, state in connection.execute("select number, state from trials order by number")]
 
 
+def _claimed_running_trials(db):
+    """RUNNING trials whose worker has stored its id (the objective has started)."""
+    with sqlite3.connect(db) as connection:
+        return connection.execute("select count(*) from trials t join trial_user_attributes a "
+                                  "on a.trial_id = t.trial_id where t.state = 'RUNNING' and a.key = 'worker'"
+                                  ).fetchone()[0]
+
+
 TINY_TUNING = ["--dataset", "digits", "--preset", "tiny", "--train_model", "enc", "--num_imgs", "20",
                "--classifier_epochs", "1", "--classifier_batch_size", "32", "--max_steps", "5"]
 
@@ -232,7 +251,7 @@ def test_study_resumes_to_the_total_and_a_killed_trial_is_failed(tiny_checkpoint
     worker = subprocess.Popen([*command, "--n_trials", "3"], cwd=root, env=_quiet_env(root),
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while "RUNNING" not in _trial_states(db) and time.monotonic() < deadline and worker.poll() is None:
+    while not _claimed_running_trials(db) and time.monotonic() < deadline and worker.poll() is None:
         time.sleep(0.5)
     assert worker.poll() is None, "the worker finished before it could be killed"
     worker.send_signal(signal.SIGKILL)

@@ -133,6 +133,7 @@ def test_same_seed_same_weights_and_the_unet_learns(tiny_unet8):
     L.VAEResBlock(16, groups=4),
     L.VAEAttentionBlock(16, groups=4),
     L.LatentScale(),
+    L.GroupNorm(groups=4, epsilon=1e-5),
 ])
 def test_layer_config_round_trip(layer):
     config = layer.get_config()
@@ -163,3 +164,37 @@ def test_cross_attention_attends_to_context():
     perm = ops.convert_to_tensor(ops.convert_to_numpy(c1)[:, ::-1])
     np.testing.assert_allclose(ops.convert_to_numpy(attention(x, context=perm)),
                                ops.convert_to_numpy(out1), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, groups, offset", [((3, 8, 8, 32), 8, 0.0), ((2, 5, 7, 64), 32, 50.0),
+                                                   ((2, 4, 4, 12), 3, -3.0)])
+def test_group_norm_is_keras_group_normalization(shape, groups, offset):
+    """Same weights, same outputs and gradients as Keras' layer (which keras-cv's weights were made for)."""
+    rng = np.random.default_rng(0)
+    x = ops.convert_to_tensor(rng.standard_normal(shape) * 3.0 + offset, "float32")
+    ours = L.GroupNorm(groups=groups, epsilon=1e-5)
+    reference = keras.layers.GroupNormalization(groups=groups, epsilon=1e-5)
+    ours.build(shape)
+    reference.build(shape)
+    assert [w.path.split("/")[-1] for w in ours.weights] == [w.path.split("/")[-1] for w in reference.weights]
+    for weight in reference.weights:
+        weight.assign(rng.standard_normal(weight.shape))
+    ours.set_weights(reference.get_weights())
+    np.testing.assert_allclose(ops.convert_to_numpy(ours(x)), ops.convert_to_numpy(reference(x)), atol=2e-5)
+
+    import tensorflow as tf  # gradients: the training path
+
+    def gradients(layer):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.sin(layer(x)))
+        return [g.numpy() for g in tape.gradient(loss, [x, *layer.trainable_weights])]
+
+    for got, expected in zip(gradients(ours), gradients(reference)):
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_group_norm_keeps_the_mixed_precision_dtype():
+    x = ops.ones((2, 4, 4, 8), "bfloat16")
+    out = L.GroupNorm(groups=2, dtype="mixed_bfloat16")(x)
+    assert keras.backend.standardize_dtype(out.dtype) == "bfloat16"

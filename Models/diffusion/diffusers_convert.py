@@ -358,7 +358,7 @@ _PARTS = {
     "Upsample": (("conv.conv2d", "conv"),),
     "PaddedConv2D": (("conv2d", ""),),
     "Dense": (("", ""),),
-    "GroupNormalization": (("", ""),),
+    "GroupNorm": (("", ""),),
     "VAEResBlock": tuple(part for part in _RESNET_PARTS if part[0] != "embedding_dense"),
     # diffusers' VAE attention projections are Linear layers; ours are 1x1 convolutions.
     "VAEAttentionBlock": (("norm", "group_norm"), ("q.conv2d", "to_q", True), ("k.conv2d", "to_k", True),
@@ -375,7 +375,7 @@ def _unet_block_prefixes(preset):
     levels = len(preset.level_channels)
     prefixes = {"Dense": ["time_embedding.linear_1", "time_embedding.linear_2"],
                 "PaddedConv2D": ["conv_in"], "UNetResBlock": [], "SpatialTransformer": [],
-                "Upsample": [], "GroupNormalization": []}
+                "Upsample": [], "GroupNorm": []}
     for level in range(levels):
         for j in range(preset.num_res_blocks):
             prefixes["UNetResBlock"].append(f"down_blocks.{level}.resnets.{j}")
@@ -394,7 +394,7 @@ def _unet_block_prefixes(preset):
                 prefixes["SpatialTransformer"].append(f"up_blocks.{k}.attentions.{j}")
         if level > 0:
             prefixes["Upsample"].append(f"up_blocks.{k}.upsamplers.0")
-    prefixes["GroupNormalization"].append("conv_norm_out")
+    prefixes["GroupNorm"].append("conv_norm_out")
     prefixes["PaddedConv2D"].append("conv_out")
     return prefixes
 
@@ -597,7 +597,7 @@ def _vae_block_prefixes():
         "VAEResBlock": [f"encoder.down_blocks.{i}.resnets.{j}" for i in range(levels) for j in range(layers)]
         + ["encoder.mid_block.resnets.0", "encoder.mid_block.resnets.1"],
         "VAEAttentionBlock": ["encoder.mid_block.attentions.0"],
-        "GroupNormalization": ["encoder.conv_norm_out"],
+        "GroupNorm": ["encoder.conv_norm_out"],
     }
     decoder = {
         "PaddedConv2D": ["post_quant_conv", "decoder.conv_in"]
@@ -606,7 +606,7 @@ def _vae_block_prefixes():
         "VAEResBlock": ["decoder.mid_block.resnets.0", "decoder.mid_block.resnets.1"]
         + [f"decoder.up_blocks.{i}.resnets.{j}" for i in range(levels) for j in range(layers + 1)],
         "VAEAttentionBlock": ["decoder.mid_block.attentions.0"],
-        "GroupNormalization": ["decoder.conv_norm_out"],
+        "GroupNorm": ["decoder.conv_norm_out"],
     }
     return encoder, decoder
 
