@@ -67,6 +67,18 @@ def model_identity(preset, spec, random_init, init_seed):
 
 
 # ----- weight files ------------------------------------------------------------------------
+def _write_variables(group, variables):
+    """One dataset per variable, in order, named by index; the variable's path kept as an attribute."""
+    for i, variable in enumerate(variables):
+        data = group.create_dataset(f"{i:05d}", data=keras.ops.convert_to_numpy(variable))
+        data.attrs["path"] = variable.path
+
+
+def _read_values(group):
+    """`_write_variables`' values, in order."""
+    return [group[key][()] for key in sorted(group.keys())]
+
+
 def save_parts(path, parts, attrs=None):
     """Writes the weights of `parts` ({name: layer}) to one HDF5 file, atomically."""
     with atomic_path(path) as tmp:
@@ -74,10 +86,7 @@ def save_parts(path, parts, attrs=None):
             for key, value in (attrs or {}).items():
                 f.attrs[key] = value
             for name, layer in parts.items():
-                group = f.create_group(name)
-                for i, variable in enumerate(layer.weights):
-                    data = group.create_dataset(f"{i:05d}", data=keras.ops.convert_to_numpy(variable))
-                    data.attrs["path"] = variable.path
+                _write_variables(f.create_group(name), layer.weights)
 
 
 def load_parts(path, parts):
@@ -88,8 +97,7 @@ def load_parts(path, parts):
                 if name not in f:
                     raise UserError(f"{path} holds no weights for the {name} "
                                     f"(it has: {', '.join(f.keys()) or 'nothing'})")
-                group = f[name]
-                values = [group[key][()] for key in sorted(group.keys())]
+                values = _read_values(f[name])
                 expected = [tuple(v.shape) for v in layer.weights]
                 if [v.shape for v in values] != expected:
                     raise UserError(f"the {name} weights in {path} do not fit this model "
@@ -104,16 +112,14 @@ def save_optimizer(path, optimizer, epoch):
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["epoch"] = int(epoch)
-            for i, variable in enumerate(optimizer.variables):
-                data = f.create_dataset(f"{i:05d}", data=keras.ops.convert_to_numpy(variable))
-                data.attrs["path"] = variable.path
+            _write_variables(f, optimizer.variables)
 
 
 def load_optimizer(path, optimizer):
     """Restores `save_optimizer`'s state into a built optimizer; returns the stored epoch."""
     try:
         with h5py.File(path, "r") as f:
-            values = [f[key][()] for key in sorted(f.keys())]
+            values = _read_values(f)
             if [v.shape for v in values] != [tuple(v.shape) for v in optimizer.variables]:
                 raise UserError(f"optimizer state {path} does not fit this model")
             for variable, value in zip(optimizer.variables, values):
