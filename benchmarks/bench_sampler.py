@@ -15,6 +15,7 @@ numerically (printed).
 
     python benchmarks/bench_sampler.py                       # both, CPU-sized defaults
     python benchmarks/bench_sampler.py --which sd1 --batch 2 --steps 5 --xla
+    python benchmarks/bench_sampler.py --which sd1 --conv2d_only   # without the matmul convolutions
 """
 
 import argparse
@@ -31,6 +32,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
+from Models.diffusion import layers  # noqa: E402
 from Models.diffusion.class_encoder import ClassEncoder  # noqa: E402
 from Models.diffusion.conditional_diffusion import ClassConditionalDiffusion  # noqa: E402
 from Models.diffusion.presets import get_preset  # noqa: E402
@@ -93,6 +95,9 @@ def bench_sd1(batch, steps, guidance, repeats, xla):
 
     unet = build_unet(preset, size, length)
     copy_weights(kc_unet, unet)
+    convs = [layer for layer in unet._flatten_layers() if isinstance(layer, layers.PaddedConv2D)]
+    print(f"sd1: {sum(conv.as_matmul for conv in convs)} of our UNet's {len(convs)} convolutions "
+          "run as one matrix product (large kernels on small maps), the others as Conv2D")
     decoder = build_image_decoder(size)
     copy_weights(kc_decoder, decoder)
     encoder = ClassEncoder(10, length, preset.context_dim, name="class_encoder")
@@ -176,7 +181,12 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (best of)")
     parser.add_argument("--xla", action="store_true", help="XLA for both (keras-cv's default is XLA on)")
+    parser.add_argument("--conv2d_only", action="store_true",
+                        help="ours with every convolution as Keras' Conv2D, none as one matrix product "
+                             "(Models/diffusion/layers.py): what the batched, compiled loop alone gives")
     args = parser.parse_args(argv)
+    if args.conv2d_only:
+        layers.MATMUL_MIN_KERNEL_WEIGHTS = math.inf
     rows = []
     for which in (("sd1", "tiny") if args.which == "both" else (args.which,)):
         batch = args.batch or {"sd1": 2, "tiny": 250}[which]

@@ -25,6 +25,7 @@ from keras import ops
 from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
 
 from Models.diffusion import weights as W
+from Models.diffusion.layers import PaddedConv2D
 from Models.diffusion.presets import get_preset
 from Models.diffusion.unet import build_unet, timestep_embedding
 from Utils.cli import UserError
@@ -41,7 +42,8 @@ def save_legacy_h5(model, path):
 
 
 def unet_parity(reference_class, preset_name, folder):
-    """(max |ours - keras-cv|, max |ours before loading - keras-cv|, parameter counts)."""
+    """(max |ours - keras-cv|, max |ours before loading - keras-cv|, output scale, parameter counts,
+    how many 3x3 convolutions ran as Conv2D and as one matrix product)."""
     preset = get_preset(preset_name)
     rng = np.random.default_rng(0)
     inputs = [
@@ -64,13 +66,15 @@ def unet_parity(reference_class, preset_name, folder):
     ours.load_weights(path)
     got = ops.convert_to_numpy(ours(inputs))
     ours_params = ours.count_params()
+    convs = [layer for layer in ours._flatten_layers() if isinstance(layer, PaddedConv2D) and layer.kernel_size == 3]
+    paths = (sum(not conv.as_matmul for conv in convs), sum(conv.as_matmul for conv in convs))
     del ours
     path.unlink()
     gc.collect()
     print(f"\n{preset_name}: max |ours - keras-cv| = {np.abs(got - expected).max():.3g} "
           f"(output max {np.abs(expected).max():.3g})")
     return (np.abs(got - expected).max(), np.abs(before - expected).max(),
-            np.abs(expected).max(), reference_params, ours_params)
+            np.abs(expected).max(), reference_params, ours_params, paths)
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +94,9 @@ def sd2_parity(tmp_path_factory):
 @pytest.mark.slow
 @softmax_over_one
 def test_sd1_unet_loads_keras_cv_diffusion_model_weights(sd1_parity):
-    diff, diff_before, scale, reference_params, ours_params = sd1_parity
+    diff, diff_before, scale, reference_params, ours_params, (as_conv2d, as_matmul) = sd1_parity
     assert ours_params == reference_params == 859_520_964
+    assert as_conv2d > 0 and as_matmul > 0, "both convolution paths of PaddedConv2D are compared"
     assert diff_before > 1e-2 * scale, "the check must be able to fail: unloaded weights differ"
     assert diff < 1e-4, f"max abs difference {diff} (output scale {scale})"
 
@@ -99,7 +104,7 @@ def test_sd1_unet_loads_keras_cv_diffusion_model_weights(sd1_parity):
 @pytest.mark.slow
 @softmax_over_one
 def test_sd2_unet_loads_keras_cv_diffusion_model_v2_weights(sd2_parity):
-    diff, diff_before, scale, reference_params, ours_params = sd2_parity
+    diff, diff_before, scale, reference_params, ours_params, _ = sd2_parity
     assert ours_params == reference_params == 865_910_724
     assert diff_before > 1e-2 * scale
     assert diff < 1e-4, f"max abs difference {diff} (output scale {scale})"

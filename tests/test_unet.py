@@ -25,6 +25,21 @@ def _inputs(preset, size, batch=2, seed=0, timesteps=(10, 700)):
     return x, t_emb, context
 
 
+def assert_same_outputs_and_gradients(ours, reference, x, gradient_atol):
+    """Same outputs, and the same gradients for the input and weights (the training path)."""
+    np.testing.assert_allclose(ops.convert_to_numpy(ours(x)), ops.convert_to_numpy(reference(x)), atol=2e-5)
+    import tensorflow as tf
+
+    def gradients(layer):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(tf.sin(layer(x)))
+        return [g.numpy() for g in tape.gradient(loss, [x, *layer.trainable_weights])]
+
+    for got, expected in zip(gradients(ours), gradients(reference)):
+        np.testing.assert_allclose(got, expected, atol=gradient_atol, rtol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def tiny_unet8():
     keras.utils.set_random_seed(0)
@@ -166,6 +181,46 @@ def test_cross_attention_attends_to_context():
                                ops.convert_to_numpy(out1), atol=1e-5)
 
 
+@pytest.mark.parametrize("size, padding, strides", [(4, 1, 1), (4, 1, 2), (5, ((0, 1), (0, 1)), 2)])
+def test_large_kernel_on_small_map_is_the_same_convolution(size, padding, strides):
+    """The matrix-product path of PaddedConv2D gives Conv2D's outputs and gradients, same weights."""
+    channels = 768  # 3*3*768*768 = 5.3M kernel weights: above L.MATMUL_MIN_KERNEL_WEIGHTS
+    shape = (2, size, size, channels)
+    ours = L.PaddedConv2D(channels, 3, padding=padding, strides=strides)
+    ours.build(shape)
+    assert ours.as_matmul
+    reference = keras.Sequential([keras.layers.ZeroPadding2D(padding),
+                                  keras.layers.Conv2D(channels, 3, strides=strides)])
+    reference.build(shape)
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((3, 3, channels, channels)) / math.sqrt(9 * channels),
+               rng.standard_normal(channels)]
+    ours.set_weights(weights)
+    reference.set_weights(weights)
+    x = ops.convert_to_tensor(rng.standard_normal(shape), "float32")
+    assert_same_outputs_and_gradients(ours, reference, x, gradient_atol=2e-4)
+    assert ours.compute_output_shape(shape) == tuple(ours(x).shape)
+
+
+@pytest.mark.parametrize("channels, size, kernel_size", [(768, 16, 3), (64, 4, 3), (1280, 2, 1)])
+def test_small_kernels_large_maps_and_1x1_stay_conv2d(channels, size, kernel_size):
+    conv = L.PaddedConv2D(channels, kernel_size, padding=kernel_size // 2)
+    conv.build((None, size, size, channels))
+    assert not conv.as_matmul
+
+
+def test_matmul_convolution_keeps_the_mixed_precision_dtype():
+    # --mixed_precision sets the global policy (Utils/runtime.py), which the inner layers follow too.
+    keras.mixed_precision.set_dtype_policy("mixed_bfloat16")
+    try:
+        conv = L.PaddedConv2D(768, 3, padding=1)
+        out = conv(ops.ones((2, 2, 2, 768), "bfloat16"))
+    finally:
+        keras.mixed_precision.set_dtype_policy("float32")
+    assert conv.as_matmul and keras.backend.standardize_dtype(out.dtype) == "bfloat16"
+    assert keras.backend.standardize_dtype(conv.conv2d.kernel.dtype) == "float32"
+
+
 @pytest.mark.parametrize("shape, groups, offset", [((3, 8, 8, 32), 8, 0.0), ((2, 5, 7, 64), 32, 50.0),
                                                    ((2, 4, 4, 12), 3, -3.0)])
 def test_group_norm_is_keras_group_normalization(shape, groups, offset):
@@ -180,18 +235,7 @@ def test_group_norm_is_keras_group_normalization(shape, groups, offset):
     for weight in reference.weights:
         weight.assign(rng.standard_normal(weight.shape))
     ours.set_weights(reference.get_weights())
-    np.testing.assert_allclose(ops.convert_to_numpy(ours(x)), ops.convert_to_numpy(reference(x)), atol=2e-5)
-
-    import tensorflow as tf  # gradients: the training path
-
-    def gradients(layer):
-        with tf.GradientTape() as tape:
-            tape.watch(x)
-            loss = tf.reduce_sum(tf.sin(layer(x)))
-        return [g.numpy() for g in tape.gradient(loss, [x, *layer.trainable_weights])]
-
-    for got, expected in zip(gradients(ours), gradients(reference)):
-        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert_same_outputs_and_gradients(ours, reference, x, gradient_atol=1e-4)
 
 
 def test_group_norm_keeps_the_mixed_precision_dtype():

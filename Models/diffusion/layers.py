@@ -9,7 +9,8 @@ that order is not the obvious one); do not reorder attribute assignments.
 
 Layers (all with `get_config`):
     GroupNorm            Keras' GroupNormalization, computed with adjacent-axis reductions
-    PaddedConv2D         explicit zero padding + Conv2D (keras-cv's, not padding="same")
+    PaddedConv2D         explicit zero padding + Conv2D (keras-cv's, not padding="same");
+                         large kernels on small maps as one matrix product
     UNetResBlock         GroupNorm-swish-conv, + timestep embedding, GroupNorm-swish-conv, residual
     SpatialTransformer   GroupNorm, proj_in, self-attention, cross-attention, GEGLU MLP, proj_out
     TransformerBlock     the transformer inside SpatialTransformer
@@ -71,12 +72,26 @@ def _group_norm(groups, epsilon=1e-5):
     return GroupNorm(groups=groups, epsilon=epsilon)
 
 
+# TensorFlow's CPU convolutions (oneDNN) pay a per-call cost above batch 1 that grows with the
+# kernel, not the map (a kernel re-layout, by all signs: it is gone with
+# TF_ENABLE_ONEDNN_OPTS=0). For the UNet's largest kernels on its smallest maps (sd1's
+# 1280-channel levels at 128 px: 4x4 and 2x2) it costs 3-10x the arithmetic, so inside these
+# bounds the convolution is one matrix product over the k*k patches instead: the same weights
+# and result (float32 rounding aside). Inside them that was faster for every sd1 shape at batch
+# 2 and 8; outside them the gain is under a millisecond or a loss (tiny's small kernels:
+# up to 6.7x slower; maps of 16x16 and up) (benchmarks/bench_conv.py, BENCHMARKS.md).
+MATMUL_MIN_KERNEL_WEIGHTS = 5_000_000
+MATMUL_MAX_POSITIONS = 64  # output height * width: 8x8 maps and smaller
+
+
 class PaddedConv2D(keras.layers.Layer):
     """Zero padding then an unpadded Conv2D.
 
     Unlike `padding="same"`, the padding is explicit and symmetric by default, which is
     what the PyTorch-trained Stable Diffusion weights expect (a stride-2 "same"
-    convolution would pad only bottom/right).
+    convolution would pad only bottom/right). A large kernel on a small map is applied
+    as one matrix product over the patches (see MATMUL_MIN_KERNEL_WEIGHTS); the weights
+    are the inner Conv2D's either way.
 
     Example:
         >>> conv = PaddedConv2D(64, 3, padding=1, strides=2)
@@ -92,9 +107,39 @@ class PaddedConv2D(keras.layers.Layer):
         self.strides = strides
         self.padding2d = keras.layers.ZeroPadding2D(padding)
         self.conv2d = keras.layers.Conv2D(filters, kernel_size, strides=strides)
+        self.as_matmul = False
+
+    def build(self, input_shape):
+        padded_shape = self.padding2d.compute_output_shape(input_shape)
+        self.conv2d.build(padded_shape)
+        height, width = self.conv2d.compute_output_shape(padded_shape)[1:3]
+        kernel_weights = self.kernel_size ** 2 * padded_shape[-1] * self.filters
+        self.as_matmul = (self.kernel_size > 1 and height is not None and width is not None
+                          and height * width <= MATMUL_MAX_POSITIONS
+                          and kernel_weights >= MATMUL_MIN_KERNEL_WEIGHTS)
 
     def call(self, inputs):
-        return self.conv2d(self.padding2d(inputs))
+        padded = self.padding2d(inputs)
+        if self.as_matmul:
+            return self._patches_times_kernel(padded)
+        return self.conv2d(padded)
+
+    def _patches_times_kernel(self, padded):
+        """The convolution as (B*H*W, k*k*C_in) patches @ (k*k*C_in, filters) kernel + bias."""
+        k, s = self.kernel_size, self.strides
+        height = (padded.shape[1] - k) // s + 1
+        width = (padded.shape[2] - k) // s + 1
+        # Patch channels ordered (row, column, channel): the Conv2D kernel's (kh, kw, C_in) order.
+        patches = ops.concatenate(
+            [padded[:, i:i + s * (height - 1) + 1:s, j:j + s * (width - 1) + 1:s, :]
+             for i in range(k) for j in range(k)], axis=-1)
+        kernel = ops.cast(ops.reshape(self.conv2d.kernel, (-1, self.filters)), patches.dtype)
+        outputs = ops.matmul(ops.reshape(patches, (-1, kernel.shape[0])), kernel)
+        outputs = outputs + ops.cast(self.conv2d.bias, outputs.dtype)
+        return ops.reshape(outputs, (-1, height, width, self.filters))
+
+    def compute_output_shape(self, input_shape):
+        return self.conv2d.compute_output_shape(self.padding2d.compute_output_shape(input_shape))
 
     def get_config(self):
         config = super().get_config()
