@@ -73,13 +73,13 @@ def _group_norm(groups, epsilon=1e-5):
 
 
 # TensorFlow's CPU convolutions (oneDNN) pay a per-call cost above batch 1 that grows with the
-# kernel, not the map (a kernel re-layout, by all signs: it is gone with
+# kernel, not the map (most likely a kernel re-layout; it is gone with
 # TF_ENABLE_ONEDNN_OPTS=0). For the UNet's largest kernels on its smallest maps (sd1's
 # 1280-channel levels at 128 px: 4x4 and 2x2) it costs 3-10x the arithmetic, so inside these
 # bounds the convolution is one matrix product over the k*k patches instead: the same weights
 # and result (float32 rounding aside). Inside them that was faster for every sd1 shape at batch
-# 2 and 8; outside them the gain is under a millisecond or a loss (tiny's small kernels:
-# up to 6.7x slower; maps of 16x16 and up) (benchmarks/bench_conv.py, BENCHMARKS.md).
+# 2 and 8; outside them it is a loss or a gain that depends on the batch (tiny's small
+# kernels: up to 6.7x slower; 16x16 maps: 0.74-1.41x) (benchmarks/bench_conv.py, BENCHMARKS.md).
 MATMUL_MIN_KERNEL_WEIGHTS = 5_000_000
 MATMUL_MAX_POSITIONS = 64  # output height * width: 8x8 maps and smaller
 
