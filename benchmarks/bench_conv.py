@@ -19,7 +19,6 @@ import argparse
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from benchmarks.timing import best_of_alternating  # noqa: E402
 from Models.diffusion.layers import PaddedConv2D  # noqa: E402
 
 # (input, output) channels of each preset's 3x3 convolutions, largest kernel first.
@@ -48,17 +48,6 @@ def compiled(fn, layer, backward):
             loss = tf.reduce_sum(tf.square(fn(x)))
         return tape.gradient(loss, [x, *layer.trainable_weights])
     return tf.function(step, autograph=False)
-
-
-def side_by_side(first, second, x, repeats):
-    first(x), second(x)
-    best = [math.inf, math.inf]
-    for _ in range(repeats):
-        for k, fn in enumerate((first, second)):
-            start = time.perf_counter()
-            fn(x)
-            best[k] = min(best[k], time.perf_counter() - start)
-    return best
 
 
 def whole_unet(batches, repeats):
@@ -87,7 +76,7 @@ def whole_unet(batches, repeats):
             function = tf.function(lambda x: unet(x, training=False), autograph=False)
             functions.append((function, function(inputs).numpy()))  # traced with these paths
         (conv2d, expected), (chosen_fn, got) = functions
-        conv_s, chosen_s = side_by_side(conv2d, chosen_fn, inputs, repeats)
+        conv_s, chosen_s = best_of_alternating([lambda: conv2d(inputs), lambda: chosen_fn(inputs)], repeats)
         print(f"| {batch} | {conv_s:.3f} | {chosen_s:.3f} | {conv_s / chosen_s:.2f}x | "
               f"{np.abs(expected - got).max():.1e} |", flush=True)
 
@@ -117,7 +106,7 @@ def main(argv=None):
                 x = tf.constant(rng.standard_normal((batch, size, size, channels_in)).astype("float32"))
                 conv2d = compiled(lambda x: layer.conv2d(layer.padding2d(x)), layer, args.backward)
                 matmul = compiled(lambda x: layer._patches_times_kernel(layer.padding2d(x)), layer, args.backward)
-                conv_s, matmul_s = side_by_side(conv2d, matmul, x, args.repeats)
+                conv_s, matmul_s = best_of_alternating([lambda: conv2d(x), lambda: matmul(x)], args.repeats)
                 path = "matrix product" if layer.as_matmul else "Conv2D"
                 print(f"| {channels_in}->{channels_out} | {size}x{size} | {batch} | {conv_s * 1e3:.1f} | "
                       f"{matmul_s * 1e3:.1f} | {conv_s / matmul_s:.2f}x | {path} |", flush=True)

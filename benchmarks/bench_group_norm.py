@@ -10,10 +10,8 @@ largest difference too.
 """
 
 import argparse
-import math
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -23,6 +21,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from benchmarks.timing import best_of_alternating  # noqa: E402
 from Models.diffusion.layers import GroupNorm  # noqa: E402
 
 SHAPES = {  # name: (input shape, groups)
@@ -44,15 +43,7 @@ def forward_and_backward(layer):
 
 
 def side_by_side(ours, theirs, x, repeats):
-    ours(x), theirs(x)
-    best = [math.inf, math.inf]
-    for _ in range(repeats):
-        for k, fn in enumerate((ours, theirs)):
-            start = time.perf_counter()
-            for _ in range(10):
-                fn(x)
-            best[k] = min(best[k], (time.perf_counter() - start) / 10)
-    return best
+    return best_of_alternating([lambda: ours(x), lambda: theirs(x)], repeats, calls=10)
 
 
 def main(argv=None):

@@ -22,7 +22,6 @@ import argparse
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -32,6 +31,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
+from benchmarks.timing import best_of_alternating  # noqa: E402
 from Models.diffusion import layers  # noqa: E402
 from Models.diffusion.class_encoder import ClassEncoder  # noqa: E402
 from Models.diffusion.conditional_diffusion import ClassConditionalDiffusion  # noqa: E402
@@ -39,32 +39,6 @@ from Models.diffusion.presets import get_preset  # noqa: E402
 from Models.diffusion.sampler import DDIMSampler  # noqa: E402
 from Models.diffusion.schedule import NoiseSchedule  # noqa: E402
 from Models.diffusion.unet import build_unet, timestep_embedding  # noqa: E402
-
-
-def timed(fn, repeats):
-    """Seconds per call of fn() (after one warm-up call), best of `repeats`."""
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def side_by_side(ours, theirs, repeats):
-    """Warm both up, then time them alternately; returns (ours_s, theirs_s) best-of."""
-    ours()
-    theirs()
-    best_ours = best_theirs = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        ours()
-        best_ours = min(best_ours, time.perf_counter() - start)
-        start = time.perf_counter()
-        theirs()
-        best_theirs = min(best_theirs, time.perf_counter() - start)
-    return best_ours, best_theirs
 
 
 def copy_weights(source, target):
@@ -77,7 +51,7 @@ def copy_weights(source, target):
         ours.assign(theirs.value)
 
 
-def bench_sd1(batch, steps, guidance, repeats, xla):
+def bench_sd1(batch, steps, guidance, repeats, xla, conv2d_only=False):
     from keras_cv.models import StableDiffusion
     from keras_cv.src.models.stable_diffusion.decoder import Decoder
     from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel
@@ -96,6 +70,9 @@ def bench_sd1(batch, steps, guidance, repeats, xla):
     unet = build_unet(preset, size, length)
     copy_weights(kc_unet, unet)
     convs = [layer for layer in unet._flatten_layers() if isinstance(layer, layers.PaddedConv2D)]
+    if conv2d_only:
+        for conv in convs:
+            conv.as_matmul = False  # read when the sampler is traced, below
     print(f"sd1: {sum(conv.as_matmul for conv in convs)} of our UNet's {len(convs)} convolutions "
           "run as one matrix product (large kernels on small maps), the others as Conv2D")
     decoder = build_image_decoder(size)
@@ -123,9 +100,9 @@ def bench_sd1(batch, steps, guidance, repeats, xla):
         reference.generate_image(context, batch_size=batch, num_steps=steps,
                                  unconditional_guidance_scale=guidance, diffusion_noise=noise)
 
-    ours_s, theirs_s = side_by_side(ours, theirs, repeats)
+    ours_s, theirs_s = best_of_alternating([ours, theirs], repeats)
     latents = rng.standard_normal((batch, 16, 16, 4)).astype("float32")
-    decode_s = timed(lambda: decoder.predict_on_batch(latents), repeats)
+    (decode_s,) = best_of_alternating([lambda: decoder.predict_on_batch(latents)], repeats)
     print(f"sd1: decoding {batch} images takes {decode_s:.2f} s of both; the DDIM loops alone: ours "
           f"{ours_s - decode_s:.2f} s, keras-cv {theirs_s - decode_s:.2f} s, ratio "
           f"{(theirs_s - decode_s) / (ours_s - decode_s):.2f}x")
@@ -170,7 +147,7 @@ def bench_tiny(batch, steps, guidance, repeats, xla, image_size=8):
 
     difference = float(np.max(np.abs(ours() - theirs())))
     print(f"tiny: max |ours - keras-cv-style loop| after {steps} steps: {difference:.2e}")
-    return side_by_side(ours, theirs, repeats)
+    return best_of_alternating([ours, theirs], repeats)
 
 
 def main(argv=None):
@@ -185,14 +162,14 @@ def main(argv=None):
                         help="ours with every convolution as Keras' Conv2D, none as one matrix product "
                              "(Models/diffusion/layers.py): what the batched, compiled loop alone gives")
     args = parser.parse_args(argv)
-    if args.conv2d_only:
-        layers.MATMUL_MIN_KERNEL_WEIGHTS = math.inf
     rows = []
     for which in (("sd1", "tiny") if args.which == "both" else (args.which,)):
         batch = args.batch or {"sd1": 2, "tiny": 250}[which]
         steps = args.steps or {"sd1": 5, "tiny": 25}[which]
-        bench = bench_sd1 if which == "sd1" else bench_tiny
-        ours_s, theirs_s = bench(batch, steps, args.guidance, args.repeats, args.xla)
+        if which == "sd1":
+            ours_s, theirs_s = bench_sd1(batch, steps, args.guidance, args.repeats, args.xla, args.conv2d_only)
+        else:
+            ours_s, theirs_s = bench_tiny(batch, steps, args.guidance, args.repeats, args.xla)
         baseline = "keras-cv StableDiffusion.generate_image" if which == "sd1" else "keras-cv-style loop"
         rows.append((which, batch, steps, batch / ours_s, batch / theirs_s, theirs_s / ours_s, baseline))
         print(f"{which}: ours {batch / ours_s:.3f} img/s, {baseline} {batch / theirs_s:.3f} img/s, "
