@@ -27,6 +27,7 @@ checkpoint to fine-tune with (required), and --dif_epoch plays that role.
 """
 
 import argparse
+import contextlib
 import csv
 import io
 import os
@@ -34,8 +35,10 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from Utils.cli import ArgumentParser, UserError, positive_int, probability, run_cli  # noqa: E402
+from Utils.cli import (ArgumentParser, UserError, decay_rate, non_negative_float, positive_int,  # noqa: E402
+                       probability, run_cli)
 from Utils.runtime import add_runtime_flags  # noqa: E402
+from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, preset_help  # noqa: E402
 
 parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,13 +55,30 @@ paper.add_argument("--exp", type=int, default=0, help="experiment number: the Ex
 paper.add_argument("--freq", type=positive_int, default=1,
                    help="save a checkpoint every FREQ epochs (and at the last one; default 1)")
 ours = parser.add_argument_group("added flags")
-ours.add_argument("--preset", default="sd1", help="diffusion preset: sd1 (the paper, default), sd2, tiny (CPU)")
+ours.add_argument("--preset", default="sd1", help=preset_help("sd1"))
 ours.add_argument("--data_dir", default=None, help="folder with the real dataset files (default: the data cache)")
 ours.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: the preset's for the stage)")
 ours.add_argument("--batch_size", type=positive_int, default=None, help="batch size (default: the preset's)")
 ours.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
-ours.add_argument("--cond_dropout", type=probability, default=0.0,
-                  help="probability of training on the zero label (classifier-free guidance; default 0, the paper's)")
+recipe = parser.add_argument_group("training recipe (diffusers' names; default: the preset's, "
+                                   "Models/diffusion/presets.py: the paper's for sd1/sd2)")
+recipe.add_argument("--cond_dropout", type=probability, default=None,
+                    help="probability of training on the zero label, which trains the unconditional "
+                         "context classifier-free guidance uses (sd presets: 0, the paper's)")
+recipe.add_argument("--ema_decay", type=decay_rate, default=None,
+                    help="exponential moving average of the trained weights, warmed up as diffusers' EMAModel; "
+                         "checkpoints hold the average (0: off)")
+recipe.add_argument("--snr_gamma", type=non_negative_float, default=None,
+                    help="min-SNR-gamma loss weighting, e.g. 5 (0: plain MSE)")
+recipe.add_argument("--prediction_type", choices=PREDICTION_TYPES, default=None,
+                    help="what the UNet predicts: epsilon (SD v1) or v_prediction; fixed by the stage that "
+                         "trains the UNet first")
+recipe.add_argument("--beta_schedule", choices=BETA_SCHEDULES, default=None,
+                    help="noise schedule: scaled_linear (SD), linear (DDPM), squaredcos_cap_v2 (cosine)")
+recipe.add_argument("--rescale_betas_zero_snr", action=argparse.BooleanOptionalAction, default=None,
+                    help="rescale the schedule to zero terminal SNR (needs v_prediction)")
+recipe.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
+                    help="sampling timesteps: leading (SD), trailing, linspace")
 ours.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise (default 0)")
 ours.add_argument("--random_init", action="store_true",
                   help="sd presets: random UNet/autoencoder weights instead of keras-cv's (tests, benchmarks)")
@@ -74,6 +94,7 @@ def resolve(args):
     """Checks every flag and the checkpoint folders; returns the run's plan. Writes nothing."""
     from Data.registry import get_spec
     from Models.diffusion import checkpoints as ck
+    from Models.diffusion.conditional_diffusion import schedule_for
     from Models.diffusion.presets import get_preset
     from Utils.paths import diffusion_checkpoint_dir
 
@@ -91,16 +112,29 @@ def resolve(args):
     if stage == "dif" and args.enc_epoch is None:
         raise UserError("--train_model dif needs --enc_epoch: the class-encoder checkpoint to fine-tune with")
     random_init = bool(args.random_init or not preset.pretrained)
-    identity = ck.model_identity(preset, spec, random_init, args.seed)
     folder = diffusion_checkpoint_dir(args.exp, spec.name, stage)
-    settings = {**identity, "stage": stage, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                "cond_dropout": args.cond_dropout, "seed": args.seed,
-                "mixed_precision": args.mixed_precision}
-
+    asked_recipe = {key: getattr(args, key) for key in preset.recipe() if getattr(args, key) is not None}
     enc_path = None
     if stage == "dif":
+        # The UNet keeps the schedule and prediction type it was trained with in the enc stage.
         enc_dir = diffusion_checkpoint_dir(args.exp, spec.name, "enc")
         enc_path = ck.require_checkpoint(enc_dir, args.enc_epoch, "class-encoder")
+        trained_with = ck.schedule_settings(ck.read_settings(enc_dir))
+        for key, value in trained_with.items():
+            if asked_recipe.get(key, value) != value:
+                raise UserError(f"--{key} {asked_recipe[key]}: the class-encoder stage in {enc_dir} "
+                                f"trained with {key} {value}, and the fine-tuning keeps it")
+        asked_recipe.update(trained_with)
+    recipe = {**preset.recipe(), **asked_recipe}
+    try:
+        schedule_for(recipe)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    identity = ck.model_identity(preset, spec, random_init, args.seed, recipe)
+    settings = {**identity, "stage": stage, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                "cond_dropout": recipe["cond_dropout"], "ema_decay": recipe["ema_decay"],
+                "snr_gamma": recipe["snr_gamma"], "seed": args.seed, "mixed_precision": args.mixed_precision}
+    if stage == "dif":
         ck.check_settings(enc_dir, identity, ck.IDENTITY_KEYS)
         settings["enc_epoch"] = args.enc_epoch
     # Reusing the folder: every setting that shaped the checkpoints must match (not --freq).
@@ -115,7 +149,8 @@ def resolve(args):
         raise UserError(f"{what}: training continues from the newest complete checkpoint in {folder}, "
                         f"epoch {start}; give --{stage}_epoch {start} or leave it out")
     return dict(spec=spec, preset=preset, stage=stage, epochs=epochs, batch_size=batch_size, lr=lr,
-                folder=folder, settings=settings, start=start, enc_path=enc_path, random_init=random_init)
+                folder=folder, settings=settings, start=start, enc_path=enc_path, random_init=random_init,
+                recipe=recipe)
 
 
 def main(argv=None):
@@ -140,17 +175,18 @@ def main(argv=None):
 
     with distribution_scope(args.multi_gpu):
         model = ck.build_model(preset, spec, stage=stage, random_init=plan["random_init"],
-                               init_seed=args.seed, cond_dropout=args.cond_dropout, seed=args.seed)
+                               init_seed=args.seed, seed=args.seed, recipe=plan["recipe"])
         if stage == "dif":
             # The chosen class encoder (tiny: and the UNet it trained from scratch).
             ck.load_parts(plan["enc_path"], ck.enc_parts(model))
         batches = TrainBatches(splits.x_train, splits.y_train, plan["batch_size"], model.image_size,
                                seed=args.seed, epoch=start)
-        model.compile(optimizer=make_optimizer(plan["lr"], epochs * len(batches)), jit_compile=jit)
+        model.compile(optimizer=make_optimizer(plan["lr"], epochs * len(batches), plan["recipe"]["ema_decay"]),
+                      jit_compile=jit)
         model.optimizer.build(model.trainable_variables)
         if start:
             ck.load_parts(ck.weights_path(folder, start), model.trained_parts())
-            ck.load_optimizer(ck.optimizer_path(folder, start), model.optimizer)
+            ck.load_optimizer(ck.optimizer_path(folder, start), model.optimizer, model.trained_parts())
             print(f"resuming {stage} training from the checkpoint of epoch {start} in {folder}")
     if ck.read_settings(folder) is None:
         atomic_write_json(folder / ck.SETTINGS_FILE, plan["settings"])
@@ -264,27 +300,36 @@ class Checkpointer(_keras_callback()):
         self.jit_compile = jit_compile
 
     def on_train_begin(self, logs=None):
+        from Models.diffusion.conditional_diffusion import ema_optimizer
+
         # A run killed between a checkpoint and its grid: draw the grid of the resumed checkpoint.
         if self.start and self.grid_per_class and not self.grid_path(self.start).exists():
-            self.save_grid(self.start)
+            ema = ema_optimizer(self._diffusion.optimizer)
+            with ema.averaged_weights(self._diffusion.trainable_variables) if ema else contextlib.nullcontext():
+                self.save_grid(self.start)
 
     def grid_path(self, epoch):
         return self.folder / f"samples_epoch_{epoch:03d}.png"
 
     def on_epoch_end(self, epoch, logs=None):
         from Models.diffusion import checkpoints as ck
+        from Models.diffusion.conditional_diffusion import ema_optimizer
 
         done = epoch + 1
         if done % self.freq and done != self.epochs:
             return
         model = self._diffusion
-        ck.save_optimizer(ck.optimizer_path(self.folder, done), model.optimizer, done)
-        ck.save_parts(ck.weights_path(self.folder, done), model.trained_parts(),
-                      attrs={"epoch": done, "stage": model.stage, "preset": model.preset.name,
-                             "dataset": self.spec.name})
+        ema = ema_optimizer(model.optimizer)
+        ck.save_optimizer(ck.optimizer_path(self.folder, done), model.optimizer, done,
+                          trained_parts=model.trained_parts() if ema else None)
+        # With an EMA, the weights file and the grid get the average: what generation samples with.
+        with ema.averaged_weights(model.trainable_variables) if ema else contextlib.nullcontext():
+            ck.save_parts(ck.weights_path(self.folder, done), model.trained_parts(),
+                          attrs={"epoch": done, "stage": model.stage, "preset": model.preset.name,
+                                 "dataset": self.spec.name})
+            if self.grid_per_class:
+                self.save_grid(done)
         ck.remove_old_optimizer_states(self.folder, done)
-        if self.grid_per_class:
-            self.save_grid(done)
 
     def save_grid(self, done):
         import numpy as np

@@ -16,20 +16,23 @@ index, or a legacy `.bin` with torch installed) of a `UNet2DConditionModel` and/
 
     unet.weights.h5            our UNet (build_unet(preset, ...).load_weights)
     unet_preset.json           the preset those weights need (architecture from the config;
-                               `--preset sd1` also checks it is sd1's)
+                               `--preset sd1` also checks it is sd1's) and the UNet's channels
+                               (`unet_channels`: 4 latent, 1 grey or 3 RGB pixels)
     image_encoder.weights.h5   our autoencoder (build_image_encoder / build_image_decoder with
     image_decoder.weights.h5   norm_epsilon=1e-6, diffusers' GroupNorm epsilon)
 
 With --dataset, the UNet is written as checkpoint --dif_epoch of the fine-tuned
 UNet (Checkpoints/DDPM/Exp_{exp}/{dataset}/DiffusionFt/), paired with class-encoder
-checkpoint --enc_epoch, whose preset it must have; generate_dataset.py and
+checkpoint --enc_epoch, whose preset it must have (and, in pixel space, the
+dataset's channels: 1 for grey datasets such as digits); generate_dataset.py and
 hyp_opt.py then use it like a UNet fine-tuned here. (sd presets keep keras-cv's
 tanh GELU and autoencoder epsilon: a converted SD model then differs slightly
 from diffusers, see BENCHMARKS.md; tiny matches exactly.)
 
 to-diffusers writes `config.json` + `diffusion_pytorch_model.safetensors` that
 `UNet2DConditionModel.from_pretrained(--out)` loads. --preset is a preset name or a
-`unet_preset.json` written by to-keras.
+`unet_preset.json` written by to-keras. The UNet's channels are --image_channels, else
+the preset file's, else the ones the weights fit (pixel presets: 3 or 1).
 
 Everything is checked before anything is written: missing, unexpected or
 mismatched tensors are named in one error line. No torch or diffusers needed
@@ -52,6 +55,7 @@ from Utils.io import atomic_path, atomic_write_json, read_json  # noqa: E402
 
 UNET_WEIGHTS = "unet.weights.h5"
 UNET_PRESET = "unet_preset.json"
+UNET_CHANNELS = "unet_channels"  # in UNET_PRESET, beside the preset's fields
 ENCODER_WEIGHTS = "image_encoder.weights.h5"
 DECODER_WEIGHTS = "image_decoder.weights.h5"
 
@@ -77,6 +81,9 @@ to_diffusers.add_argument("--preset", required=True,
 to_diffusers.add_argument("--unet_weights", type=Path, required=True,
                           help="our UNet's Keras weights (.weights.h5)")
 to_diffusers.add_argument("--out", type=Path, required=True, help="the diffusers model folder to write")
+to_diffusers.add_argument("--image_channels", type=int, choices=(1, 3), default=None,
+                          help="a pixel-space UNet's channels (1 grey, 3 RGB; default: the preset file's, "
+                               "else the ones the weights fit)")
 to_diffusers.add_argument("--sample_size", type=positive_int, default=None,
                           help="the config's sample_size: latent (or pixel) size pipelines default to "
                                "(default: the preset's image size / 8, or 32)")
@@ -91,7 +98,8 @@ def main(argv=None):
         if args.out is None:
             raise UserError("to-keras needs --out (weight files) or --dataset (a fine-tuned-UNet checkpoint)")
         return convert_to_keras(args.source, args.out, args.preset)
-    return convert_to_diffusers(args.preset, args.unet_weights, args.out, args.sample_size)
+    return convert_to_diffusers(args.preset, args.unet_weights, args.out, args.sample_size,
+                                args.image_channels)
 
 
 def _model_folders(source):
@@ -124,7 +132,8 @@ def convert_to_keras(source, out, preset_name=None):
     if "unet" in folders:
         config, tensors = dc.read_diffusers_model(folders["unet"])
         preset = dc.unet_preset_from_config(config, base=preset_name)
-        unet = build_unet(preset, image_size=None)
+        channels, _ = dc.unet_config_channels(config)
+        unet = build_unet(preset, image_size=None, image_channels=channels)
         dc.load_unet_weights(unet, preset, tensors)
         built[UNET_WEIGHTS] = unet
         del tensors
@@ -143,9 +152,15 @@ def convert_to_keras(source, out, preset_name=None):
         with atomic_path(out / filename) as tmp:
             model.save_weights(tmp)
     if preset is not None:
-        atomic_write_json(out / UNET_PRESET, {"source": str(folders["unet"].resolve()), **preset_to_dict(preset)})
+        atomic_write_json(out / UNET_PRESET, {"source": str(folders["unet"].resolve()),
+                                              UNET_CHANNELS: channels, **preset_to_dict(preset)})
     print(f"wrote {', '.join(sorted(built) + ([UNET_PRESET] if preset else []))} to {out}"
           + (f" (UNet preset: {preset.name})" if preset else ""))
+    alike = dc.presets_with_architecture(preset) if preset is not None and preset_name is None else []
+    if len(alike) > 1:
+        # Their recipes (noise schedule, prediction type) differ, and the UNet config does not record one.
+        print(f"note: presets {', '.join(alike)} share this UNet architecture; {preset.name} was chosen, "
+              "--preset picks another")
     keras.backend.clear_session()
     return 0
 
@@ -176,7 +191,8 @@ def install_unet_checkpoint(source, dataset, exp, enc_epoch, dif_epoch, preset_n
     preset = get_preset(enc_settings["preset"])
     if preset_name is not None and preset_name != preset.name:
         raise UserError(f"--preset {preset_name}, but the class encoder in {enc_dir} is for {preset.name}")
-    identity = ck.model_identity(preset, spec, enc_settings.get("random_init"), enc_settings.get("init_seed", 0))
+    identity = ck.model_identity(preset, spec, enc_settings.get("random_init"), enc_settings.get("init_seed", 0),
+                                 ck.schedule_settings(enc_settings))
     ck.check_settings(enc_dir, identity, ck.IDENTITY_KEYS)
     dif_dir = diffusion_checkpoint_dir(exp, spec.name, "dif")
     settings = {**identity, "stage": "dif", "enc_epoch": enc_epoch,
@@ -189,7 +205,12 @@ def install_unet_checkpoint(source, dataset, exp, enc_epoch, dif_epoch, preset_n
 
     config, tensors = dc.read_diffusers_model(folders["unet"])
     converted = dc.unet_preset_from_config(config, base=preset)
-    unet = build_unet(preset, image_size=None, context_length=preset.context_length)
+    channels, _ = dc.unet_config_channels(config)
+    expected = preset.unet_channels(spec.channels)
+    if channels != expected:
+        raise UserError(f"the diffusers UNet has {channels} input channels, the {preset.name} UNet for "
+                        f"{spec.name} ({spec.channels}-channel images) needs {expected}")
+    unet = build_unet(preset, image_size=None, context_length=preset.context_length, image_channels=channels)
     dc.load_unet_weights(unet, preset, tensors)
     if ck.read_settings(dif_dir) is None:
         atomic_write_json(dif_dir / ck.SETTINGS_FILE, settings)
@@ -202,29 +223,56 @@ def install_unet_checkpoint(source, dataset, exp, enc_epoch, dif_epoch, preset_n
     return 0
 
 
-def convert_to_diffusers(preset_text, unet_weights, out, sample_size=None):
-    from Models.diffusion.unet import build_unet
-
+def convert_to_diffusers(preset_text, unet_weights, out, sample_size=None, image_channels=None):
     preset = resolve_preset(preset_text)
     if not unet_weights.is_file():
         raise UserError(f"--unet_weights {unet_weights} does not exist")
-    unet = build_unet(preset, image_size=None)
-    try:
-        with warnings.catch_warnings():  # Keras warns per skipped group before raising
-            warnings.simplefilter("ignore")
-            unet.load_weights(unet_weights)
-    except (ValueError, OSError, KeyError) as e:
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{unet_weights} does not fit the {preset.name} UNet: {first_line}") from None
+    if image_channels is None:
+        image_channels = preset_file_channels(preset_text)
+    if preset.latent:
+        candidates = [dc.LATENT_CHANNELS]
+    else:  # a weights file does not say; the pixel UNets are small enough to try both
+        candidates = [image_channels] if image_channels else [3, 1]
+    unet = _load_keras_unet(preset, unet_weights, candidates)
     config = dc.save_unet_as_diffusers(unet, preset, out, sample_size)
-    print(f"wrote a diffusers UNet2DConditionModel ({preset.name}, "
+    print(f"wrote a diffusers UNet2DConditionModel ({preset.name}, {config['in_channels']} channels, "
           f"block_out_channels {config['block_out_channels']}) to {out}")
     return 0
+
+
+def _load_keras_unet(preset, unet_weights, channel_candidates):
+    """Our UNet with `unet_weights` loaded, built with the first channel count they fit."""
+    from Models.diffusion.unet import build_unet
+
+    first_error = None
+    for channels in channel_candidates:
+        unet = build_unet(preset, image_size=None, image_channels=channels)
+        try:
+            with warnings.catch_warnings():  # Keras warns per skipped group before raising
+                warnings.simplefilter("ignore")
+                unet.load_weights(unet_weights)
+            return unet
+        except (ValueError, OSError, KeyError) as e:
+            first_error = first_error or e
+    first_line = (str(first_error).strip().splitlines() or [type(first_error).__name__])[0]
+    tried = " or ".join(map(str, channel_candidates))
+    raise UserError(f"{unet_weights} does not fit the {preset.name} UNet ({tried} channels): {first_line}")
 
 
 def preset_to_dict(preset):
     """A preset as JSON-ready dict (tuples become lists)."""
     return dataclasses.asdict(preset)
+
+
+def preset_file_channels(text):
+    """The UNet channels recorded in a unet_preset.json (None: a preset name, or an older file)."""
+    if text in PRESETS or not Path(text).is_file():
+        return None
+    try:
+        channels = json.loads(Path(text).read_text(encoding="utf-8")).get(UNET_CHANNELS)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None  # resolve_preset has already named what is wrong with the file
+    return int(channels) if channels is not None else None
 
 
 def resolve_preset(text):

@@ -35,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Utils.cli import ArgumentParser, UserError, non_negative_float, positive_int, run_cli  # noqa: E402
 from Utils.runtime import add_runtime_flags  # noqa: E402
+from Models.diffusion.presets import preset_help  # noqa: E402
 
 parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -55,7 +56,7 @@ paper.add_argument("--ugs", type=non_negative_float, default=None,
                    help="unconditional guidance scale (default: the preset's, 7.5 for sd)")
 paper.add_argument("--exp", type=int, default=0, help="experiment number (default 0)")
 ours = parser.add_argument_group("added flags")
-ours.add_argument("--preset", default="sd1", help="diffusion preset: sd1 (default), sd2, tiny")
+ours.add_argument("--preset", default="sd1", help=preset_help("sd1"))
 ours.add_argument("--seed", type=int, default=0, help="seed of the images' noise (default 0)")
 ours.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta (default 0: deterministic)")
 ours.add_argument("--shard", default="0/1", help="K/N: write only images n with n %% N == K (default 0/1)")
@@ -219,9 +220,9 @@ def main(argv=None):
             for chunk, images in batches:
                 small = resize_images(images, size)
                 for image, big, label, n in zip(small, images, labels[chunk], indices[chunk]):
-                    _write_png(image_path(out_dir, label, n), image)
+                    _write_png(image_path(out_dir, label, n), image, spec.channels)
                     if keep_dir is not None:
-                        _write_png(image_path(keep_dir, label, n), big)
+                        _write_png(image_path(keep_dir, label, n), big, spec.channels)
                 bar.update(len(images))
 
     on_disk = count_existing(out_dir, plan["counts"], size)
@@ -275,13 +276,15 @@ def _remove_stale_temporaries(*folders):
                 pass
 
 
-def _write_png(path, image):
+def _write_png(path, image, channels=3):
+    """One PNG in the dataset's native mode: grey datasets get mode "L" (luma; exact for grey pixels)."""
     from PIL import Image
 
     from Utils.io import atomic_path
 
+    picture = Image.fromarray(image if image.shape[-1] == 3 else image[..., 0])
     with atomic_path(path) as tmp:
-        Image.fromarray(image if image.shape[-1] == 3 else image[..., 0]).save(tmp, format="PNG")
+        (picture.convert("L") if channels == 1 else picture).save(tmp, format="PNG")
 
 
 def _save_grid(out_dir, spec, on_disk, per_class, plan):

@@ -32,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from Pipeline.tuning import DEFAULT_N_TRIALS, OBJECTIVES, TuningOptions, check_options, run_tuning  # noqa: E402
 from Utils.cli import ArgumentParser, non_negative_float, positive_int, run_cli  # noqa: E402
 from Utils.runtime import add_runtime_flags  # noqa: E402
+from Models.diffusion.presets import preset_help  # noqa: E402
 
 parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,7 +59,7 @@ paper.add_argument("--ugs_1", type=non_negative_float, default=None,
 paper.add_argument("--save_plots", action="store_true",
                    help="write the Optuna plots (history, contours, importances, slices, timeline) as PNG")
 ours = parser.add_argument_group("added")
-ours.add_argument("--preset", default="sd1", help="diffusion preset: sd1 (the paper), sd2, tiny")
+ours.add_argument("--preset", default="sd1", help=preset_help("sd1"))
 ours.add_argument("--data_dir", default=None, help="folder with the real dataset files")
 ours.add_argument("--n_trials", type=positive_int, default=None,
                   help=f"TOTAL finished trials wanted, counting earlier runs "

@@ -7,7 +7,8 @@ outputs exist, so a killed run continues where it stopped: run the same
 command again. The stages, budgets and what "done" means are in
 `Pipeline/stages.py`.
 
-    python reproduce.py                                          # digits, tiny, quick (CPU, ~10 min)
+    python reproduce.py                                          # digits, tiny, quick (CPU, < 10 min)
+    python reproduce.py --preset small                           # the from-scratch recipe (CPU, ~13 min)
     python reproduce.py --dataset retinamnist --data_dir ../shared/data
     python reproduce.py --dataset cifar10 --preset sd1 --budget paper --mixed_precision bfloat16 --xla
     python reproduce.py --stop_after tune_enc                    # run up to a stage, continue later
@@ -20,14 +21,15 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from Pipeline.stages import BUDGETS  # noqa: E402
+from Models.diffusion.presets import preset_help  # noqa: E402
+from Pipeline.stages import BUDGETS, DEFAULT_PRESET  # noqa: E402
 from Utils.cli import ArgumentParser, positive_int, run_cli  # noqa: E402
 from Utils.runtime import add_runtime_flags  # noqa: E402
 
 parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--dataset", default="digits", help="a registered dataset (default digits, embedded)")
-parser.add_argument("--preset", default="tiny", help="diffusion preset: tiny (default, CPU), sd1 (the paper), sd2")
+parser.add_argument("--preset", default=DEFAULT_PRESET, help=preset_help(DEFAULT_PRESET))
 parser.add_argument("--budget", choices=sorted(BUDGETS), default="quick",
                     help="quick (default: few trials, short training, x1..x3) or paper "
                          "(50 + 40 trials of 4,000 images, 100-epoch classifiers, x1..x10)")

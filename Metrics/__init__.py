@@ -9,4 +9,5 @@
 | `memorization.py` | nearest real training image of each synthetic image; suspected copies |
 | `quality.py` | all of the above, overall and per class, for a folder of images → a result dict |
 | `cas.py` | classification accuracy score (CAS): a classifier trained on synthetic data, tested on real |
+| `speckle.py` | colour speckle: the share of pixels whose channels disagree (0 for every real image of a grey dataset) |
 """

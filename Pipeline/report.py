@@ -12,7 +12,9 @@
    with tuned settings) beside the paper's;
 3. the two tuning studies: trial counts, search space, winner, history plots;
 4. the settings the final dataset was generated with;
-5. a grid of real and generated samples per class;
+5. a grid of real and generated samples per class, a real-vs-generated
+   comparison per class with upscaled tiles, and for grey datasets the
+   share of colour-speckled pixels (`Metrics.speckle`);
 6. quality metrics (`CAS Results/quality_exp{exp}.json`) when computed;
 7. the exact commands of every stage, their time, and the software versions.
 
@@ -38,6 +40,11 @@ from Utils.paths import (PUBLISHED_CAS_JSON, REPO_ROOT, cas_results_json, experi
 REPORT_FILE = "REPORT.md"
 FIGURES = "figures"
 SAMPLES_PER_CLASS = 8
+# The comparison figure: images per half-row (fewer past 20 classes, so that
+# CIFAR-100's 100 rows stay a figure one can open) and the smallest tile side.
+COMPARISON_PER_CLASS = 8
+COMPARISON_PER_CLASS_MANY = 4
+COMPARISON_MIN_TILE = 96
 STAGE_TITLES = {"after_class_encoder": "after the class encoder (stage 1)",
                 "after_unet_finetune": "after UNet fine-tuning (stage 3)"}
 
@@ -248,7 +255,48 @@ def samples_section(dataset, splits, exp, figures_dir):
     save_image_grid(x, y, names, generated, per_class=SAMPLES_PER_CLASS,
                     title=f"{dataset}: generated images (first of each class)")
     lines.append(f"![generated samples]({FIGURES}/{generated.name})")
+    lines += [""] + comparison_lines(dataset, splits, x, y, figures_dir)
+    if splits.spec.channels == 1:
+        lines += speckle_lines(dataset, splits.x_test, x)
     return lines + [""]
+
+
+def comparison_lines(dataset, splits, x_generated, y_generated, figures_dir):
+    """Writes figures/real_vs_generated.png; returns the report lines that show it."""
+    from Data.images import save_comparison_grid
+
+    names = splits.spec.label_names
+    per_class = COMPARISON_PER_CLASS if len(names) <= 20 else COMPARISON_PER_CLASS_MANY
+    side = min(splits.x_test.shape[1:3])
+    scale = max(1, -(-COMPARISON_MIN_TILE // side))
+    path = figures_dir / "real_vs_generated.png"
+    save_comparison_grid(splits.x_test, splits.y_test, x_generated, y_generated, names, path,
+                         per_class=per_class, min_tile=COMPARISON_MIN_TILE,
+                         title=f"{dataset}: real test images (left) vs generated images (right)")
+    return [f"Real against generated, class by class: each row holds the first {per_class} real test "
+            f"images of the class, then (right of the line) the first {per_class} generated ones, both "
+            f"at the native {side} px, upscaled {scale}x with nearest neighbour to {side * scale} px "
+            "tiles so that single pixels can be judged by eye.", "",
+            f"![real vs generated, per class]({FIGURES}/{path.name})", ""]
+
+
+def speckle_lines(dataset, x_real, x_generated):
+    """The colour-speckle table of a grey dataset: generated images against the real test images."""
+    from Metrics.speckle import DEFAULT_THRESHOLD, speckle_share
+
+    def share(images):
+        value = speckle_share(images, DEFAULT_THRESHOLD)
+        return "< 0.01 %" if 0 < value < 5e-5 else f"{100 * value:.2f} %"
+
+    return ["### Colour speckle", "",
+            f"{dataset} is a grey dataset: every real image has R = G = B, so coloured specks in the "
+            "generated images are pixels whose channels disagree; "
+            f"counted by `Metrics/speckle.py` (max minus min over R, G, B > {DEFAULT_THRESHOLD} "
+            "uint8 levels) at the native size the classifier trains on.", "",
+            f"| images | n | share of pixels whose channels disagree by more than {DEFAULT_THRESHOLD}/255 |",
+            "| --- | --- | --- |",
+            f"| real (test split) | {len(x_real)} | {share(x_real)} |",
+            f"| generated | {len(x_generated)} | {share(x_generated)} |", ""]
 
 
 def quality_section(exp, dataset):

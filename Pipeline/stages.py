@@ -1,6 +1,6 @@
 """The whole pipeline, stage by stage, each skipped when its outputs exist (`reproduce.py`).
 
-    1 enc          SD_adapting.py --train_model enc             class encoder (tiny: + UNet from scratch)
+    1 enc          SD_adapting.py --train_model enc             class encoder (tiny, small: + UNet from scratch)
     2 tune_enc     hyp_opt.py --train_model enc                 Bayesian optimisation #1
     3 enc_default  hyp_opt.py --train_model enc --no-optimize   stage table: after the encoder, defaults
     4 dif          SD_adapting.py --train_model dif             UNet fine-tuning, #1's class encoder frozen
@@ -94,8 +94,13 @@ class Budget:
     enqueue_defaults: bool = False
 
 
+# The embedded default run (`python reproduce.py`): scikit-learn's digits, no download. `small`
+# generates better digits but takes ~13 minutes of an idle 2-core CPU (BENCHMARKS.md), over the
+# 10 minutes the default run must fit in.
+DEFAULT_PRESET = "tiny"
+
 BUDGETS = {
-    # digits + tiny in about 10 minutes on 2 CPU cores (BENCHMARKS.md).
+    # digits + tiny in under 10 minutes on 2 CPU cores; + small in about 13 (BENCHMARKS.md).
     "quick": Budget("quick", enc_epochs=None, dif_epochs=None, n_trials_enc=3, n_trials_dif=3,
                     num_imgs=250, tuning_classifier_epochs=4, classifier_epochs=8,
                     classifier_batch_size=64, max_multiple=3, max_steps="preset", prune_after="half",

@@ -14,6 +14,7 @@ Example:
 """
 
 import argparse
+import math
 import sys
 
 
@@ -39,13 +40,28 @@ def positive_int(text):
     return value
 
 
-def non_negative_float(text):
+def finite_float(text):
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def non_negative_float(text):
+    value = finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected a non-negative number, got {text!r}")
+    return value
+
+
+def decay_rate(text):
+    """A moving-average decay in [0, 1); 0 turns the average off."""
+    value = non_negative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a decay in [0, 1), got {text!r}")
     return value
 
 

@@ -8,15 +8,25 @@ both alike:
 
   sampling  one classifier-free-guided DDIM step of B images: ours is the project's
             `DDIMSampler` step (one compiled call: UNet on 2B + update; XLA optional),
-            diffusers' is its UNet on 2B under inference_mode + `DDIMScheduler.step`;
-  training  one step of the noise-prediction loss: forward, backward and a plain SGD
-            update (no optimizer state: full sd1 would need 4 more copies with Adam),
-            a compiled tf.function against eager PyTorch;
+            diffusers' is its UNet on 2B under inference_mode + `DDIMScheduler.step`,
+            both with the preset's noise schedule and prediction type;
+  training  one step of the preset's regression loss (noise or v target): forward,
+            backward and a plain SGD update (no optimizer state: full sd1 would need
+            4 more copies with Adam), a compiled tf.function against eager PyTorch;
+            reported as seconds per step and images per second;
   profile   (--profile) the forward time per block type (ResBlocks, transformers, ...)
             and micro-benchmarks of the ops inside the slowest, to say why.
 
 Usage (the figures in BENCHMARKS.md):
     nice -n 10 .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets tiny sd1 --profile --xla tiny
+    # the from-scratch preset's training throughput, digits-like (8 px grey, the default for
+    # small) and RetinaMNIST-like; 2 threads in each framework
+    .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --only training --threads 2
+    .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --only training --threads 2 \
+        --image_size 28 --channels 3
+
+Pixel presets model the dataset's channels: `--channels 1` (grey) or 3 (RGB); latent
+presets always have 4.
 
 Prints Markdown tables and one JSON line; --json writes the raw figures.
 """
@@ -44,27 +54,31 @@ import diffusers  # noqa: E402
 from keras import ops  # noqa: E402
 
 from Models.diffusion import diffusers_convert as dc  # noqa: E402
+from Models.diffusion.conditional_diffusion import schedule_for  # noqa: E402
 from Models.diffusion.presets import get_preset  # noqa: E402
 from Models.diffusion.sampler import DDIMSampler  # noqa: E402
-from Models.diffusion.schedule import NoiseSchedule  # noqa: E402
 from Models.diffusion.unet import build_unet, timestep_embedding  # noqa: E402
 
-# Per preset: image size, images per sampling step (2x UNet evaluations), training batch.
+# Per preset: image size, image channels (pixel presets; latent ones have 4), images per
+# sampling step (2x UNet evaluations), training batch. small: digits (8 px, grey) at its
+# enc-stage batch; --image_size / --channels override.
 CASES = {
-    "tiny": dict(image_size=32, sample_batch=16, train_batch=32),
-    "sd1": dict(image_size=128, sample_batch=1, train_batch=2),
+    "tiny": dict(image_size=32, channels=3, sample_batch=16, train_batch=32),
+    "small": dict(image_size=8, channels=1, sample_batch=16, train_batch=32),
+    "sd1": dict(image_size=128, channels=3, sample_batch=1, train_batch=2),
 }
+MEASURES = ("sampling", "training")
 
 
-def build_pair(preset, image_size, seed=0):
+def build_pair(preset, image_size, channels, seed=0):
     """Our UNet (random, seeded) and the diffusers UNet holding the same weights."""
     keras.utils.set_random_seed(seed)
-    unet = build_unet(preset, image_size, preset.context_length)
+    unet = build_unet(preset, image_size, preset.context_length, image_channels=channels)
     rng = np.random.default_rng(seed)
     for variable in unet.weights:  # norms and biases too: no constant tensors
         if len(variable.shape) == 1:
             variable.assign(variable.numpy() + 0.05 * rng.standard_normal(variable.shape).astype("float32"))
-    config = dc.diffusers_unet_config(preset, sample_size=image_size // preset.downsample)
+    config = dc.diffusers_unet_config(preset, sample_size=image_size // preset.downsample, image_channels=channels)
     tensors = dc.unet_tensors(unet, preset)
     with torch.device("meta"):  # no third copy: the parameters become views of `tensors`
         model = diffusers.UNet2DConditionModel.from_config(config)
@@ -75,7 +89,7 @@ def build_pair(preset, image_size, seed=0):
 def inputs(preset, case, batch, seed=0):
     size = case["image_size"] // preset.downsample
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((batch, size, size, preset.latent_channels)).astype("float32")
+    x = rng.standard_normal((batch, size, size, preset.unet_channels(case["channels"]))).astype("float32")
     context = rng.standard_normal((batch, preset.context_length, preset.context_dim)).astype("float32")
     timesteps = rng.integers(0, 1000, batch)
     return x, context, timesteps
@@ -83,6 +97,17 @@ def inputs(preset, case, batch, seed=0):
 
 def nchw(x):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def training_batch(preset, case):
+    """(x_t, timesteps, context, target) of one training step under the preset's schedule."""
+    schedule = schedule_for(preset)
+    x0, context, timesteps = inputs(preset, case, case["train_batch"], seed=1)
+    noise = np.random.default_rng(2).standard_normal(x0.shape).astype("float32")
+    alpha = schedule.alphas_cumprod[timesteps].astype("float32").reshape(-1, 1, 1, 1)
+    x_t = np.sqrt(alpha) * x0 + np.sqrt(1 - alpha) * noise
+    target = noise if schedule.prediction_type == "epsilon" else np.sqrt(alpha) * noise - np.sqrt(1 - alpha) * x0
+    return x_t.astype("float32"), timesteps, context, target.astype("float32")
 
 
 def timed(fn):
@@ -113,7 +138,7 @@ class KerasSampling:
     """One guided DDIM step of the project's sampler (steps of a 50-step schedule)."""
 
     def __init__(self, unet, preset, case, jit_compile=False):
-        self.sampler = DDIMSampler(unet, NoiseSchedule(), preset.timestep_embedding_dim, jit_compile=jit_compile)
+        self.sampler = DDIMSampler(unet, schedule_for(preset), preset.timestep_embedding_dim, jit_compile=jit_compile)
         batch = case["sample_batch"]
         self.x, context, _ = inputs(preset, case, batch)
         self.context, self.uncond = context, context[:1] * 0.5
@@ -123,13 +148,13 @@ class KerasSampling:
 
 
 class TorchSampling:
-    """diffusers' equivalent: UNet on [uncond; cond] + DDIMScheduler.step (SD's config)."""
+    """diffusers' equivalent: UNet on [uncond; cond] + DDIMScheduler.step (SD's config, the preset's schedule)."""
 
     def __init__(self, model, preset, case):
         self.model = model
         self.scheduler = diffusers.DDIMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-            set_alpha_to_one=False, steps_offset=1)
+            beta_start=0.00085, beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+            **schedule_for(preset).config())
         self.scheduler.set_timesteps(1)
         x, context, _ = inputs(preset, case, case["sample_batch"])
         self.x = nchw(x)
@@ -145,17 +170,13 @@ class TorchSampling:
 
 
 class KerasTraining:
-    """Forward + backward + SGD update of the noise-prediction MSE, as one tf.function."""
+    """Forward + backward + SGD update of the regression MSE, as one tf.function."""
 
     def __init__(self, unet, preset, case, jit_compile=False):
         self.unet, self.preset = unet, preset
         self.optimizer = keras.optimizers.SGD(1e-4)
         self.optimizer.build(unet.trainable_variables)
-        x, context, timesteps = inputs(preset, case, case["train_batch"], seed=1)
-        noise = np.random.default_rng(2).standard_normal(x.shape).astype("float32")
-        alpha = NoiseSchedule().alphas_cumprod[timesteps].astype("float32").reshape(-1, 1, 1, 1)
-        self.batch = [tf.constant(np.sqrt(alpha) * x + np.sqrt(1 - alpha) * noise),
-                      tf.constant(timesteps), tf.constant(context), tf.constant(noise)]
+        self.batch = [tf.constant(value) for value in training_batch(preset, case)]
         self.step = tf.function(self._step, jit_compile=jit_compile)
 
     def _step(self, x_t, timesteps, context, noise):
@@ -174,11 +195,8 @@ class TorchTraining:
     def __init__(self, model, preset, case):
         self.model = model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-        x, context, timesteps = inputs(preset, case, case["train_batch"], seed=1)
-        noise = np.random.default_rng(2).standard_normal(x.shape).astype("float32")
-        alpha = NoiseSchedule().alphas_cumprod[timesteps].astype("float32").reshape(-1, 1, 1, 1)
-        self.batch = (nchw(np.sqrt(alpha) * x + np.sqrt(1 - alpha) * noise), torch.from_numpy(timesteps),
-                      torch.from_numpy(context), nchw(noise))
+        x_t, timesteps, context, target = training_batch(preset, case)
+        self.batch = (nchw(x_t), torch.from_numpy(timesteps), torch.from_numpy(context), nchw(target))
 
     def __call__(self):
         x_t, timesteps, context, noise = self.batch
@@ -314,9 +332,13 @@ def op_profile(preset, case, rounds):
 
 
 # ----- report -------------------------------------------------------------------------------
-def run_preset(name, rounds, profile, xla):
-    preset, case = get_preset(name), CASES[name]
-    unet, model, tensors = build_pair(preset, case["image_size"])
+def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES):
+    preset = get_preset(name)
+    case = {**CASES[name], **{key: value for key, value in (overrides or {}).items() if value is not None}}
+    case["channels"] = preset.unet_channels(case["channels"])
+    if case["image_size"] % preset.min_image_size:
+        raise SystemExit(f"error: {name} needs an image size that is a multiple of {preset.min_image_size}")
+    unet, model, tensors = build_pair(preset, case["image_size"], case["channels"])
     params = sum(int(np.prod(v.shape)) for v in unet.weights)
     result = {"preset": name, **case, "params": params, "max_abs_diff": parity(unet, model, preset, case)}
     if preset.gelu_approximate:  # keras-cv's tanh GELU (the sd presets): the exact one, as diffusers
@@ -324,34 +346,43 @@ def run_preset(name, rounds, profile, xla):
         result["max_abs_diff_exact_gelu"] = parity(unet, model, preset, case)
         set_exact_gelu(unet, False)
 
-    sampling = {"keras": KerasSampling(unet, preset, case), "torch": TorchSampling(model, preset, case)}
-    if xla:
-        sampling["keras_xla"] = KerasSampling(unet, preset, case, jit_compile=True)
-    result["sampling_s"] = side_by_side(sampling, rounds)
-    del sampling
-    gc.collect()
+    if "sampling" in measures:
+        sampling = {"keras": KerasSampling(unet, preset, case), "torch": TorchSampling(model, preset, case)}
+        if xla:
+            sampling["keras_xla"] = KerasSampling(unet, preset, case, jit_compile=True)
+        result["sampling_s"] = side_by_side(sampling, rounds)
+        del sampling
+        gc.collect()
     if profile:
         result["blocks_s"] = block_profile(unet, model, preset, case, rounds)
         result["ops_s"] = op_profile(preset, case, rounds)
-    training = {"keras": KerasTraining(unet, preset, case), "torch": TorchTraining(model, preset, case)}
-    result["training_s"] = side_by_side(training, rounds)
-    del training, unet, model, tensors
+    if "training" in measures:
+        training = {"keras": KerasTraining(unet, preset, case), "torch": TorchTraining(model, preset, case)}
+        result["training_s"] = side_by_side(training, rounds)
+        del training
+    del unet, model, tensors
     keras.backend.clear_session()
     gc.collect()
     return result
 
 
 def markdown(results):
-    lines = ["| preset | what | Keras/TF s | PyTorch s | Keras / PyTorch |", "| --- | --- | --- | --- | --- |"]
+    lines = ["| preset | what | Keras/TF s | PyTorch s | Keras img/s | PyTorch img/s | Keras / PyTorch (time) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        for what, key, unit in (("guided DDIM step", "sampling_s", f"{r['sample_batch']} img"),
-                                ("training step (SGD)", "training_s", f"batch {r['train_batch']}")):
+        for what, key, images in (("guided DDIM step", "sampling_s", r["sample_batch"]),
+                                  ("training step (SGD)", "training_s", r["train_batch"])):
+            if key not in r:
+                continue
+            unit = f"{images} img" if key == "sampling_s" else f"batch {images}"
             keras_s, torch_s = (statistics.median(r[key][side]) for side in ("keras", "torch"))
-            lines.append(f"| {r['preset']} ({r['image_size']} px, {r['params'] / 1e6:.1f}M) | {what}, {unit} | "
-                         f"{keras_s:.3f} | {torch_s:.3f} | {keras_s / torch_s:.2f} |")
+            lines.append(f"| {r['preset']} ({r['image_size']} px x {r['channels']}, {r['params'] / 1e6:.2f}M) | "
+                         f"{what}, {unit} | {keras_s:.4f} | {torch_s:.4f} | {images / keras_s:.0f} | "
+                         f"{images / torch_s:.0f} | {keras_s / torch_s:.2f} |")
             if "keras_xla" in r[key]:
                 xla_s = statistics.median(r[key]["keras_xla"])
-                lines.append(f"| | {what}, XLA | {xla_s:.3f} | {torch_s:.3f} | {xla_s / torch_s:.2f} |")
+                lines.append(f"| | {what}, XLA | {xla_s:.4f} | {torch_s:.4f} | {images / xla_s:.0f} | "
+                             f"{images / torch_s:.0f} | {xla_s / torch_s:.2f} |")
     for r in results:
         lines.append(f"\n{r['preset']}: same weights, one noise prediction: max abs difference "
                      f"{r['max_abs_diff']:.2e}" + (f" (tanh GELU of the preset; {r['max_abs_diff_exact_gelu']:.2e} "
@@ -370,7 +401,7 @@ def markdown(results):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", nargs="+", default=["tiny", "sd1"], choices=sorted(CASES))
+    parser.add_argument("--presets", "--preset", nargs="+", default=["tiny", "sd1"], choices=sorted(CASES))
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per measurement (median)")
     parser.add_argument("--profile", action="store_true", help="per block type and per op timings")
     parser.add_argument("--xla", nargs="*", default=[], choices=sorted(CASES), metavar="PRESET",
@@ -379,11 +410,22 @@ def main(argv=None):
                         help="threads per op in both frameworks (default: every core). On a shared CPU "
                              "use 1: PyTorch's worker threads spin-wait and slow down many times over")
     parser.add_argument("--json", type=Path, default=None, help="write the raw figures here")
+    parser.add_argument("--only", nargs="+", default=list(MEASURES), choices=MEASURES,
+                        help="what to time (default: both)")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="image size in pixels for every preset (default: the preset's case, small: 8)")
+    parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                        help="image channels of pixel presets: 1 grey, 3 RGB (default: the case's, small: 1)")
+    parser.add_argument("--train_batch", type=int, default=None, help="training batch (default: the case's)")
+    parser.add_argument("--sample_batch", type=int, default=None, help="images per DDIM step (default: the case's)")
     args = parser.parse_args(argv)
+    overrides = {"image_size": args.image_size, "channels": args.channels,
+                 "train_batch": args.train_batch, "sample_batch": args.sample_batch}
     torch.set_num_threads(args.threads)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    results = [run_preset(name, args.rounds, args.profile, name in args.xla) for name in args.presets]
+    results = [run_preset(name, args.rounds, args.profile, name in args.xla, overrides, args.only)
+               for name in args.presets]
     env = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "machine": platform.processor(),
            "tensorflow": tf.__version__, "keras": keras.__version__, "torch": torch.__version__,
            "diffusers": diffusers.__version__, "torch_threads": torch.get_num_threads(),

@@ -4,7 +4,7 @@ Numerical parity against diffusers itself is in test_diffusers_parity.py; here t
 converter's own contract: it never imports torch or diffusers, derives our presets from
 the real SD 1.5 / SD 2.1 configs, refuses unsupported configs in one line, names every
 missing / unexpected / mismatched tensor without touching the model, and round-trips
-our UNet through a diffusers folder exactly.
+our UNet through a diffusers folder exactly (RGB and grey pixel UNets, tiny and small).
 """
 
 import dataclasses
@@ -26,6 +26,9 @@ from Models.diffusion.unet import build_unet, timestep_embedding
 from Utils.cli import UserError
 
 TINY = get_preset("tiny")
+# Three levels, attention at the lowest only (a candidate layout of `small`).
+THREE_LEVELS = dataclasses.replace(get_preset("small"), name="three_levels", level_channels=(32, 64, 128),
+                                   level_attention=(False, False, True), level_heads=(4, 4, 4))
 _SD_BLOCKS = dict(
     down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
     up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
@@ -87,6 +90,8 @@ def test_published_sd_configs_give_our_sd_presets(config, name):
         assert ours[key] == config[key], key
     assert np.broadcast_to(config["attention_head_dim"], 4).tolist() == ours["attention_head_dim"]
     assert ours["use_linear_projection"] == config.get("use_linear_projection", False)
+    # latent UNets have 4 channels whatever the images have
+    assert dc.diffusers_unet_config(preset, image_channels=1)["in_channels"] == 4
 
 
 def test_the_wrong_base_preset_names_every_differing_field():
@@ -105,6 +110,8 @@ def test_an_unknown_architecture_keeps_the_nearest_presets_defaults():
 
 @pytest.mark.parametrize("change, named", [
     (dict(in_channels=9), "in_channels=9"),  # the inpainting UNet
+    (dict(in_channels=2, out_channels=2), "in_channels=2"),
+    (dict(in_channels=1, out_channels=3), "in_channels=1, out_channels=3"),
     (dict(addition_embed_type="text_time"), "addition_embed_type='text_time'"),  # SDXL
     (dict(transformer_layers_per_block=[1, 2, 10, 1]), "transformer_layers_per_block"),
     (dict(class_embed_type="timestep"), "class_embed_type"),
@@ -139,6 +146,52 @@ def test_our_unet_round_trips_exactly_through_a_diffusers_folder(tiny_unet, tiny
               timestep_embedding(ops.convert_to_tensor([300]), TINY.timestep_embedding_dim),
               ops.convert_to_tensor(rng.standard_normal((1, 4, 64)).astype("float32"))]
     np.testing.assert_array_equal(np.asarray(tiny_unet(inputs)), np.asarray(unet(inputs)))
+
+
+@pytest.mark.parametrize("name, channels", [("tiny", 1), ("small", 1), ("small", 3), ("three_levels", 1)])
+def test_grey_and_small_unets_round_trip_exactly(tmp_path, name, channels):
+    """Pixel UNets keep the dataset's channels both ways; any level layout maps generically."""
+    preset = THREE_LEVELS if name == "three_levels" else get_preset(name)
+    keras.utils.set_random_seed(1)
+    unet = build_unet(preset, image_size=None, image_channels=channels)
+    _random_weights(unet, 1)
+    written = dc.save_unet_as_diffusers(unet, preset, tmp_path / "unet")
+    assert written["in_channels"] == written["out_channels"] == channels
+    assert written["down_block_types"] == ["CrossAttnDownBlock2D" if a else "DownBlock2D"
+                                           for a in preset.level_attention]
+    if name == "three_levels":
+        assert written["down_block_types"] == ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"]
+        assert written["up_block_types"] == ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"]
+    config, tensors = dc.read_diffusers_model(tmp_path / "unet")
+    assert dc.unet_preset_from_config(config, base=preset) == preset
+    derived = dc.unet_preset_from_config(config)
+    assert all(getattr(derived, key) == getattr(preset, key) for key in dc.UNET_ARCHITECTURE_FIELDS)
+    assert tensors["conv_in.weight"].shape == (32, channels, 3, 3)
+    assert tensors["conv_out.weight"].shape == (channels, 32, 3, 3)
+    back = build_unet(preset, image_size=8, image_channels=config["in_channels"])
+    dc.load_unet_weights(back, preset, tensors)
+    rng = np.random.default_rng(1)
+    inputs = [ops.convert_to_tensor(rng.standard_normal((1, 8, 8, channels)).astype("float32")),
+              timestep_embedding(ops.convert_to_tensor([300]), preset.timestep_embedding_dim),
+              ops.convert_to_tensor(rng.standard_normal((1, 4, preset.context_dim)).astype("float32"))]
+    np.testing.assert_array_equal(np.asarray(unet(inputs)), np.asarray(back(inputs)))
+    # a grey checkpoint does not load into an RGB UNet: the first and last convolutions are named
+    if channels == 1:
+        with pytest.raises(UserError, match=r"shape mismatch 3: conv_in.weight \(32, 1, 3, 3\) "
+                                            r"\(expected \(32, 3, 3, 3\)\), conv_out.weight .*conv_out.bias"):
+            dc.load_unet_weights(build_unet(preset, image_size=8, image_channels=3), preset, tensors)
+
+
+def test_presets_sharing_an_architecture_take_the_first_and_say_so(tmp_path, tiny_folder, monkeypatch, capsys):
+    twin = dataclasses.replace(TINY, name="twin", beta_schedule="squaredcos_cap_v2")
+    monkeypatch.setitem(dc.PRESETS, "twin", twin)
+    matching = dc.presets_with_architecture(twin)
+    assert matching[0] == "tiny" and matching[-1] == "twin"  # in PRESETS order
+    config, _ = dc.read_diffusers_model(tiny_folder / "unet")
+    assert dc.unet_preset_from_config(config).name == "tiny"
+    assert dc.unet_preset_from_config(config, base=twin) == twin
+    assert convert_diffusers.main(["to-keras", str(tiny_folder), "--out", str(tmp_path / "out")]) == 0
+    assert "share this UNet architecture" in capsys.readouterr().out
 
 
 def test_missing_unexpected_and_mismatched_tensors_are_named_and_nothing_is_loaded(tiny_folder):
@@ -228,6 +281,30 @@ def test_command_line_round_trip(tmp_path, tiny_folder):
         (tiny_folder / "unet" / "config.json").read_text())
 
 
+def test_command_line_round_trip_of_a_grey_unet(tmp_path):
+    """to-keras records the UNet's channels; to-diffusers reads them, or finds them from the weights."""
+    keras.utils.set_random_seed(2)
+    grey = build_unet(TINY, image_size=None, image_channels=1)
+    _random_weights(grey, 2)
+    dc.save_unet_as_diffusers(grey, TINY, tmp_path / "grey")
+    out = tmp_path / "keras"
+    assert convert_diffusers.main(["to-keras", str(tmp_path / "grey"), "--out", str(out)]) == 0
+    recorded = json.loads((out / "unet_preset.json").read_text())
+    assert recorded["name"] == "tiny" and recorded["unet_channels"] == 1
+    original = load_file(tmp_path / "grey" / "diffusion_pytorch_model.safetensors")
+    for preset_arg, back in ((str(out / "unet_preset.json"), "from_file"), ("tiny", "found")):
+        assert convert_diffusers.main(["to-diffusers", "--preset", preset_arg, "--unet_weights",
+                                       str(out / "unet.weights.h5"), "--out", str(tmp_path / back)]) == 0
+        assert json.loads((tmp_path / back / "config.json").read_text())["in_channels"] == 1
+        written = load_file(tmp_path / back / "diffusion_pytorch_model.safetensors")
+        assert sorted(written) == sorted(original)
+        assert all(np.array_equal(original[name], written[name]) for name in original)
+    with pytest.raises(UserError, match=r"does not fit the tiny UNet \(3 channels\)"):
+        convert_diffusers.main(["to-diffusers", "--preset", "tiny", "--image_channels", "3", "--unet_weights",
+                                str(out / "unet.weights.h5"), "--out", str(tmp_path / "rgb")])
+    assert not (tmp_path / "rgb").exists()
+
+
 def test_command_line_errors_are_one_line_and_write_nothing(tmp_path, tiny_folder, run_script):
     # a tensor with the wrong shape: named, exit 2, no output folder content
     broken = tmp_path / "broken"
@@ -255,8 +332,11 @@ def test_command_line_errors_are_one_line_and_write_nothing(tmp_path, tiny_folde
     assert not (tmp_path / "out").exists()
 
 
-def test_install_as_a_fine_tuned_unet_checkpoint(tmp_path, monkeypatch, tiny_unet, tiny_folder):
-    """to-keras --dataset: the UNet becomes DiffusionFt epoch K beside class-encoder epoch N."""
+def test_install_as_a_fine_tuned_unet_checkpoint(tmp_path, monkeypatch, tiny_folder):
+    """to-keras --dataset: the UNet becomes DiffusionFt epoch K beside class-encoder epoch N.
+
+    digits is grey: the installed UNet must have 1 channel; an RGB one is refused.
+    """
     import h5py
 
     from Data.registry import get_spec
@@ -266,7 +346,11 @@ def test_install_as_a_fine_tuned_unet_checkpoint(tmp_path, monkeypatch, tiny_une
 
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
     spec = get_spec("digits")
-    args = ["to-keras", str(tiny_folder), "--dataset", "digits", "--enc_epoch", "3", "--dif_epoch", "2"]
+    keras.utils.set_random_seed(1)
+    tiny_unet = build_unet(TINY, image_size=None, image_channels=spec.channels)
+    _random_weights(tiny_unet, 1)
+    dc.save_unet_as_diffusers(tiny_unet, TINY, tmp_path / "grey_unet")
+    args = ["to-keras", str(tmp_path / "grey_unet"), "--dataset", "digits", "--enc_epoch", "3", "--dif_epoch", "2"]
     with pytest.raises(UserError, match="no class-encoder checkpoint for epoch 3"):
         convert_diffusers.main(args)
     enc_dir = diffusion_checkpoint_dir(0, "digits", "enc")
@@ -276,8 +360,12 @@ def test_install_as_a_fine_tuned_unet_checkpoint(tmp_path, monkeypatch, tiny_une
     encoder.build((None, 10))
     ck.save_parts(ck.weights_path(enc_dir, 3), {"class_encoder": encoder, "unet": tiny_unet})
 
-    assert convert_diffusers.main(args) == 0
     dif_dir = diffusion_checkpoint_dir(0, "digits", "dif")
+    with pytest.raises(UserError, match=r"^the diffusers UNet has 3 input channels, the tiny UNet for digits "
+                                        r"\(1-channel images\) needs 1$"):
+        convert_diffusers.main(["to-keras", str(tiny_folder), *args[2:]])
+    assert not dif_dir.exists()
+    assert convert_diffusers.main(args) == 0
     settings = json.loads((dif_dir / "settings.json").read_text())
     assert settings["enc_epoch"] == 3 and settings["preset"] == "tiny" and "diffusers" in settings["source"]
     with h5py.File(ck.weights_path(dif_dir, 2), "r") as f:  # checkpoints.py's layout, our weights

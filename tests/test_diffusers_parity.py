@@ -9,7 +9,8 @@ abs difference < 1e-4:
   and structure as SD 1.x, small widths), an SD-2.x-layout config (linear projections,
   per-level heads) and our `tiny` layout (pixel space, attention at the lower level);
 - the reverse direction: our UNet written as a diffusers folder and read back by
-  diffusers' own `from_pretrained`;
+  diffusers' own `from_pretrained`, then saved by diffusers and read back by us (tiny,
+  RGB and grey, `small`, and a three-level layout with attention at the lowest only);
 - AutoencoderKL encode / decode: our autoencoder builder is not parameterised by width,
   so this runs at full width (~84M parameters) with random weights at 16 px;
 - our DDIM sampler with classifier-free guidance against diffusers' `DDIMScheduler`
@@ -100,7 +101,8 @@ def _nhwc(x):
 def _compare_unets(diffusers_unet, unet, preset, latent_size, seed=0):
     """Max abs difference of the noise predictions on the same random inputs."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((2, latent_size, latent_size, preset.latent_channels)).astype("float32")
+    channels = dc.unet_image_channels(unet)
+    x = rng.standard_normal((2, latent_size, latent_size, channels)).astype("float32")
     context = rng.standard_normal((2, CONTEXT_LENGTH, preset.context_dim)).astype("float32")
     timesteps = np.array([999, 1])  # both ends of the sinusoidal embedding's range
     ours = unet([ops.convert_to_tensor(x),
@@ -146,18 +148,36 @@ def test_unet_matches_diffusers_for_the_tiny_layout(tiny_pair):
     assert _compare_unets(model, unet, get_preset("tiny"), latent_size=12) < TOLERANCE
 
 
-def test_our_unet_exported_loads_in_diffusers_with_the_same_output(tmp_path):
-    """The reverse direction: a UNet trained here, sampled by diffusers' own loader."""
-    preset = dataclasses.replace(get_preset("tiny"), linear_attention_projection=True)  # both projections
+# Three levels, attention at the lowest only (a candidate layout of `small`).
+THREE_LEVELS = dict(level_channels=(32, 64, 128), level_attention=(False, False, True), level_heads=(4, 4, 4))
+
+
+@pytest.mark.parametrize("preset_name, channels, change", [
+    ("tiny", 3, dict(linear_attention_projection=True)), ("tiny", 1, {}), ("small", 1, {}), ("small", 1, THREE_LEVELS),
+], ids=["tiny-rgb-linear", "tiny-grey", "small-grey", "three-levels-grey"])
+def test_our_unet_exported_loads_in_diffusers_with_the_same_output(tmp_path, preset_name, channels, change):
+    """The reverse direction: a UNet trained here, sampled by diffusers' own loader, and back."""
+    preset = dataclasses.replace(get_preset(preset_name), **change)
+    linear = preset.linear_attention_projection
     keras.utils.set_random_seed(3)
-    unet = build_unet(preset, image_size=8, context_length=CONTEXT_LENGTH)
+    unet = build_unet(preset, image_size=8, context_length=CONTEXT_LENGTH, image_channels=channels)
     rng = np.random.default_rng(3)
     for variable in unet.weights:  # like a trained model: no constant norms or zero biases
         variable.assign(variable.numpy() + 0.05 * rng.standard_normal(variable.shape).astype("float32"))
     dc.save_unet_as_diffusers(unet, preset, tmp_path / "unet")
     model = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "unet").eval()
-    assert model.config.use_linear_projection
+    assert model.config.use_linear_projection == linear
+    assert model.config.in_channels == model.config.out_channels == channels
     assert _compare_unets(model, unet, preset, latent_size=8, seed=3) < TOLERANCE
+    # diffusers' own save, read by us: the preset and the channel count come from its config
+    model.save_pretrained(tmp_path / "saved")
+    config, tensors = dc.read_diffusers_model(tmp_path / "saved")
+    back_preset = dc.unet_preset_from_config(config)
+    assert all(getattr(back_preset, key) == getattr(preset, key) for key in dc.UNET_ARCHITECTURE_FIELDS)
+    back = build_unet(back_preset, image_size=None, context_length=CONTEXT_LENGTH,
+                      image_channels=config["in_channels"])
+    dc.load_unet_weights(back, back_preset, tensors)
+    assert _compare_unets(model, back, back_preset, latent_size=8, seed=4) < TOLERANCE
 
 
 def test_autoencoder_matches_diffusers_encode_and_decode():
@@ -230,7 +250,7 @@ def _train_briefly(model, contexts, uncond, steps=50, seed=0):
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    images = torch.from_numpy((digits.images / 8.0 - 1.0).astype("float32"))[:, None].repeat(1, 3, 1, 1)
+    images = torch.from_numpy((digits.images / 8.0 - 1.0).astype("float32"))[:, None]  # grey: 1 channel
     labels = torch.from_numpy(digits.target)
     contexts, uncond = torch.from_numpy(np.array(contexts)), torch.from_numpy(np.array(uncond))
     alphas_cumprod = torch.from_numpy(NoiseSchedule().alphas_cumprod.astype("float32"))
@@ -240,7 +260,7 @@ def _train_briefly(model, contexts, uncond, steps=50, seed=0):
     for _ in range(steps):
         chosen = torch.randint(0, len(images), (64,), generator=generator)
         t = torch.randint(0, 1000, (64,), generator=generator)
-        noise = torch.randn((64, 3, 8, 8), generator=generator)
+        noise = torch.randn((64, 1, 8, 8), generator=generator)
         alpha = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = alpha.sqrt() * images[chosen] + (1 - alpha).sqrt() * noise
         # 10% unconditional, so that guidance has a direction to extrapolate from
@@ -253,9 +273,11 @@ def _train_briefly(model, contexts, uncond, steps=50, seed=0):
     return model.eval()
 
 
-def test_converted_unet_generates_the_same_images_through_generate_dataset(tmp_path, monkeypatch, run_script,
-                                                                           tiny_pair):
-    """digits, tiny: a diffusers UNet -> our checkpoint -> generate_dataset.py PNGs == a diffusers loop."""
+def test_converted_unet_generates_the_same_images_through_generate_dataset(tmp_path, monkeypatch, run_script):
+    """digits, tiny: a diffusers UNet -> our checkpoint -> generate_dataset.py PNGs == a diffusers loop.
+
+    digits is grey: the UNets on both sides have 1 channel in and out, our PNGs are mode L.
+    """
     from PIL import Image
 
     import convert_diffusers
@@ -276,11 +298,13 @@ def test_converted_unet_generates_the_same_images_through_generate_dataset(tmp_p
     keras.utils.set_random_seed(5)
     encoder = ClassEncoder(10, tiny.context_length, tiny.context_dim, hidden=tiny.class_encoder_hidden)
     encoder.build((None, 10))
-    ck.save_parts(ck.weights_path(enc_dir, 1), {"class_encoder": encoder, "unet": tiny_pair[1]})
+    enc_unet = build_unet(tiny, image_size=None, context_length=tiny.context_length, image_channels=spec.channels)
+    ck.save_parts(ck.weights_path(enc_dir, 1), {"class_encoder": encoder, "unet": enc_unet})
     contexts = np.asarray(encoder(ops.eye(10)))
     uncond = np.asarray(encoder(ops.zeros((1, 10))))
     # A diffusers UNet trained a little in PyTorch, saved by diffusers, installed as fine-tuned epoch 1.
-    diffusers_unet = _train_briefly(_diffusers_unet(dc.diffusers_unet_config(tiny), seed=4), contexts, uncond)
+    config = dc.diffusers_unet_config(tiny, image_channels=spec.channels)
+    diffusers_unet = _train_briefly(_diffusers_unet(config, seed=4), contexts, uncond)
     diffusers_unet.save_pretrained(tmp_path / "diffusers_unet")
     assert convert_diffusers.main(["to-keras", str(tmp_path / "diffusers_unet"), "--dataset", "digits",
                                    "--enc_epoch", "1", "--dif_epoch", "1"]) == 0
@@ -295,10 +319,12 @@ def test_converted_unet_generates_the_same_images_through_generate_dataset(tmp_p
 
     labels = np.repeat(np.arange(10), per_class)
     indices = np.tile(np.arange(per_class), 10)
-    ours = np.stack([np.asarray(Image.open(out / f"class_{c:02d}" / f"img_{n}.png").convert("RGB"))
-                     for c, n in zip(labels, indices)])
-    # The diffusers side: our class encoder's contexts, the same initial noise, DDIMScheduler.
-    noise, _ = initial_noise(seed, labels, indices, (8, 8, 3))
+    pngs = [Image.open(out / f"class_{c:02d}" / f"img_{n}.png") for c, n in zip(labels, indices)]
+    assert {png.mode for png in pngs} == {"L"}
+    ours = np.stack([np.asarray(png.convert("RGB")) for png in pngs])
+    # The diffusers side: our class encoder's contexts, the same initial noise, DDIMScheduler;
+    # to_uint8_images repeats its single channel to three, as PIL's L -> RGB does.
+    noise, _ = initial_noise(seed, labels, indices, (8, 8, 1))
     _, x0 = _diffusers_ddim(diffusers_unet, noise, contexts[labels],
                             np.repeat(uncond, len(labels), 0), steps, ugs)
     theirs = to_uint8_images(x0)

@@ -82,7 +82,7 @@ def test_layout_and_manifest(reference):
     assert set(files) == {f"class_{c:02d}/img_{n}.png" for c in range(10) for n in range(COUNTS[c])}
     for name in files:
         with Image.open(reference / name) as image:
-            assert image.size == (8, 8) and image.mode == "RGB"
+            assert image.size == (8, 8) and image.mode == "L"  # digits are grey: so are the PNGs
     manifest = json.loads((reference / "manifest.json").read_text())
     assert manifest["complete"] is True and manifest["img_total"] == 43
     assert manifest["counts_on_disk"] == COUNTS and manifest["per_class"] == COUNTS

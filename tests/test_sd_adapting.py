@@ -42,7 +42,7 @@ def csv_epochs(path):
 # ----- the model: what each stage trains -------------------------------------------------------
 def _one_eager_step(model, data):
     model.compile(optimizer=make_optimizer(1e-2, 10), run_eagerly=True)
-    model.fit(data[0], data[1], batch_size=len(data[0]), epochs=1, verbose=0)
+    model.fit((data[0], data[1]), batch_size=len(data[0]), epochs=1, verbose=0)
 
 
 @pytest.fixture(scope="module")

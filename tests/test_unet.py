@@ -66,7 +66,7 @@ def test_presets_have_the_papers_settings():
 
 
 def test_unknown_preset_is_one_line_user_error():
-    with pytest.raises(UserError, match="unknown diffusion preset 'sd3'.*sd1, sd2, tiny"):
+    with pytest.raises(UserError, match="unknown diffusion preset 'sd3'.*sd1, sd2, tiny, small"):
         get_preset("sd3")
 
 

@@ -6,13 +6,16 @@ Layout of one stage's folder (`Utils.paths.diffusion_checkpoint_dir(exp, dataset
     settings.json                 what the checkpoints were trained with (checked on every reuse)
     epoch_{E:03d}.weights.h5      weights of the trained part after epoch E (1-based), every --freq
                                   epochs and at the last one; kept for model selection
-    epoch_{E:03d}.optimizer.h5    optimizer state + epoch counter, only for the newest checkpoint
+    epoch_{E:03d}.optimizer.h5    training state, only for the newest checkpoint: optimizer variables
+                                  (with the weight averages), epoch counter and, with an EMA, the
+                                  trained (not averaged) weights
     log.csv, logs/                loss per epoch (CSV), TensorBoard events
     samples_epoch_{E:03d}.png     a grid of generated samples per class
 
 The trained part is the class encoder in "enc" (plus the UNet for presets without
-pretrained weights: `tiny` trains it from scratch in that stage) and the UNet in
-"dif". A checkpoint E is resumable when both of its files exist; the optimizer
+pretrained weights: `tiny` and `small` train it from scratch in that stage) and the UNet
+in "dif". With an EMA (`--ema_decay`) the weights files hold the moving averages, which
+are what generation uses. A checkpoint E is resumable when both of its files exist; the optimizer
 file is written first and the weights file last, each atomically, so a run
 killed at any moment leaves the previous checkpoint complete.
 
@@ -38,8 +41,12 @@ from Utils.paths import diffusion_checkpoint_dir
 
 SETTINGS_FILE = "settings.json"
 # Settings that make checkpoints incompatible with a model: checked on every load.
+# The noise schedule and what the UNet predicts are fixed by the stage that first trains the
+# UNet (sd: its pretraining) and read back by every later stage and by generation.
+SCHEDULE_KEYS = ("beta_schedule", "prediction_type", "rescale_betas_zero_snr", "timestep_spacing")
 IDENTITY_KEYS = ("preset", "dataset", "num_classes", "image_size", "context_length", "context_dim",
-                 "random_init", "init_seed")
+                 "unet_channels", "random_init", "init_seed", *SCHEDULE_KEYS)
+TRAINED_GROUP = "trained_weights"  # in the optimizer file: the weights themselves when the weights file holds averages
 _WEIGHTS_RE = re.compile(r"^epoch_(\d+)\.weights\.h5$")
 
 
@@ -57,13 +64,22 @@ def image_size_for(preset, spec):
     return int(preset.image_size or spec.image_size)
 
 
-def model_identity(preset, spec, random_init, init_seed):
-    """The identity part of settings.json (see IDENTITY_KEYS)."""
+def model_identity(preset, spec, random_init, init_seed, recipe=None):
+    """The identity part of settings.json (see IDENTITY_KEYS); `recipe` overrides the preset's schedule."""
     preset = get_preset(preset)
+    recipe = {**preset.recipe(), **(recipe or {})}
     return {"preset": preset.name, "dataset": spec.name, "num_classes": spec.num_classes,
             "image_size": image_size_for(preset, spec), "context_length": preset.context_length,
-            "context_dim": preset.context_dim, "random_init": bool(random_init or not preset.pretrained),
-            "init_seed": int(init_seed)}
+            "context_dim": preset.context_dim, "unet_channels": preset.unet_channels(spec.channels),
+            "random_init": bool(random_init or not preset.pretrained), "init_seed": int(init_seed),
+            **{key: recipe[key] for key in SCHEDULE_KEYS}}
+
+
+def schedule_settings(settings):
+    """The SCHEDULE_KEYS of a settings.json (older files without them: the paper's schedule)."""
+    defaults = {"beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+                "rescale_betas_zero_snr": False, "timestep_spacing": "leading"}
+    return {key: settings.get(key, defaults[key]) for key in SCHEDULE_KEYS}
 
 
 # ----- weight files ------------------------------------------------------------------------
@@ -75,8 +91,8 @@ def _write_variables(group, variables):
 
 
 def _read_values(group):
-    """`_write_variables`' values, in order."""
-    return [group[key][()] for key in sorted(group.keys())]
+    """`_write_variables`' values, in order (sub-groups are not variables of this group)."""
+    return [group[key][()] for key in sorted(group.keys()) if isinstance(group[key], h5py.Dataset)]
 
 
 def save_parts(path, parts, attrs=None):
@@ -107,16 +123,21 @@ def load_parts(path, parts):
         raise UserError(f"cannot read checkpoint {path}: {e}") from None
 
 
-def save_optimizer(path, optimizer, epoch):
-    """The optimizer's variables (iterations, moments, loss scale) and the epoch counter."""
+def save_optimizer(path, optimizer, epoch, trained_parts=None):
+    """The training state: the optimizer's variables (iterations, moments, weight averages, loss
+    scale), the epoch counter and, when the weights file holds averages, the trained weights
+    themselves (`trained_parts`, {name: layer}) so that a resumed run continues both exactly."""
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["epoch"] = int(epoch)
             _write_variables(f, optimizer.variables)
+            for name, layer in (trained_parts or {}).items():
+                _write_variables(f.create_group(f"{TRAINED_GROUP}/{name}"), layer.weights)
 
 
-def load_optimizer(path, optimizer):
-    """Restores `save_optimizer`'s state into a built optimizer; returns the stored epoch."""
+def load_optimizer(path, optimizer, trained_parts=None):
+    """Restores `save_optimizer`'s state into a built optimizer (and the trained weights into
+    `trained_parts` where the file has them); returns the stored epoch."""
     try:
         with h5py.File(path, "r") as f:
             values = _read_values(f)
@@ -124,9 +145,15 @@ def load_optimizer(path, optimizer):
                 raise UserError(f"optimizer state {path} does not fit this model")
             for variable, value in zip(optimizer.variables, values):
                 variable.assign(value)
-            return int(f.attrs["epoch"])
+            epoch = int(f.attrs["epoch"])
     except OSError as e:
         raise UserError(f"cannot read optimizer state {path}: {e}") from None
+    if trained_parts:
+        with h5py.File(path, "r") as f:
+            has_trained = TRAINED_GROUP in f
+        if has_trained:
+            load_parts(path, {f"{TRAINED_GROUP}/{name}": layer for name, layer in trained_parts.items()})
+    return epoch
 
 
 def saved_epochs(folder):
@@ -176,23 +203,26 @@ def require_checkpoint(folder, epoch, what):
 
 
 # ----- building and loading models ---------------------------------------------------------
-def build_model(preset, spec, stage="enc", random_init=False, init_seed=0, cond_dropout=0.0,
-                seed=0, with_autoencoder=True):
+def build_model(preset, spec, stage="enc", random_init=False, init_seed=0, seed=0, with_autoencoder=True,
+                recipe=None):
     """A ClassConditionalDiffusion for `spec`, initialised as the pipeline does.
 
     The parts are built in a fixed order right after seeding with `init_seed`,
-    so random weights (tiny, or `random_init`) are the same in every script.
+    so random weights (pixel presets, or `random_init`) are the same in every script.
     For sd presets without `random_init`, keras-cv's published UNet and
     autoencoder weights are loaded (Models/diffusion/weights.py; offline and
-    missing: a one-line UserError).
+    missing: a one-line UserError). `recipe` overrides the preset's training recipe
+    (`DiffusionPreset.recipe()` keys: schedule, prediction type, cond_dropout, snr_gamma).
     """
-    from Models.diffusion.unet import build_unet
     from Models.diffusion.class_encoder import ClassEncoder
+    from Models.diffusion.conditional_diffusion import schedule_for
+    from Models.diffusion.unet import build_unet
 
     preset = get_preset(preset)
+    recipe = {**preset.recipe(), **(recipe or {})}
     size = image_size_for(preset, spec)
     keras.utils.set_random_seed(int(init_seed))
-    unet = build_unet(preset, size, preset.context_length)
+    unet = build_unet(preset, size, preset.context_length, image_channels=spec.channels)
     encoder = ClassEncoder(spec.num_classes, preset.context_length, preset.context_dim,
                            hidden=preset.class_encoder_hidden, name="class_encoder")
     encoder.build((None, spec.num_classes))
@@ -211,9 +241,10 @@ def build_model(preset, spec, stage="enc", random_init=False, init_seed=0, cond_
             load_pretrained_weights(image_decoder, "decoder")
     keras.utils.set_random_seed(int(seed))
     return ClassConditionalDiffusion(preset, spec.num_classes, size, stage=stage,
-                                     cond_dropout=cond_dropout, seed=seed, unet=unet,
-                                     class_encoder=encoder, image_encoder=image_encoder,
-                                     image_decoder=image_decoder)
+                                     cond_dropout=recipe["cond_dropout"], snr_gamma=recipe["snr_gamma"],
+                                     schedule=schedule_for(recipe), image_channels=spec.channels,
+                                     seed=seed, unet=unet, class_encoder=encoder,
+                                     image_encoder=image_encoder, image_decoder=image_decoder)
 
 
 def enc_parts(model):
@@ -230,7 +261,8 @@ def resolve_generation_checkpoints(preset, spec, exp, enc_epoch, dif_epoch):
     enc_dir = diffusion_checkpoint_dir(exp, spec.name, "enc")
     enc_path = require_checkpoint(enc_dir, enc_epoch, "class-encoder")
     enc_settings = read_settings(enc_dir)
-    identity = model_identity(preset, spec, enc_settings.get("random_init"), enc_settings.get("init_seed", 0))
+    identity = model_identity(preset, spec, enc_settings.get("random_init"), enc_settings.get("init_seed", 0),
+                              schedule_settings(enc_settings))
     check_settings(enc_dir, identity, IDENTITY_KEYS)
     used = {"enc": str(enc_path), "dif": None}
     if dif_epoch:
@@ -255,7 +287,7 @@ def load_generation_model(preset, spec, exp, enc_epoch, dif_epoch=0):
     """
     enc_settings, used = resolve_generation_checkpoints(preset, spec, exp, enc_epoch, dif_epoch)
     model = build_model(preset, spec, random_init=enc_settings["random_init"],
-                        init_seed=enc_settings.get("init_seed", 0))
+                        init_seed=enc_settings.get("init_seed", 0), recipe=schedule_settings(enc_settings))
     load_parts(used["enc"], enc_parts(model))
     if used["dif"]:
         load_parts(used["dif"], {"unet": model.unet})
@@ -314,4 +346,5 @@ def load_for_generation(exp, dataset, preset, stage, epoch, enc_epoch=None, mode
 
 
 def _init_key(enc_settings):
-    return (bool(enc_settings.get("random_init")), int(enc_settings.get("init_seed", 0)))
+    return (bool(enc_settings.get("random_init")), int(enc_settings.get("init_seed", 0)),
+            tuple(schedule_settings(enc_settings).items()))

@@ -10,13 +10,21 @@ one model:
   so that the two-stage pipeline runs end to end on a CPU.
 - stage "dif": the UNet is fine-tuned with the (chosen) class encoder frozen.
 
-Training objective (both stages): images / 127.5 - 1, for latent presets
-encoded by the frozen image encoder (latents x 0.18215 inside it), noised at
-timesteps uniform in [0, 1000) with the scaled_linear schedule; the loss is
-the MSE between the UNet's predicted noise and the true noise. With
-`cond_dropout` p > 0 a label is replaced by the all-zero vector with
-probability p (classifier-free-guidance training, one of the defects of the
-original we offer a fix for; default 0 as in the paper).
+Training objective (both stages): images / 127.5 - 1 (pixel presets keep the
+dataset's channels: one for grey data), for latent presets encoded by the frozen
+image encoder (latents x 0.18215 inside it), noised at timesteps uniform in
+[0, 1000) with the model's `NoiseSchedule`; the loss is the MSE between the UNet's
+output and its target (the noise for epsilon-prediction, as the paper; v for
+v-prediction), each image weighted by min-SNR-gamma when `snr_gamma` > 0. With
+`cond_dropout` p > 0 a label is replaced by the all-zero vector with probability
+p (classifier-free-guidance training: it trains the unconditional context that
+guidance extrapolates from; default 0 for the sd presets, as the paper).
+
+Training runs through Keras' own `fit` on every backend: `call` draws the noise
+and timesteps and returns (output, target, weight), `compute_loss` reduces them,
+so TensorFlow, JAX and PyTorch each use their own stock train step. An
+exponential moving average of the trained weights (`make_optimizer(ema_decay=)`)
+lives in the optimizer; checkpoints hold the average, which is what samples.
 
 Generation: DDIM with classifier-free guidance (`Models/diffusion/sampler.py`).
 The initial noise of each image is a function of (seed, class, index within
@@ -24,11 +32,12 @@ class) only, so shards, batch sizes and resumed runs give identical images.
 
 Example:
     >>> model = ClassConditionalDiffusion("tiny", num_classes=10, image_size=8, stage="enc")
-    >>> model.compile(optimizer=make_optimizer(1e-3, total_steps=300))
+    >>> model.compile(optimizer=make_optimizer(1e-3, total_steps=300, ema_decay=0.999))
     >>> model.fit(TrainBatches(x_train, y_train, batch_size=64, image_size=8), epochs=10)
     >>> images = model.generate(labels=[0, 0, 1, 1], num_steps=25, guidance_scale=3.0, seed=0)
 """
 
+import contextlib
 import math
 
 import keras
@@ -45,16 +54,83 @@ from Models.diffusion.unet import build_unet, timestep_embedding
 STAGES = ("enc", "dif")
 
 
-def make_optimizer(learning_rate, total_steps):
-    """The paper's optimiser for both stages.
+def make_optimizer(learning_rate, total_steps, ema_decay=0.0):
+    """The paper's optimiser for both stages, with an optional moving average of the weights.
 
     Adam(weight_decay 0.004, epsilon 1e-8, global_clipnorm 10) with the
     learning rate cosine-decayed to 0 over all `total_steps`. Keras' Adam with
     `weight_decay` decays the weights decoupled from the gradient (AdamW-style).
+    `ema_decay` > 0 keeps an exponential moving average of the trained weights
+    (`AdamWithEMA`).
     """
     schedule = keras.optimizers.schedules.CosineDecay(float(learning_rate), max(1, int(total_steps)))
+    if ema_decay:
+        return AdamWithEMA(learning_rate=schedule, weight_decay=0.004, epsilon=1e-8, global_clipnorm=10.0,
+                           use_ema=True, ema_momentum=float(ema_decay))
     return keras.optimizers.Adam(learning_rate=schedule, weight_decay=0.004, epsilon=1e-8,
                                  global_clipnorm=10.0)
+
+
+@keras.saving.register_keras_serializable(package="sddg")
+class AdamWithEMA(keras.optimizers.Adam):
+    """Adam with Keras' moving average of the weights, warmed up as diffusers' `EMAModel`.
+
+    The average's decay at update t is min(ema_momentum, (1 + t) / (10 + t)): Keras'
+    own uses ema_momentum from the first step, so after a short from-scratch run its
+    average would still hold much of the random initialisation. The averages are
+    optimizer variables, so optimizer checkpoints carry them and a resumed run
+    continues them exactly.
+
+    Example:
+        >>> optimizer = AdamWithEMA(learning_rate=1e-3, use_ema=True, ema_momentum=0.999)
+        >>> with optimizer.averaged_weights(model.trainable_variables):
+        ...     images = model.generate(labels)      # samples with the average
+    """
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        step = ops.cast(self.iterations, "float32")
+        decay = ops.minimum(float(self.ema_momentum), (1.0 + step) / (10.0 + step))
+        decay = decay * ops.cast(ops.not_equal(self.iterations, 0), "float32")  # step 0: the average = the weights
+        for variable, average in zip(trainable_variables, self._model_variables_moving_average):
+            if average is not None:
+                d = ops.cast(decay, variable.dtype)
+                average.assign(d * average + (1.0 - d) * variable)
+
+    def finalize_variable_values(self, var_list):
+        # Keras would copy the averages into the weights at the end of `fit`; here the weights
+        # stay the trained ones (a later `fit` continues them) and the averages are used
+        # explicitly, through `averaged_weights`.
+        pass
+
+    def moving_averages(self, variables):
+        """The average of each of `variables` (trained by this optimizer), in order."""
+        return [self._model_variables_moving_average[self._get_variable_index(v)] for v in variables]
+
+    @contextlib.contextmanager
+    def averaged_weights(self, variables):
+        """Within the block, `variables` hold their moving averages; afterwards their own values again."""
+        variables = list(variables)
+        saved = [keras.ops.convert_to_numpy(v) for v in variables]
+        for variable, average in zip(variables, self.moving_averages(variables)):
+            variable.assign(keras.ops.convert_to_numpy(average))  # a copy: JAX must not alias the two
+        try:
+            yield
+        finally:
+            for variable, value in zip(variables, saved):
+                variable.assign(value)
+
+
+def ema_optimizer(optimizer):
+    """The `AdamWithEMA` inside `optimizer` (mixed precision wraps it), or None without an average."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return inner if isinstance(inner, AdamWithEMA) and inner.use_ema else None
+
+
+def schedule_for(recipe):
+    """The `NoiseSchedule` of a recipe (a preset, or a dict with the preset's recipe keys)."""
+    recipe = recipe.recipe() if hasattr(recipe, "recipe") else recipe
+    return NoiseSchedule(recipe["beta_schedule"], recipe["prediction_type"],
+                         recipe["rescale_betas_zero_snr"], recipe["timestep_spacing"])
 
 
 def initial_noise(seed, labels, indices, shape):
@@ -81,23 +157,28 @@ def index_within_class(labels):
 
 
 def to_uint8_images(x):
-    """[-1, 1] floats -> uint8 [0, 255], rounded and clipped."""
-    return np.clip(np.rint((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    """[-1, 1] floats -> uint8 [0, 255], rounded and clipped; one channel becomes three equal ones."""
+    images = np.clip(np.rint((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
 class ClassConditionalDiffusion(keras.Model):
     """UNet + class encoder (+ frozen image encoder/decoder for latent presets).
 
-    `fit` runs a custom `train_step` (TensorFlow and PyTorch backends; the loss
-    itself is keras.ops); `generate` samples class-conditional images.
+    `fit((images, labels))` trains what the stage trains, with Keras' stock train step on
+    any backend; `generate` samples class-conditional images.
 
     Args:
-        preset: a preset name or `DiffusionPreset` ("sd1", "sd2", "tiny").
+        preset: a preset name or `DiffusionPreset` ("sd1", "sd2", "tiny", "small").
         num_classes: number of classes (width of the one-hot label).
-        image_size: image size in pixels (sd presets: 128; tiny: the dataset's native size).
-        stage: "enc" (train the class encoder; tiny: + the UNet from scratch) or "dif"
-            (fine-tune the UNet, class encoder frozen).
-        cond_dropout: probability of training on the all-zero (unconditional) label.
+        image_size: image size in pixels (sd presets: 128; pixel presets: the dataset's native size).
+        stage: "enc" (train the class encoder; presets without pretrained weights: + the UNet
+            from scratch) or "dif" (fine-tune the UNet, class encoder frozen).
+        cond_dropout: probability of training on the all-zero (unconditional) label
+            (None: the preset's).
+        snr_gamma: min-SNR-gamma loss weighting; 0 is plain MSE (None: the preset's).
+        schedule: the `NoiseSchedule` (None: the preset's recipe).
+        image_channels: the dataset's channels (1 or 3); pixel presets model them.
         seed: seed of the training noise, timesteps and label dropout.
         unet, class_encoder, image_encoder, image_decoder: prebuilt parts (default: built here;
             the autoencoder of latent presets is built on first use).
@@ -106,18 +187,23 @@ class ClassConditionalDiffusion(keras.Model):
         >>> model = ClassConditionalDiffusion("sd1", num_classes=5, image_size=128)
         >>> load_pretrained_weights(model.unet, "unet_sd1")           # Models/diffusion/weights.py
         >>> model.compile(optimizer=make_optimizer(1e-4, total_steps=1000))
+        >>> model.fit(TrainBatches(x_train, y_train, batch_size=64, image_size=128), epochs=50)
     """
 
-    def __init__(self, preset, num_classes, image_size, stage="enc", cond_dropout=0.0, seed=0,
-                 unet=None, class_encoder=None, image_encoder=None, image_decoder=None, **kwargs):
+    def __init__(self, preset, num_classes, image_size, stage="enc", cond_dropout=None, seed=0,
+                 unet=None, class_encoder=None, image_encoder=None, image_decoder=None,
+                 snr_gamma=None, schedule=None, image_channels=3, **kwargs):
         kwargs.setdefault("name", "class_conditional_diffusion")
         super().__init__(**kwargs)
         self.preset = get_preset(preset)
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
-        self.cond_dropout = float(cond_dropout)
-        self.schedule = NoiseSchedule()
-        self.unet = unet or build_unet(self.preset, self.image_size, self.preset.context_length)
+        self.image_channels = int(image_channels)
+        self.cond_dropout = float(self.preset.cond_dropout if cond_dropout is None else cond_dropout)
+        self.snr_gamma = float(self.preset.snr_gamma if snr_gamma is None else snr_gamma)
+        self.schedule = schedule or schedule_for(self.preset)
+        self.unet = unet or build_unet(self.preset, self.image_size, self.preset.context_length,
+                                       image_channels=self.image_channels)
         self.class_encoder = class_encoder or ClassEncoder(
             self.num_classes, self.preset.context_length, self.preset.context_dim,
             hidden=self.preset.class_encoder_hidden, name="class_encoder")
@@ -126,7 +212,7 @@ class ClassConditionalDiffusion(keras.Model):
         self._image_encoder = image_encoder
         self._image_decoder = image_decoder
         self.seed_generator = keras.random.SeedGenerator(int(seed), name="training_noise")
-        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.squared_error = keras.losses.MeanSquaredError(name="diffusion_mse")
         self._sampler = None
         self._sampler_key = None
         self.clip_sample = False  # see `sampler`
@@ -190,76 +276,54 @@ class ClassConditionalDiffusion(keras.Model):
 
     # ----- training ----------------------------------------------------------------------
     @property
-    def metrics(self):
-        return [self.loss_tracker]
+    def unet_channels(self):
+        """Channels the UNet sees: the latents' 4, or the dataset's own (1 grey, 3 RGB)."""
+        return self.preset.unet_channels(self.image_channels)
 
     def call(self, inputs, training=False):
-        """Predicted noise for (x_t, timesteps (B,), labels (B,) int)."""
-        x_t, timesteps, labels = inputs
-        context = self.class_encoder(ops.one_hot(ops.cast(labels, "int32"), self.num_classes))
-        t_emb = timestep_embedding(timesteps, self.preset.timestep_embedding_dim)
-        return self.unet([x_t, t_emb, context], training=training)
+        """One training draw: (images, labels) -> (UNet output, its target, per-image loss weight).
 
-    def encode_images(self, images):
-        """uint8-valued images (B, S, S, 3) -> the UNet's x_0: pixels in [-1, 1], or latents."""
-        x = ops.cast(images, "float32") / 127.5 - 1.0
-        if self.preset.latent:
-            x = ops.cast(self.image_encoder(x, training=False), "float32")
-        return x
-
-    def diffusion_loss(self, images, labels, training=True):
-        """MSE between predicted and true noise at uniform random timesteps (keras.ops only)."""
+        Noise, timesteps and label dropout come from `seed_generator`, so Keras' stock train
+        step of every backend (JAX's stateless one included) trains this model.
+        """
+        images, labels = inputs
         x0 = ops.stop_gradient(self.encode_images(images))
         batch = ops.shape(x0)[0]
         noise = keras.random.normal(ops.shape(x0), seed=self.seed_generator)
         timesteps = keras.random.randint((batch,), 0, self.schedule.num_train_timesteps,
                                          dtype="int32", seed=self.seed_generator)
         x_t = self.schedule.add_noise(x0, noise, timesteps)
-        one_hot = ops.one_hot(ops.cast(labels, "int32"), self.num_classes)
+        one_hot = ops.one_hot(ops.cast(ops.reshape(labels, (-1,)), "int32"), self.num_classes)
         if self.cond_dropout > 0:
             # Classifier-free-guidance training: some labels become the all-zero vector.
             keep = keras.random.uniform((batch, 1), seed=self.seed_generator) >= self.cond_dropout
             one_hot = one_hot * ops.cast(keep, one_hot.dtype)
         context = self.class_encoder(one_hot, training=training)
         t_emb = timestep_embedding(timesteps, self.preset.timestep_embedding_dim)
-        predicted = ops.cast(self.unet([x_t, t_emb, context], training=training), "float32")
-        return ops.mean(ops.square(predicted - noise))
-
-    def train_step(self, data):
-        images, labels = data[0], data[1]
-        variables = self.trainable_variables
-        backend = keras.backend.backend()
-        if backend == "tensorflow":
-            import tensorflow as tf
-
-            with tf.GradientTape() as tape:
-                loss = self.diffusion_loss(images, labels)
-                # Gradients are summed over replicas under MirroredStrategy: average them.
-                replicas = tf.distribute.get_strategy().num_replicas_in_sync
-                scaled = self.optimizer.scale_loss(loss / replicas)
-            grads = tape.gradient(scaled, variables)
-        elif backend == "torch":
-            import torch
-
-            self.zero_grad()
-            loss = self.diffusion_loss(images, labels)
-            self.optimizer.scale_loss(loss).backward()
-            grads = [v.value.grad for v in variables]
-            with torch.no_grad():
-                self.optimizer.apply(grads, variables)
-            self.loss_tracker.update_state(loss)
-            return {"loss": self.loss_tracker.result()}
+        output = ops.cast(self.unet([x_t, t_emb, context], training=training), "float32")
+        target = self.schedule.training_target(x0, noise, timesteps)
+        if self.snr_gamma > 0:
+            weight = self.schedule.snr_weights(timesteps, self.snr_gamma)
         else:
-            raise NotImplementedError(
-                f"ClassConditionalDiffusion.fit supports the tensorflow and torch backends, not {backend}")
-        self.optimizer.apply(grads, variables)
-        self.loss_tracker.update_state(loss)
-        return {"loss": self.loss_tracker.result()}
+            weight = ops.ones((batch,), "float32")
+        return output, target, weight
 
-    def test_step(self, data):
-        loss = self.diffusion_loss(data[0], data[1], training=False)
-        self.loss_tracker.update_state(loss)
-        return {"loss": self.loss_tracker.result()}
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The weighted MSE of `call`'s draw (Keras' MSE: averaged, scaled for data parallelism)."""
+        output, target, weight = y_pred
+        # The MSE reduces the channel axis; the per-image weight broadcasts over the pixels.
+        return self.squared_error(target, output, sample_weight=ops.reshape(weight, (-1, 1, 1)))
+
+    def encode_images(self, images):
+        """uint8-valued images (B, S, S, 3) -> the UNet's x_0: pixels in [-1, 1], or latents."""
+        x = ops.cast(images, "float32") / 127.5 - 1.0
+        if self.preset.latent:
+            return ops.cast(self.image_encoder(x, training=False), "float32")
+        return x[..., :self.unet_channels]  # grey data arrives as three equal channels
+
+    def diffusion_loss(self, images, labels, training=True):
+        """The training loss of one draw on (images, labels), outside `fit`."""
+        return self.compute_loss(y_pred=self((images, labels), training=training))
 
     # ----- generation --------------------------------------------------------------------
     def sampler(self, jit_compile=False):
@@ -284,7 +348,7 @@ class ClassConditionalDiffusion(keras.Model):
 
     def generate(self, labels, num_steps=None, guidance_scale=None, seed=0, eta=0.0, batch_size=64,
                  indices=None, jit_compile=False, progress=False):
-        """Class-conditional images, uint8 (N, image_size, image_size, 3).
+        """Class-conditional images, uint8 (N, image_size, image_size, 3); grey data: three equal channels.
 
         Args:
             labels: (N,) integer class labels.
@@ -322,7 +386,7 @@ class ClassConditionalDiffusion(keras.Model):
         num_steps = self.preset.default_inference_steps if num_steps is None else num_steps
         guidance_scale = self.preset.default_guidance_scale if guidance_scale is None else guidance_scale
         sampler = self.sampler(jit_compile)
-        shape = (self.latent_size, self.latent_size, self.preset.latent_channels)
+        shape = (self.latent_size, self.latent_size, self.unet_channels)
         size = max(1, min(int(batch_size), len(labels)))
         with tqdm(total=len(labels), desc="generating", unit="img", disable=not progress) as bar:
             for start in range(0, len(labels), size):
@@ -348,6 +412,9 @@ class ClassConditionalDiffusion(keras.Model):
 
 class TrainBatches(keras.utils.PyDataset):
     """Shuffled (images, labels) batches, resized to the model's image size, for `fit`.
+
+    Each item is `((images, labels),)`: the pair is the model's input (Keras reads a
+    one-element tuple as x alone), since `call` draws the noise and the targets itself.
 
     The order of epoch e is a permutation seeded by (seed, e), so a run resumed
     at epoch e sees the same batches as an uninterrupted one. Images stay uint8
@@ -381,7 +448,7 @@ class TrainBatches(keras.utils.PyDataset):
         images = self.images[chosen]
         if images.shape[1] != self.image_size:
             images = resize_images(images, self.image_size)
-        return images, self.labels[chosen]
+        return ((images, self.labels[chosen]),)
 
     def on_epoch_end(self):
         self.set_epoch(self.epoch + 1)

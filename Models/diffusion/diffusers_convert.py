@@ -19,6 +19,9 @@ What differs between the two layouts, and how it is handled:
     heads         diffusers' `attention_head_dim` is (for SD's UNet) the number of heads
     GELU          diffusers' GEGLU uses the exact (erf) GELU, keras-cv the tanh
                   approximation; converted models set the preset's `gelu_approximate=False`
+    channels      a pixel-space UNet has the dataset's channels (1 grey, 3 RGB), a latent
+                  one 4; a pixel preset fits either, so the config's in_channels (to
+                  Keras) and the Keras UNet's input (to diffusers) say which
     GroupNorm eps diffusers' VAE uses 1e-6, keras-cv 1e-5: `build_diffusers_autoencoder`
                   builds ours with 1e-6. (Its UNet transformers' 1e-6 against our 1e-5
                   moves a noise prediction by ~1e-5; not worth a preset field.)
@@ -32,7 +35,7 @@ in one `UserError` line.
 Example:
     >>> config, tensors = read_diffusers_model("sd15/unet")
     >>> preset = unet_preset_from_config(config)              # or check against get_preset("sd1")
-    >>> unet = build_unet(preset, image_size=128)
+    >>> unet = build_unet(preset, image_size=128, image_channels=config["in_channels"])
     >>> load_unet_weights(unet, preset, tensors)
     >>> save_unet_as_diffusers(unet, preset, "exported/unet")  # config.json + safetensors
 """
@@ -193,15 +196,32 @@ def _per_level(config, key, levels, default):
     return (value,) * levels
 
 
+# The UNet's input/output channels: the autoencoder's 4 latents, or grey / RGB pixels.
+LATENT_CHANNELS = 4
+PIXEL_CHANNELS = (1, 3)
+
+
+def unet_config_channels(config):
+    """(in_channels, out_channels) of a diffusers UNet config: equal, 4 (latent) or 1 / 3 (pixels)."""
+    in_channels, out_channels = config.get("in_channels", 4), config.get("out_channels", 4)
+    if in_channels != out_channels or in_channels not in (LATENT_CHANNELS, *PIXEL_CHANNELS):
+        raise UserError(f"unsupported diffusers UNet config: in_channels={in_channels}, "
+                        f"out_channels={out_channels} (expected 4 latent, or 1 grey / 3 RGB pixel "
+                        "channels, the same in and out)")
+    return in_channels, out_channels
+
+
 def unet_preset_from_config(config, base=None):
     """Our `DiffusionPreset` for a diffusers `UNet2DConditionModel` config.
 
     The architecture comes from the config (block_out_channels, layers_per_block,
     attention_head_dim, cross_attention_dim, use_linear_projection, down/up block
-    types, norm_num_groups, in/out channels). Everything else comes from `base`:
+    types, norm_num_groups, in/out channels: 4 = latent, 1 or 3 = pixel space; a
+    pixel-space preset does not fix the channel count, see `unet_config_channels`).
+    Everything else comes from `base`:
     a preset (or its name) that the architecture must then equal, apart from the GELU
-    flavour, which is always diffusers' exact GELU. Without `base`, the preset whose
-    architecture matches (sd1, sd2, tiny) is used, else sd1's (latent UNets) or
+    flavour, which is always diffusers' exact GELU. Without `base`, the first preset whose
+    architecture matches (sd1, sd2, tiny, small: `presets_with_architecture`) is used, else sd1's (latent UNets) or
     tiny's (pixel-space UNets) defaults under the name "diffusers".
 
     Raises UserError naming the first unsupported option, or the fields that differ
@@ -249,10 +269,7 @@ def unet_preset_from_config(config, base=None):
     if len(context_dims) != 1:
         raise UserError(f"unsupported diffusers UNet config: cross_attention_dim="
                         f"{config['cross_attention_dim']} differs between levels")
-    in_channels, out_channels = config.get("in_channels", 4), config.get("out_channels", 4)
-    if in_channels != out_channels or in_channels not in (3, 4):
-        raise UserError(f"unsupported diffusers UNet config: in_channels={in_channels}, "
-                        f"out_channels={out_channels} (expected 4 latent or 3 pixel channels in and out)")
+    in_channels, _ = unet_config_channels(config)
     time_dim = config.get("time_embedding_dim")
     if time_dim not in (None, 4 * channels[0]):
         raise UserError(f"unsupported diffusers UNet config: time_embedding_dim={time_dim} "
@@ -270,7 +287,7 @@ def unet_preset_from_config(config, base=None):
         # diffusers' sinusoidal embedding is block_out_channels[0] wide ([cos, sin], shift 0).
         timestep_embedding_dim=channels[0],
         norm_groups=int(groups),
-        latent=in_channels == 4,
+        latent=in_channels == LATENT_CHANNELS,
         gelu_approximate=False,
     )
     for level_width, level_heads in zip(channels, heads):
@@ -286,17 +303,31 @@ def unet_preset_from_config(config, base=None):
         if differ:
             raise UserError(f"the diffusers UNet does not have the {base.name} architecture: " + "; ".join(differ))
         return dataclasses.replace(base, **architecture)
-    for preset in PRESETS.values():
-        if all(architecture[key] == getattr(preset, key) for key in UNET_ARCHITECTURE_FIELDS
-               if key != "gelu_approximate"):
-            return dataclasses.replace(preset, **architecture)
+    matching = presets_with_architecture(architecture)
+    if matching:
+        return dataclasses.replace(PRESETS[matching[0]], **architecture)
     defaults = PRESETS["sd1"] if architecture["latent"] else PRESETS["tiny"]
     return dataclasses.replace(defaults, name="diffusers", pretrained=False, **architecture)
 
 
-def diffusers_unet_config(preset, sample_size=None):
+def presets_with_architecture(architecture):
+    """Names of our presets with this UNet architecture (a preset, or a dict of
+    UNET_ARCHITECTURE_FIELDS), in PRESETS order; the GELU flavour is not compared.
+
+    Presets that differ only in their training recipe share one (a diffusers UNet config
+    does not say which recipe trained it).
+    """
+    value = architecture.get if isinstance(architecture, dict) else lambda key: getattr(architecture, key)
+    return [name for name, preset in PRESETS.items()
+            if all(value(key) == getattr(preset, key) for key in UNET_ARCHITECTURE_FIELDS
+                   if key != "gelu_approximate")]
+
+
+def diffusers_unet_config(preset, sample_size=None, image_channels=None):
     """The diffusers `UNet2DConditionModel` config of our `preset`'s UNet.
 
+    `image_channels` is the dataset's (1 grey, 3 RGB), as given to `build_unet`: a
+    pixel-space UNet has that many input/output channels (None: 3); latent ones always 4.
     Raises UserError if the preset cannot be expressed in diffusers (its sinusoidal
     timestep embedding must be `level_channels[0]` wide, as diffusers ties the two).
     """
@@ -308,11 +339,12 @@ def diffusers_unet_config(preset, sample_size=None):
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in preset.level_attention]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(preset.level_attention)]
     size = sample_size or (preset.image_size // preset.downsample if preset.image_size else 32)
+    channels = preset.unet_channels(image_channels) if image_channels else preset.latent_channels
     config = {"_class_name": "UNet2DConditionModel", "_diffusers_version": DIFFUSERS_VERSION}
     config.update(
         sample_size=size,
-        in_channels=preset.latent_channels,
-        out_channels=preset.latent_channels,
+        in_channels=channels,
+        out_channels=channels,
         down_block_types=down,
         up_block_types=up,
         block_out_channels=list(preset.level_channels),
@@ -523,9 +555,17 @@ def unet_tensors(unet, preset):
     return _export_entries(unet_entries(unet, preset))
 
 
+def unet_image_channels(unet):
+    """The input/output channels our built UNet has (its `latent` input's last dimension)."""
+    return int(unet.inputs[0].shape[-1])
+
+
 def save_unet_as_diffusers(unet, preset, folder, sample_size=None):
-    """Writes our UNet as a diffusers `UNet2DConditionModel` folder (config.json + safetensors)."""
-    config = diffusers_unet_config(preset, sample_size)
+    """Writes our UNet as a diffusers `UNet2DConditionModel` folder (config.json + safetensors).
+
+    The config's in/out channels are the UNet's own (a grey pixel-space UNet has 1).
+    """
+    config = diffusers_unet_config(preset, sample_size, image_channels=unet_image_channels(unet))
     write_diffusers_model(folder, config, unet_tensors(unet, preset))
     return config
 

@@ -7,8 +7,18 @@ Three presets share one parameterised UNet (`Models/diffusion/unet.py`):
 - `sd2`: keras-cv's `DiffusionModelV2` (Stable Diffusion v2.1): 64-wide attention heads,
   Dense projections around the transformer, 1024-wide context.
 - `tiny`: the same blocks with small widths and two levels, in pixel space with no
-  autoencoder, small enough to train from scratch on a laptop CPU in minutes
-  (8x8 digits, 28x28 RetinaMNIST). Not a published model: for tests and quick runs.
+  autoencoder, small enough to train from scratch in seconds to minutes. Not a
+  published model: the test model.
+- `small`: the from-scratch generator for CPUs (digits, 28 px MedMNIST): tiny's widths
+  (measured: a third level costs CPU time and CAS at this training length), in pixel
+  space, with the training recipe chosen by measurement (BENCHMARKS.md, "From-scratch
+  recipe"): cosine noise schedule, v-prediction, min-SNR weighting, EMA of the weights,
+  label dropout for classifier-free guidance, 30 epochs.
+
+Pixel-space presets model the dataset's own channels (a grey dataset is generated as
+exactly grey images); latent presets work on the autoencoder's 4 latent channels.
+The sd presets keep the paper's training recipe (scaled_linear, epsilon, no EMA, no
+label dropout); every recipe field can be overridden by SD_adapting.py's flags.
 
 Example:
     >>> preset = get_preset("sd1")
@@ -16,9 +26,14 @@ Example:
     ((320, 640, 1280, 1280), 4, 8)
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from Utils.cli import UserError
+
+# The names diffusers gives these settings (`Models/diffusion/schedule.py` implements them).
+BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 @dataclass(frozen=True)
@@ -53,11 +68,30 @@ class DiffusionPreset:
     # Generation defaults (the paper's "no optimisation" settings = keras-cv's defaults).
     default_inference_steps: int
     default_guidance_scale: float
+    # The training recipe (diffusers' names; `Models/diffusion/schedule.py`). Defaults: the paper's.
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
+    rescale_betas_zero_snr: bool = False
+    timestep_spacing: str = "leading"
+    cond_dropout: float = 0.0       # probability of training on the all-zero (unconditional) label
+    ema_decay: float = 0.0          # 0: no moving average of the weights
+    snr_gamma: float = 0.0          # 0: plain MSE; else min-SNR-gamma weighting
 
     @property
     def latent_channels(self):
         """Channels of the UNet's input and output: 4 latent channels, or 3 RGB channels."""
         return 4 if self.latent else 3
+
+    def unet_channels(self, image_channels):
+        """The UNet's input/output channels for a dataset of `image_channels` (1 grey, 3 RGB)."""
+        return 4 if self.latent else int(image_channels)
+
+    def recipe(self):
+        """The training-recipe fields, as SD_adapting.py's flags name them."""
+        return {"beta_schedule": self.beta_schedule, "prediction_type": self.prediction_type,
+                "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
+                "timestep_spacing": self.timestep_spacing, "cond_dropout": self.cond_dropout,
+                "ema_decay": self.ema_decay, "snr_gamma": self.snr_gamma}
 
     @property
     def downsample(self):
@@ -141,6 +175,24 @@ PRESETS = {
 }
 
 
+# The from-scratch generator: tiny's UNet (measured on digits, BENCHMARKS.md "From-scratch recipe":
+# a third level of 128 channels costs 50 % more CPU time and 3 CAS points at this training
+# length) with the training recipe and the defaults that the same ablation chose.
+PRESETS["small"] = replace(
+    PRESETS["tiny"],
+    name="small",
+    enc_epochs=30,
+    dif_epochs=2,
+    default_guidance_scale=1.5,
+    beta_schedule="squaredcos_cap_v2",
+    prediction_type="v_prediction",
+    timestep_spacing="leading",
+    cond_dropout=0.1,
+    ema_decay=0.999,
+    snr_gamma=0.0,
+)
+
+
 def _check(preset):
     levels = len(preset.level_channels)
     if not (len(preset.level_attention) == len(preset.level_heads) == levels):
@@ -155,8 +207,14 @@ for _preset in PRESETS.values():
     _check(_preset)
 
 
+def preset_help(default):
+    """The --preset flag's help text, the same in every script."""
+    return (f"diffusion preset (default {default}): sd1 (the paper: Stable Diffusion v1, GPU), sd2, "
+            "small (trained from scratch on a CPU), tiny (the test model)")
+
+
 def get_preset(name):
-    """The preset called `name` ('sd1', 'sd2' or 'tiny'); a DiffusionPreset passes through."""
+    """The preset called `name` ('sd1', 'sd2', 'tiny' or 'small'); a DiffusionPreset passes through."""
     if isinstance(name, DiffusionPreset):
         return name
     try:

@@ -9,9 +9,10 @@ and conditional halves into one batch of 2B, calls the UNet once, combines
 
     eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)     (keras-cv's convention)
 
+(for a v-prediction UNet the same combination of its two v outputs), turns it into
+(x0, eps) (`schedule.split_prediction`; for epsilon x0 = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t))
 and applies the DDIM update (eq. 12 of Song et al., with `eta`)
 
-    x0     = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)
     x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev - sigma^2) * eps + sigma * z.
 
 `predict_on_batch` lets every backend compile the loop once (XLA with
@@ -30,7 +31,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from Models.diffusion.schedule import MAX_INFERENCE_STEPS, NoiseSchedule
+from Models.diffusion.schedule import MAX_INFERENCE_STEPS, NoiseSchedule, split_prediction
 from Models.diffusion.unet import timestep_embedding
 
 
@@ -59,29 +60,32 @@ class GuidedDDIM(keras.Model):
         timestep_embedding_dim: width of the sinusoidal embedding the UNet expects.
         clip_sample: clip the predicted x0 to [-1, 1] (diffusers' `clip_sample=True`,
             `use_clipped_model_output=False`). Stable Diffusion's config, and the default, is False.
+        prediction_type: what the UNet outputs, "epsilon" (default) or "v_prediction".
     """
 
-    def __init__(self, unet, timestep_embedding_dim=320, clip_sample=False, **kwargs):
+    def __init__(self, unet, timestep_embedding_dim=320, clip_sample=False, prediction_type="epsilon",
+                 **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.unet = unet
         self.timestep_embedding_dim = int(timestep_embedding_dim)
         self.clip_sample = bool(clip_sample)
+        self.prediction_type = prediction_type
 
     def guided_step(self, latent, timestep, contexts, guidance, alpha_t, alpha_prev, sigma, noise):
         """One step: x_t -> x_prev. Per-image scalars are (B,); `contexts` is [uncond; cond]."""
         t_emb = timestep_embedding(timestep, self.timestep_embedding_dim)
         # One UNet call on [unconditional half; conditional half].
-        eps = self.unet([ops.concatenate([latent, latent], axis=0),
-                         ops.concatenate([t_emb, t_emb], axis=0), contexts])
-        eps_uncond, eps_cond = ops.split(ops.cast(eps, "float32"), 2, axis=0)
+        output = self.unet([ops.concatenate([latent, latent], axis=0),
+                           ops.concatenate([t_emb, t_emb], axis=0), contexts])
+        out_uncond, out_cond = ops.split(ops.cast(output, "float32"), 2, axis=0)
 
         def per_image(value):  # (B,) -> (B, 1, 1, 1)
             return ops.reshape(ops.cast(value, "float32"), (-1, 1, 1, 1))
 
-        eps = eps_uncond + per_image(guidance) * (eps_cond - eps_uncond)
+        guided = out_uncond + per_image(guidance) * (out_cond - out_uncond)
         alpha_t, alpha_prev, sigma = per_image(alpha_t), per_image(alpha_prev), per_image(sigma)
-        x0 = (latent - ops.sqrt(1.0 - alpha_t) * eps) / ops.sqrt(alpha_t)
+        x0, eps = split_prediction(self.prediction_type, guided, latent, alpha_t)
         if self.clip_sample:
             x0 = ops.clip(x0, -1.0, 1.0)
         direction = ops.sqrt(ops.maximum(1.0 - alpha_prev - sigma ** 2, 0.0)) * eps
@@ -106,7 +110,7 @@ class GuidedDDIM(keras.Model):
     def get_config(self):
         return {"unet": keras.saving.serialize_keras_object(self.unet),
                 "timestep_embedding_dim": self.timestep_embedding_dim,
-                "clip_sample": self.clip_sample, "name": self.name}
+                "clip_sample": self.clip_sample, "prediction_type": self.prediction_type, "name": self.name}
 
     @classmethod
     def from_config(cls, config):
@@ -120,7 +124,8 @@ class DDIMSampler:
 
     Args:
         unet: a `build_unet` model (inputs [x, t_emb, context]).
-        schedule: a `NoiseSchedule` (default: SD's scaled_linear, 1000 steps).
+        schedule: a `NoiseSchedule` (default: SD's scaled_linear, 1000 steps, epsilon); its
+            prediction type and timestep spacing apply.
         timestep_embedding_dim: the preset's `timestep_embedding_dim`.
         jit_compile: compile the loop with XLA.
         clip_sample: clip the predicted x0 to [-1, 1] (see GuidedDDIM).
@@ -133,7 +138,8 @@ class DDIMSampler:
 
     def __init__(self, unet, schedule=None, timestep_embedding_dim=320, jit_compile=False, clip_sample=False):
         self.schedule = schedule or NoiseSchedule()
-        self.model = GuidedDDIM(unet, timestep_embedding_dim, clip_sample=clip_sample, name="guided_ddim")
+        self.model = GuidedDDIM(unet, timestep_embedding_dim, clip_sample=clip_sample,
+                                prediction_type=self.schedule.prediction_type, name="guided_ddim")
         self.model.compile(jit_compile=bool(jit_compile))
 
     def sample(self, noise, context, uncond_context, num_steps, guidance_scale, eta=0.0, step_noise=None):

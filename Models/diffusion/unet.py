@@ -1,4 +1,4 @@
-"""The Stable Diffusion UNet, one definition for every preset (sd1, sd2, tiny).
+"""The Stable Diffusion UNet, one definition for every preset (sd1, sd2, tiny, small).
 
 For `sd1` the graph is keras-cv's `DiffusionModel` layer for layer and for `sd2` its
 `DiffusionModelV2`, so keras-cv's published weight files load unchanged
@@ -48,11 +48,14 @@ def timestep_embedding(timesteps, dim=320, max_period=10000):
     return ops.concatenate([ops.cos(args), ops.sin(args)], axis=-1)
 
 
-def build_unet(preset, image_size, context_length=None, name="unet"):
+def build_unet(preset, image_size, context_length=None, name="unet", image_channels=None):
     """The UNet of `preset` for images of `image_size` pixels (None: any size).
 
+    `image_channels` (1 or 3) sets a pixel-space UNet's input and output channels to the
+    dataset's (default: 3; latent presets always have 4).
+
     Inputs `[x, t_emb, context]`:
-        x        (B, S, S, preset.latent_channels), S = image_size // preset.downsample
+        x        (B, S, S, C), S = image_size // preset.downsample, C = preset.unet_channels(image_channels)
         t_emb    (B, preset.timestep_embedding_dim), from `timestep_embedding`
         context  (B, context_length, preset.context_dim)
     Output: the predicted noise, shaped as x.
@@ -67,6 +70,7 @@ def build_unet(preset, image_size, context_length=None, name="unet"):
                             f"it must be a positive multiple of {preset.min_image_size}")
         size = image_size // preset.downsample
     groups = preset.norm_groups
+    channels_io = preset.unet_channels(image_channels) if image_channels else preset.latent_channels
 
     def res_block(channels):
         return UNetResBlock(channels, groups=groups)
@@ -79,7 +83,7 @@ def build_unet(preset, image_size, context_length=None, name="unet"):
     # The inputs, named as keras-cv's so dict inputs work for both.
     context = keras.layers.Input((context_length, preset.context_dim), name="context")
     t_embed_input = keras.layers.Input((preset.timestep_embedding_dim,), name="timestep_embedding")
-    latent = keras.layers.Input((size, size, preset.latent_channels), name="latent")
+    latent = keras.layers.Input((size, size, channels_io), name="latent")
 
     t_emb = keras.layers.Dense(preset.time_embedding_width)(t_embed_input)
     t_emb = keras.layers.Activation("swish")(t_emb)
@@ -119,7 +123,7 @@ def build_unet(preset, image_size, context_length=None, name="unet"):
 
     x = _group_norm(groups)(x)
     x = keras.layers.Activation("swish")(x)
-    x = PaddedConv2D(preset.latent_channels, 3, padding=1)(x)
+    x = PaddedConv2D(channels_io, 3, padding=1)(x)
     # The predicted noise in float32 even under a mixed-precision policy (the sampler and
     # the loss need its precision); a weightless layer, so the weight order is unchanged.
     output = keras.layers.Activation("linear", dtype="float32")(x)

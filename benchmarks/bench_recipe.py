@@ -1,0 +1,168 @@
+"""The from-scratch recipe, one element at a time: train, generate x1, score CAS x1, KID and speckle.
+
+One run = one row of BENCHMARKS.md's ablation table ("From-scratch recipe"):
+
+1. trains a pixel-space preset from scratch on the real training split (the enc stage's
+   model: class encoder + UNet), with the preset's recipe and the overrides given;
+2. generates x1 (as many images as the real training split, balanced over classes) with
+   the trained weights' moving average where there is one;
+3. CAS x1 (..xN with --multiples): a ResNet20 (default: the `quick` budget's 8 epochs,
+   batch 64) trained on the generated set, validated and tested on real data; KID and FID
+   of x1 against the real test split (ResNet20 features trained on the real training split,
+   as `hyp_opt.py --objective kid`); the speckle figure (share of pixels whose channels
+   disagree by more than 48/255). --with_real adds the real row under the same protocol
+   and the real training split's KID/FID (the floor).
+
+Rows are appended to `--out` (JSON lines); a sample grid goes beside it.
+
+    python benchmarks/bench_recipe.py --tag recipe                       # small's defaults
+    python benchmarks/bench_recipe.py --tag no_ema --ema_decay 0
+    python benchmarks/bench_recipe.py --tag paper --preset tiny --beta_schedule scaled_linear \\
+        --prediction_type epsilon --timestep_spacing leading --cond_dropout 0 --ema_decay 0 \\
+        --snr_gamma 0 --rgb
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS  # noqa: E402
+
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+parser.add_argument("--tag", required=True, help="the row's name")
+parser.add_argument("--dataset", default="digits")
+parser.add_argument("--data_dir", default=None)
+parser.add_argument("--preset", default="small")
+parser.add_argument("--epochs", type=int, default=None, help="diffusion epochs (default: the preset's enc_epochs)")
+parser.add_argument("--batch_size", type=int, default=None)
+parser.add_argument("--lr", type=float, default=None)
+parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
+parser.add_argument("--guidance", default=None,
+                    help="guidance scale, or several separated by commas: one row each from the same trained "
+                         "model (default: the preset's)")
+parser.add_argument("--classifier_epochs", type=int, default=8)
+parser.add_argument("--classifier_batch_size", type=int, default=64)
+parser.add_argument("--multiples", type=int, default=1, help="generate N x the training set; CAS of x1..xN")
+parser.add_argument("--with_real", action="store_true",
+                    help="also the real row under the same classifier protocol, and the real-train KID/FID floor")
+parser.add_argument("--rgb", action="store_true", help="model grey data as three free channels")
+parser.add_argument("--level_channels", default=None,
+                    help="another UNet size: channels per level, e.g. 32,64,128 (attention at the lowest only)")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--out", default="bench_recipe.jsonl")
+parser.add_argument("--cond_dropout", type=float)
+parser.add_argument("--ema_decay", type=float)
+parser.add_argument("--snr_gamma", type=float)
+parser.add_argument("--prediction_type", choices=PREDICTION_TYPES)
+parser.add_argument("--beta_schedule", choices=BETA_SCHEDULES)
+parser.add_argument("--rescale_betas_zero_snr", action=argparse.BooleanOptionalAction, default=None)
+parser.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS)
+
+
+def main():
+    args = parser.parse_args()
+    import keras
+    import numpy as np
+
+    from Data.images import save_image_grid
+    from Data.loaders import load_dataset
+    from Data.registry import get_spec
+    from Metrics.distribution import frechet_distance_from_features, kernel_inception_distance
+    from Metrics.quality import kid_extractor
+    from Metrics.speckle import speckle_share
+    from Models.classifier import ClassifierConfig, evaluate_classifier, train_classifier
+    from Models.diffusion import checkpoints as ck
+    from Models.diffusion.conditional_diffusion import TrainBatches, ema_optimizer, make_optimizer
+    from Models.diffusion.presets import get_preset
+
+    preset = get_preset(args.preset)
+    if args.level_channels:
+        channels = tuple(int(c) for c in args.level_channels.split(","))
+        preset = dataclasses.replace(preset, level_channels=channels, level_heads=(4,) * len(channels),
+                                     level_attention=(False,) * (len(channels) - 1) + (True,))
+    spec = get_spec(args.dataset)
+    model_spec = dataclasses.replace(spec, channels=3) if args.rgb else spec
+    splits = load_dataset(spec.name, data_dir=args.data_dir)
+    recipe = {**preset.recipe(), **{k: getattr(args, k) for k in preset.recipe() if getattr(args, k) is not None}}
+    epochs = args.epochs or preset.enc_epochs
+    batch_size = args.batch_size or preset.enc_batch_size
+    lr = args.lr or preset.enc_lr
+
+    model = ck.build_model(preset, model_spec, random_init=True, init_seed=args.seed, seed=args.seed, recipe=recipe)
+    batches = TrainBatches(splits.x_train, splits.y_train, batch_size, model.image_size, seed=args.seed)
+    model.compile(optimizer=make_optimizer(lr, epochs * len(batches), recipe["ema_decay"]))
+    started, cpu_started = time.perf_counter(), time.process_time()
+    history = model.fit(batches, epochs=epochs, verbose=2)
+    # CPU seconds are what the ablation compares: wall time depends on whatever else runs.
+    train_s, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+
+    per_class_x1 = np.bincount(np.arange(len(splits.y_train)) % spec.num_classes, minlength=spec.num_classes)
+    labels = np.repeat(np.arange(spec.num_classes), per_class_x1 * args.multiples)
+    guidances = ([preset.default_guidance_scale] if args.guidance is None
+                 else [float(g) for g in args.guidance.split(",")])
+    for guidance in guidances:
+        tag = args.tag if len(guidances) == 1 else f"{args.tag}_g{guidance:g}"
+        ema = ema_optimizer(model.optimizer)
+        started = time.perf_counter()
+        with ema.averaged_weights(model.trainable_variables) if ema else contextlib.nullcontext():
+            images = model.generate(labels, num_steps=args.steps, guidance_scale=guidance, seed=args.seed,
+                                    batch_size=250, progress=True)
+        generate_s = time.perf_counter() - started
+
+        config = ClassifierConfig(epochs=args.classifier_epochs, batch_size=args.classifier_batch_size)
+
+        def cas(x, y):
+            keras.utils.set_random_seed(args.seed)
+            classifier, _ = train_classifier(x, y, splits.x_val, splits.y_val, spec.num_classes,
+                                             config=config, seed=args.seed, verbose=0)
+            return evaluate_classifier(classifier, splits.x_test, splits.y_test, spec.label_names)["top1"]
+
+        def first_of_each_class(k):  # x_k: the first k x (x1 count) images of each class
+            return np.concatenate([np.flatnonzero(labels == c)[:k * per_class_x1[c]] for c in range(spec.num_classes)])
+
+        cas_by_multiple = {}
+        for k in range(1, args.multiples + 1):
+            chosen = first_of_each_class(k)
+            cas_by_multiple[f"x{k}"] = cas(images[chosen], labels[chosen])
+        x1 = first_of_each_class(1)
+        extractor = kid_extractor(splits.x_train, splits.y_train, seed=args.seed)
+        test_features = extractor.embed(splits.x_test).features
+
+        def distances(x):
+            features = extractor.embed(x).features
+            kid, _ = kernel_inception_distance(test_features, features, seed=args.seed)
+            return float(kid), float(frechet_distance_from_features(test_features, features))
+
+        kid, fid = distances(images[x1])
+        row = {"tag": tag, "dataset": spec.name, "preset": preset.name, "rgb": bool(args.rgb),
+               "level_channels": list(preset.level_channels),
+               **recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+               "steps": args.steps or preset.default_inference_steps,
+               "guidance": guidance,
+               "classifier_epochs": args.classifier_epochs, "classifier_batch_size": args.classifier_batch_size,
+               "final_loss": float(history.history["loss"][-1]), "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1),
+               "generate_s": round(generate_s, 1), "cas_x1_top1": cas_by_multiple["x1"], "cas": cas_by_multiple,
+               "kid": kid, "fid": fid, "speckle": float(speckle_share(images)), "seed": args.seed,
+               "unet_parameters": int(model.unet.count_params())}
+        if args.with_real:
+            row["real_top1"] = cas(splits.x_train, splits.y_train)
+            row["real_train_kid"], row["real_train_fid"] = distances(splits.x_train)
+        print(json.dumps(row))
+        out = Path(args.out)
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        pick = np.concatenate([np.flatnonzero(labels == c)[:8] for c in range(spec.num_classes)])
+        save_image_grid(images[pick], labels[pick], spec.label_names, out.with_name(f"{out.stem}_{tag}.png"),
+                        per_class=8, title=tag)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""The from-scratch training recipe: schedules, v-prediction, min-SNR weights, EMA, grey data, JAX."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from keras import ops
+
+from Models.diffusion.conditional_diffusion import AdamWithEMA, ema_optimizer, make_optimizer
+from Models.diffusion.schedule import NoiseSchedule, ScheduleError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def numpy(x):
+    return ops.convert_to_numpy(x)
+
+
+# ----- schedules -----------------------------------------------------------------------------
+def test_beta_schedules_match_their_formulas():
+    linear = NoiseSchedule("linear", beta_start=1e-4, beta_end=0.02)
+    np.testing.assert_allclose(linear.betas, np.linspace(1e-4, 0.02, 1000))
+    cosine = NoiseSchedule("squaredcos_cap_v2")
+    f = np.cos((np.arange(1001) / 1000 + 0.008) / 1.008 * np.pi / 2) ** 2
+    np.testing.assert_allclose(cosine.alphas_cumprod[:-1], (f[1:] / f[0])[:-1], rtol=1e-6)
+    assert cosine.betas.max() <= 0.999
+    # Stable Diffusion's scaled_linear leaves sqrt(alpha_bar_T) ~ 0.068 of the image at the last step.
+    assert np.sqrt(NoiseSchedule().alphas_cumprod[-1]) == pytest.approx(0.068, abs=0.001)
+
+
+def test_zero_terminal_snr_rescale():
+    base = NoiseSchedule("scaled_linear")
+    rescaled = NoiseSchedule("scaled_linear", prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    assert rescaled.alphas_cumprod[-1] == pytest.approx(0.0, abs=1e-12)
+    assert rescaled.alphas_cumprod[0] == pytest.approx(base.alphas_cumprod[0])
+    assert np.all(np.diff(rescaled.alphas_cumprod) < 0)
+    with pytest.raises(ScheduleError, match="v_prediction"):
+        NoiseSchedule(rescale_betas_zero_snr=True)  # epsilon cannot be learnt where alpha_bar is 0
+
+
+def test_timestep_spacings_match_diffusers_definitions():
+    assert list(NoiseSchedule(timestep_spacing="trailing").ddim_timesteps(4)) == [999, 749, 499, 249]
+    assert list(NoiseSchedule(timestep_spacing="linspace").ddim_timesteps(4)) == [999, 666, 333, 0]
+    assert list(NoiseSchedule().ddim_timesteps(4)) == [751, 501, 251, 1]
+
+
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "squaredcos_cap_v2"])
+def test_v_and_epsilon_parameterisations_give_the_same_x0(beta_schedule):
+    rng = np.random.default_rng(0)
+    x0 = ops.convert_to_tensor(rng.uniform(-1, 1, (4, 5, 5, 1)), "float32")
+    noise = ops.convert_to_tensor(rng.standard_normal((4, 5, 5, 1)), "float32")
+    timesteps = np.array([0, 10, 500, 990])
+    eps_schedule = NoiseSchedule(beta_schedule)
+    v_schedule = NoiseSchedule(beta_schedule, prediction_type="v_prediction")
+    x_t = eps_schedule.add_noise(x0, noise, timesteps)
+    alpha_bar = eps_schedule.alphas_cumprod[timesteps].astype("float32").reshape(-1, 1, 1, 1)
+    # A perfect model of each kind outputs its training target.
+    x0_from_eps, eps_from_eps = eps_schedule.split_prediction(
+        eps_schedule.training_target(x0, noise, timesteps), x_t, alpha_bar)
+    x0_from_v, eps_from_v = v_schedule.split_prediction(
+        v_schedule.training_target(x0, noise, timesteps), x_t, alpha_bar)
+    np.testing.assert_allclose(numpy(x0_from_v), numpy(x0), atol=2e-5)
+    np.testing.assert_allclose(numpy(eps_from_v), numpy(noise), atol=2e-5)
+    np.testing.assert_allclose(numpy(x0_from_eps[1:]), numpy(x0[1:]), atol=2e-3)  # 1/sqrt(a) amplifies rounding
+    np.testing.assert_allclose(numpy(eps_from_eps), numpy(noise), atol=1e-6)
+    # And v itself: sqrt(a) * noise - sqrt(1 - a) * x0.
+    v = numpy(v_schedule.training_target(x0, noise, timesteps))
+    np.testing.assert_allclose(v, np.sqrt(alpha_bar) * numpy(noise) - np.sqrt(1 - alpha_bar) * numpy(x0),
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights_match_the_formula(prediction_type):
+    schedule = NoiseSchedule("squaredcos_cap_v2", prediction_type=prediction_type)
+    timesteps = np.array([0, 5, 100, 400, 800, 999])
+    snr = schedule.snr(timesteps)
+    gamma = 5.0
+    expected = np.minimum(snr, gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+    np.testing.assert_allclose(numpy(schedule.snr_weights(timesteps, gamma)), expected, rtol=1e-4)
+    assert snr[0] > gamma > snr[-1]  # the cap is active at small t and not at large t
+
+
+# ----- EMA -------------------------------------------------------------------------------------
+def test_ema_warm_up_and_averaged_weights():
+    variable = keras.Variable(np.zeros(3, np.float32))
+    optimizer = AdamWithEMA(learning_rate=0.1, use_ema=True, ema_momentum=0.999)
+    optimizer.build([variable])
+    averages, values = [], []
+    for step in range(4):
+        optimizer.apply([ops.ones(3)], [variable])
+        values.append(numpy(variable).copy())
+        averages.append(numpy(optimizer.moving_averages([variable])[0]).copy())
+    # Step 0 copies the weights; step t then decays by min(0.999, (1 + t) / (10 + t)).
+    expected = values[0]
+    np.testing.assert_allclose(averages[0], expected, rtol=1e-6)
+    for t in range(1, 4):
+        decay = min(0.999, (1 + t) / (10 + t))
+        expected = decay * expected + (1 - decay) * values[t]
+        np.testing.assert_allclose(averages[t], expected, rtol=1e-5)
+    with optimizer.averaged_weights([variable]):
+        np.testing.assert_allclose(numpy(variable), averages[-1])
+    np.testing.assert_allclose(numpy(variable), values[-1])  # restored afterwards
+    assert ema_optimizer(optimizer) is optimizer and ema_optimizer(make_optimizer(1e-3, 10)) is None
+
+
+# ----- JAX -------------------------------------------------------------------------------------
+JAX_TRAINING = """
+import numpy as np, keras
+assert keras.backend.backend() == "jax"
+from Data.loaders import load_dataset
+from Models.diffusion import checkpoints as ck
+from Models.diffusion.conditional_diffusion import TrainBatches, make_optimizer, ema_optimizer
+from Data.registry import get_spec
+splits = load_dataset("digits")
+model = ck.build_model("tiny", get_spec("digits"), seed=0, recipe={"ema_decay": 0.99, "cond_dropout": 0.1})
+batches = TrainBatches(splits.x_train, splits.y_train, 64, model.image_size, seed=0)
+model.compile(optimizer=make_optimizer(2e-3, 3 * len(batches), 0.99))
+history = model.fit(batches, epochs=3, verbose=0)
+with ema_optimizer(model.optimizer).averaged_weights(model.trainable_variables):
+    images = model.generate([0, 1], num_steps=3, seed=0)
+print("LOSSES", *history.history["loss"])
+print("IMAGES", images.shape, images.dtype)
+"""
+
+
+def test_training_runs_under_jax_and_the_loss_falls():
+    pytest.importorskip("jax")
+    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", JAX_TRAINING], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [float(v) for v in result.stdout.split("LOSSES")[1].split("\n")[0].split()]
+    assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], losses
+    assert "IMAGES (2, 8, 8, 3) uint8" in result.stdout
+
+
+# ----- EMA through SD_adapting.py: what checkpoints hold, and an exact resume ------------------
+@pytest.mark.slow
+def test_ema_checkpoints_hold_the_average_and_a_killed_run_resumes_both(tmp_path, monkeypatch):
+    import h5py
+
+    import SD_adapting
+    from Models.diffusion import checkpoints as ck
+
+    argv = ["--dataset", "digits", "--preset", "tiny", "--train_model", "enc", "--epochs", "2",
+            "--batch_size", "256", "--grid_per_class", "0", "--verbose", "0", "--ema_decay", "0.9"]
+    folders = {}
+    for run in ("uninterrupted", "killed"):
+        monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path / run))
+        folders[run] = ck.diffusion_checkpoint_dir(0, "digits", "enc")
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path / "uninterrupted"))
+    assert SD_adapting.main(argv) == 0
+
+    # The same run killed right after its epoch-1 checkpoint, then the same command again.
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path / "killed"))
+    save_checkpoint = SD_adapting.Checkpointer.on_epoch_end
+
+    def killed_after_first_checkpoint(self, epoch, logs=None):
+        save_checkpoint(self, epoch, logs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SD_adapting.Checkpointer, "on_epoch_end", killed_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        SD_adapting.main(argv)
+    monkeypatch.setattr(SD_adapting.Checkpointer, "on_epoch_end", save_checkpoint)
+    assert ck.resumable_epoch(folders["killed"]) == 1
+    assert SD_adapting.main(argv) == 0
+
+    def arrays(path, group=None):
+        with h5py.File(path, "r") as f:
+            node = f[group] if group else f
+            out = {}
+            node.visititems(lambda name, item: out.__setitem__(name, item[()])
+                            if isinstance(item, h5py.Dataset) else None)
+            return out
+
+    # The resumed run ends where the uninterrupted one does, up to float rounding: TensorFlow's
+    # CPU kernels do not promise the same summation order in two processes' graphs (measured
+    # differences ~1e-4; a lost EMA, optimizer state or data order would differ by far more).
+    for name in ("epoch_002.weights.h5", "epoch_002.optimizer.h5"):
+        a, b = arrays(folders["uninterrupted"] / name), arrays(folders["killed"] / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-3, atol=1e-3, err_msg=f"{name}:{key}")
+
+    # The weights file holds the moving average; the training state keeps the trained weights too.
+    state = ck.optimizer_path(folders["uninterrupted"], 2)
+    with h5py.File(state, "r") as f:
+        averages = [f[k][()] for k in sorted(f) if isinstance(f[k], h5py.Dataset)
+                    and "average" in f[k].attrs["path"]]
+    weights = arrays(ck.weights_path(folders["uninterrupted"], 2))
+    trained = arrays(state, ck.TRAINED_GROUP)
+    assert averages and len(trained) == len(weights)
+    stored = np.concatenate([v.ravel() for v in weights.values()])
+    assert any(np.array_equal(a.ravel(), w.ravel()) for a in averages for w in weights.values() if a.size > 100)
+    assert not np.array_equal(stored, np.concatenate([v.ravel() for v in trained.values()]))
+
+
+# ----- grey data -------------------------------------------------------------------------------
+def test_grey_datasets_are_modelled_with_one_channel_and_generated_exactly_grey():
+    from Data.registry import get_spec
+    from Models.diffusion import checkpoints as ck
+
+    model = ck.build_model("small", get_spec("digits"), seed=0)
+    assert model.unet.inputs[0].shape[-1] == 1 and model.unet.outputs[0].shape[-1] == 1
+    images = model.generate([0, 5], num_steps=2, seed=0)
+    assert images.shape == (2, 8, 8, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images[..., 0], images[..., 1])
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])
+    rgb = ck.build_model("small", get_spec("retinamnist"), seed=0, with_autoencoder=False)
+    assert rgb.unet.inputs[0].shape[-1] == 3
