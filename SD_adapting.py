@@ -27,7 +27,6 @@ checkpoint to fine-tune with (required), and --dif_epoch plays that role.
 """
 
 import argparse
-import contextlib
 import csv
 import io
 import os
@@ -300,12 +299,9 @@ class Checkpointer(_keras_callback()):
         self.jit_compile = jit_compile
 
     def on_train_begin(self, logs=None):
-        from Models.diffusion.conditional_diffusion import ema_optimizer
-
         # A run killed between a checkpoint and its grid: draw the grid of the resumed checkpoint.
         if self.start and self.grid_per_class and not self.grid_path(self.start).exists():
-            ema = ema_optimizer(self._diffusion.optimizer)
-            with ema.averaged_weights(self._diffusion.trainable_variables) if ema else contextlib.nullcontext():
+            with self._diffusion.sampling_weights():
                 self.save_grid(self.start)
 
     def grid_path(self, epoch):
@@ -323,7 +319,7 @@ class Checkpointer(_keras_callback()):
         ck.save_optimizer(ck.optimizer_path(self.folder, done), model.optimizer, done,
                           trained_parts=model.trained_parts() if ema else None)
         # With an EMA, the weights file and the grid get the average: what generation samples with.
-        with ema.averaged_weights(model.trainable_variables) if ema else contextlib.nullcontext():
+        with model.sampling_weights():
             ck.save_parts(ck.weights_path(self.folder, done), model.trained_parts(),
                           attrs={"epoch": done, "stage": model.stage, "preset": model.preset.name,
                                  "dataset": self.spec.name})

@@ -23,7 +23,6 @@ Rows are appended to `--out` (JSON lines); a sample grid goes beside it.
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -80,7 +79,7 @@ def main():
     from Metrics.speckle import speckle_share
     from Models.classifier import ClassifierConfig, evaluate_classifier, train_classifier
     from Models.diffusion import checkpoints as ck
-    from Models.diffusion.conditional_diffusion import TrainBatches, ema_optimizer, make_optimizer
+    from Models.diffusion.conditional_diffusion import TrainBatches, make_optimizer
     from Models.diffusion.presets import get_preset
 
     preset = get_preset(args.preset)
@@ -110,9 +109,8 @@ def main():
                  else [float(g) for g in args.guidance.split(",")])
     for guidance in guidances:
         tag = args.tag if len(guidances) == 1 else f"{args.tag}_g{guidance:g}"
-        ema = ema_optimizer(model.optimizer)
         started = time.perf_counter()
-        with ema.averaged_weights(model.trainable_variables) if ema else contextlib.nullcontext():
+        with model.sampling_weights():
             images = model.generate(labels, num_steps=args.steps, guidance_scale=guidance, seed=args.seed,
                                     batch_size=250, progress=True)
         generate_s = time.perf_counter() - started

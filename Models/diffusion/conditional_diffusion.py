@@ -321,6 +321,12 @@ class ClassConditionalDiffusion(keras.Model):
             return ops.cast(self.image_encoder(x, training=False), "float32")
         return x[..., :self.unet_channels]  # grey data arrives as three equal channels
 
+    def sampling_weights(self):
+        """A context in which the model holds the weights it samples with: the moving average
+        when its optimizer keeps one, else its own weights (checkpoints and sample grids use it)."""
+        ema = ema_optimizer(self.optimizer) if getattr(self, "optimizer", None) is not None else None
+        return ema.averaged_weights(self.trainable_variables) if ema else contextlib.nullcontext()
+
     def diffusion_loss(self, images, labels, training=True):
         """The training loss of one draw on (images, labels), outside `fit`."""
         return self.compute_loss(y_pred=self((images, labels), training=training))
