@@ -34,8 +34,8 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from Utils.cli import (ArgumentParser, UserError, decay_rate, non_negative_float, positive_int,  # noqa: E402
-                       probability, run_cli)
+from Utils.cli import (ArgumentParser, UserError, decay_rate, folder, non_negative_float,  # noqa: E402
+                       non_negative_int, positive_float, positive_int, probability, run_cli)
 from Utils.runtime import add_runtime_flags  # noqa: E402
 from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, preset_help  # noqa: E402
 
@@ -45,20 +45,20 @@ paper = parser.add_argument_group("the paper's flags")
 paper.add_argument("--dataset", required=True, help="a registered dataset (Data/registry.py)")
 paper.add_argument("--train_model", required=True, choices=("enc", "dif"),
                    help="enc: the class encoder (stage 1); dif: fine-tune the UNet (stage 3)")
-paper.add_argument("--enc_epoch", type=int, default=None,
+paper.add_argument("--enc_epoch", type=non_negative_int, default=None,
                    help="dif: the class-encoder checkpoint to fine-tune with (required); "
                         "enc: the checkpoint to continue from (see above)")
-paper.add_argument("--dif_epoch", type=int, default=None,
+paper.add_argument("--dif_epoch", type=non_negative_int, default=None,
                    help="dif: the fine-tuned UNet checkpoint to continue from (see above)")
-paper.add_argument("--exp", type=int, default=0, help="experiment number: the Exp_{exp} folders (default 0)")
+paper.add_argument("--exp", type=non_negative_int, default=0, help="experiment number: the Exp_{exp} folders (default 0)")
 paper.add_argument("--freq", type=positive_int, default=1,
                    help="save a checkpoint every FREQ epochs (and at the last one; default 1)")
 ours = parser.add_argument_group("added flags")
 ours.add_argument("--preset", default="sd1", help=preset_help("sd1"))
-ours.add_argument("--data_dir", default=None, help="folder with the real dataset files (default: the data cache)")
+ours.add_argument("--data_dir", type=folder, default=None, help="folder with the real dataset files (default: the data cache)")
 ours.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: the preset's for the stage)")
 ours.add_argument("--batch_size", type=positive_int, default=None, help="batch size (default: the preset's)")
-ours.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the preset's)")
+ours.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: the preset's)")
 recipe = parser.add_argument_group("training recipe (diffusers' names; default: the preset's, "
                                    "Models/diffusion/presets.py: the paper's for sd1/sd2)")
 recipe.add_argument("--cond_dropout", type=probability, default=None,
@@ -78,11 +78,13 @@ recipe.add_argument("--rescale_betas_zero_snr", action=argparse.BooleanOptionalA
                     help="rescale the schedule to zero terminal SNR (needs v_prediction)")
 recipe.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
                     help="sampling timesteps: leading (SD), trailing, linspace")
-ours.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and noise (default 0)")
+ours.add_argument("--seed", type=non_negative_int, default=0, help="seed of initialisation, data order and noise (default 0)")
 ours.add_argument("--random_init", action="store_true",
                   help="sd presets: random UNet/autoencoder weights instead of keras-cv's (tests, benchmarks)")
-ours.add_argument("--grid_per_class", type=int, default=4,
+ours.add_argument("--grid_per_class", type=non_negative_int, default=4,
                   help="samples per class in the grid saved with each checkpoint (0: none; default 4)")
+ours.add_argument("--grid_freq", type=positive_int, default=1,
+                  help="draw the grid every GRID_FREQ epochs (at checkpoints, and at the last; default 1)")
 ours.add_argument("--verbose", type=int, default=2, choices=(0, 1, 2), help="Keras fit verbosity (default 2)")
 add_runtime_flags(parser)
 
@@ -102,10 +104,6 @@ def resolve(args):
     epochs = args.epochs or getattr(preset, f"{stage}_epochs")
     batch_size = args.batch_size or getattr(preset, f"{stage}_batch_size")
     lr = getattr(preset, f"{stage}_lr") if args.lr is None else args.lr
-    if not lr > 0:
-        raise UserError(f"--lr must be positive, got {args.lr}")
-    if args.grid_per_class < 0:
-        raise UserError(f"--grid_per_class must be >= 0, got {args.grid_per_class}")
     if stage == "enc" and args.dif_epoch is not None:
         raise UserError("--dif_epoch is for --train_model dif")
     if stage == "dif" and args.enc_epoch is None:
@@ -180,7 +178,9 @@ def main(argv=None):
             ck.load_parts(plan["enc_path"], ck.enc_parts(model))
         batches = TrainBatches(splits.x_train, splits.y_train, plan["batch_size"], model.image_size,
                                seed=args.seed, epoch=start)
-        model.compile(optimizer=make_optimizer(plan["lr"], epochs * len(batches), plan["recipe"]["ema_decay"]),
+        # The average warms up over weights that start random; fine-tuning starts from an average.
+        model.compile(optimizer=make_optimizer(plan["lr"], epochs * len(batches), plan["recipe"]["ema_decay"],
+                                               ema_warmup=stage == "enc"),
                       jit_compile=jit)
         model.optimizer.build(model.trainable_variables)
         if start:
@@ -194,7 +194,8 @@ def main(argv=None):
     callbacks = [
         EpochSeeds(model, args.seed),
         log,
-        Checkpointer(model, folder, args.freq, epochs, spec, args.grid_per_class, args.seed, start, jit),
+        Checkpointer(model, folder, args.freq, epochs, spec, args.grid_per_class, args.seed, start, jit,
+                     grid_freq=args.grid_freq),
         TensorBoardScalars(folder / "logs"),
     ]
     n_params = sum(int(keras.ops.size(v)) for v in model.trainable_variables)
@@ -291,18 +292,22 @@ class TensorBoardScalars(_keras_callback()):
 class Checkpointer(_keras_callback()):
     """Every `freq` epochs and at the last: optimizer state, then weights (each atomic), then a sample grid."""
 
-    def __init__(self, model, folder, freq, epochs, spec, grid_per_class, seed, start=0, jit_compile=False):
+    def __init__(self, model, folder, freq, epochs, spec, grid_per_class, seed, start=0, jit_compile=False,
+                 grid_freq=1):
         super().__init__()
         self._diffusion = model
-        self.folder, self.freq, self.epochs = folder, freq, epochs
+        self.folder, self.freq, self.epochs, self.grid_freq = folder, freq, epochs, grid_freq
         self.spec, self.grid_per_class, self.seed, self.start = spec, grid_per_class, seed, start
         self.jit_compile = jit_compile
 
     def on_train_begin(self, logs=None):
         # A run killed between a checkpoint and its grid: draw the grid of the resumed checkpoint.
-        if self.start and self.grid_per_class and not self.grid_path(self.start).exists():
+        if self.start and self.wants_grid(self.start) and not self.grid_path(self.start).exists():
             with self._diffusion.sampling_weights():
                 self.save_grid(self.start)
+
+    def wants_grid(self, done):
+        return bool(self.grid_per_class) and (done % self.grid_freq == 0 or done == self.epochs)
 
     def grid_path(self, epoch):
         return self.folder / f"samples_epoch_{epoch:03d}.png"
@@ -323,7 +328,7 @@ class Checkpointer(_keras_callback()):
             ck.save_parts(ck.weights_path(self.folder, done), model.trained_parts(),
                           attrs={"epoch": done, "stage": model.stage, "preset": model.preset.name,
                                  "dataset": self.spec.name})
-            if self.grid_per_class:
+            if self.wants_grid(done):
                 self.save_grid(done)
         ck.remove_old_optimizer_states(self.folder, done)
 
@@ -334,7 +339,9 @@ class Checkpointer(_keras_callback()):
 
         model = self._diffusion
         labels = np.repeat(np.arange(self.spec.num_classes), self.grid_per_class)
-        images = model.generate(labels, seed=self.seed, batch_size=64, jit_compile=self.jit_compile)
+        # One batch of exactly the grid's size: padding it to a round batch would cost samples no one sees.
+        images = model.generate(labels, seed=self.seed, batch_size=min(64, len(labels)),
+                                jit_compile=self.jit_compile)
         save_image_grid(images, labels, self.spec.label_names,
                         self.grid_path(done), per_class=self.grid_per_class,
                         title=f"{self.spec.name}, {model.preset.name}, {model.stage} epoch {done}: "

@@ -32,16 +32,17 @@ Examples:
 import argparse
 import sys
 
-from Utils.cli import ArgumentParser, UserError, positive_int, run_cli
+from Utils.cli import (ArgumentParser, UserError, existing_folder, folder, non_negative_int,
+                       positive_int, run_cli)
 from Utils.runtime import add_runtime_flags, configure_runtime, distribution_scope
 
 parser = ArgumentParser(description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--dataset", required=True, help="registry name, e.g. cifar10, retinamnist, digits")
-parser.add_argument("--exp", type=int, default=0, help="experiment number (output folders, results file)")
+parser.add_argument("--exp", type=non_negative_int, default=0, help="experiment number (output folders, results file)")
 parser.add_argument("--synthetic", action="store_true",
                     help="train on our generated images, Data/Synthetic/Exp_{exp}/{dataset}/")
-parser.add_argument("--synthetic_dir", default=None,
+parser.add_argument("--synthetic_dir", type=existing_folder, default=None,
                     help="train on any folder of class sub-folders instead (implies --synthetic)")
 parser.add_argument("--take", type=positive_int, default=None,
                     help="synthetic training set size, in multiples of the real training split "
@@ -58,9 +59,9 @@ parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=Tr
                     help="train (resuming a killed run), or with --no-train load the finished checkpoint")
 parser.add_argument("--test", action=argparse.BooleanOptionalAction, default=True,
                     help="test on the real test split and record the CAS result (default on)")
-parser.add_argument("--data_dir", default=None,
+parser.add_argument("--data_dir", type=folder, default=None,
                     help="folder with the real dataset files (default $SDDG_DATA_DIR or the cache)")
-parser.add_argument("--seed", type=int, default=0, help="initial weights, batch order and synthetic subset")
+parser.add_argument("--seed", type=non_negative_int, default=0, help="initial weights, batch order and synthetic subset")
 add_runtime_flags(parser)
 
 
@@ -80,6 +81,7 @@ def main(argv=None):
     from Data.images import RESIZE_METHOD
     from Data.loaders import load_dataset
     from Data.registry import get_spec
+    from Data.shards import require_complete
     from Data.synthetic import format_report, load_image_folder
     from Metrics.cas import plot_cas, record_cas, run_key_for
     from Utils.paths import classifier_checkpoint_dir, synthetic_dir
@@ -92,6 +94,7 @@ def main(argv=None):
         if not folder.is_dir():
             raise UserError(f"synthetic data folder {folder} does not exist"
                             + ("" if args.synthetic_dir else " (run generate_dataset.py first)"))
+        require_complete(folder)  # a CAS on a half-generated set would score the missing shards too
     run_key = args.run_name or run_key_for(take, synthetic, folder.name if args.synthetic_dir else None)
     checkpoint_dir = classifier_checkpoint_dir(args.exp, spec.name, run_key)
 

@@ -50,7 +50,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Models.diffusion import diffusers_convert as dc  # noqa: E402
 from Models.diffusion.presets import PRESETS, DiffusionPreset, get_preset  # noqa: E402
-from Utils.cli import ArgumentParser, UserError, positive_int, run_cli  # noqa: E402
+from Utils.cli import ArgumentParser, UserError, non_negative_int, positive_int, run_cli  # noqa: E402
 from Utils.io import atomic_path, atomic_write_json, read_json  # noqa: E402
 
 UNET_WEIGHTS = "unet.weights.h5"
@@ -71,7 +71,7 @@ to_keras.add_argument("--preset", choices=sorted(PRESETS), default=None,
                            "settings (default: the matching preset, if any)")
 install = to_keras.add_argument_group("install the UNet as a fine-tuned-UNet checkpoint")
 install.add_argument("--dataset", default=None, help="the dataset whose class encoder it pairs with")
-install.add_argument("--exp", type=int, default=0, help="experiment number (default 0)")
+install.add_argument("--exp", type=non_negative_int, default=0, help="experiment number (default 0)")
 install.add_argument("--enc_epoch", type=positive_int, default=None, help="the class-encoder checkpoint")
 install.add_argument("--dif_epoch", type=positive_int, default=1,
                      help="the checkpoint epoch to write (default 1); an existing one is an error")

@@ -26,21 +26,22 @@ from Metrics.features import FEATURE_EXTRACTORS  # noqa: E402
 from Metrics.memorization import MEMORIZATION_THRESHOLD  # noqa: E402
 from Metrics.quality import (DEFAULT_NUM_SAMPLES, KID_SUBSET_SIZE, KID_SUBSETS, PRDC_K,  # noqa: E402
                              REFERENCE_SPLITS, evaluate_synthetic)
-from Utils.cli import ArgumentParser, non_negative_float, positive_int, run_cli  # noqa: E402
+from Utils.cli import (ArgumentParser, existing_folder, folder, non_negative_float,  # noqa: E402
+                       non_negative_int, positive_int, run_cli)
 
 parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("--dataset", required=True, help="a registered dataset (Data/registry.py)")
-parser.add_argument("--synthetic_dir", required=True, help="a folder of class sub-folders of images")
-parser.add_argument("--exp", type=int, default=0, help="experiment number: results file and extractor cache (default 0)")
-parser.add_argument("--data_dir", default=None, help="where the real data lives (default: $SDDG_DATA_DIR or the cache)")
+parser.add_argument("--synthetic_dir", type=existing_folder, required=True, help="a folder of class sub-folders of images")
+parser.add_argument("--exp", type=non_negative_int, default=0, help="experiment number: results file and extractor cache (default 0)")
+parser.add_argument("--data_dir", type=folder, default=None, help="where the real data lives (default: $SDDG_DATA_DIR or the cache)")
 parser.add_argument("--features", choices=FEATURE_EXTRACTORS, default="resnet20",
                     help="embedding network: resnet20 (trained on the real train split; offline; "
                          "MedMNIST) or inception (InceptionV3, ImageNet weights) (default resnet20)")
 parser.add_argument("--num_samples", type=positive_int, default=DEFAULT_NUM_SAMPLES,
                     help=f"at most this many synthetic (class-balanced) and reference images "
                          f"(default {DEFAULT_NUM_SAMPLES})")
-parser.add_argument("--seed", type=int, default=0, help="seed of every random draw and of the extractor (default 0)")
+parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of every random draw and of the extractor (default 0)")
 parser.add_argument("--reference", choices=REFERENCE_SPLITS, default="test",
                     help="the real split compared with (default test; memorisation always uses train)")
 parser.add_argument("--k", type=positive_int, default=PRDC_K, help=f"neighbours for precision/recall/density/coverage (default {PRDC_K})")

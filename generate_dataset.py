@@ -19,8 +19,14 @@ again, it skips the images that exist and decode, and writes the rest. Running
 with different settings into a folder that holds another data set is an error.
 
 --img_class C generates only class C's images of the data set; --shard K/N
-only the images whose index within their class is n % N == K. Several
-workers with different --shard (or --img_class) values fill one folder.
+only the images whose index within their class is n % N == K (in an array
+job it defaults to the job's task: SLURM_ARRAY_TASK_ID/COUNT, SGE_TASK_*).
+Several workers with different --shard (or --img_class) values fill one
+folder, or one folder each; `--verify FOLDER...` then proves that the parts
+make exactly one complete data set (Data/shards.py), and the CAS stage
+(classifier_training.py) refuses a generated folder with images missing.
+
+    python generate_dataset.py --verify Data/Synthetic/Exp_0/retinamnist
 --dif_epoch 0 (default) uses the UNet without fine-tuning (sd: keras-cv's
 pretrained UNet; tiny: the UNet its enc stage trained).
 """
@@ -33,73 +39,49 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from Utils.cli import ArgumentParser, UserError, non_negative_float, positive_int, run_cli  # noqa: E402
+from Utils.cli import (ArgumentParser, UserError, existing_folder, folder, non_negative_float,  # noqa: E402
+                       non_negative_int, positive_int, run_cli)
 from Utils.runtime import add_runtime_flags  # noqa: E402
 from Models.diffusion.presets import preset_help  # noqa: E402
+from Data.shards import (image_path, is_complete_png, parse_shard, per_class_counts,  # noqa: E402
+                         shard_from_environment, verify_parts)
 
 parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter)
 paper = parser.add_argument_group("the paper's flags")
-paper.add_argument("--dataset", required=True, help="a registered dataset (Data/registry.py)")
-paper.add_argument("--img_class", type=int, default=None,
+paper.add_argument("--dataset", help="a registered dataset (Data/registry.py); required unless --verify")
+paper.add_argument("--img_class", type=non_negative_int, default=None,
                    help="generate only this class's share of the data set (default: every class)")
-paper.add_argument("--img_total", type=positive_int, required=True,
-                   help="images in the whole data set, balanced over classes")
+paper.add_argument("--img_total", type=positive_int,
+                   help="images in the whole data set, balanced over classes; required unless --verify")
 paper.add_argument("--batch_size", type=positive_int, default=250,
                    help="images per sampler call (default 250, the paper's; does not change the images)")
-paper.add_argument("--enc_epoch", type=positive_int, required=True, help="the class-encoder checkpoint")
-paper.add_argument("--dif_epoch", type=int, default=0,
+paper.add_argument("--enc_epoch", type=positive_int, help="the class-encoder checkpoint; required unless --verify")
+paper.add_argument("--dif_epoch", type=non_negative_int, default=0,
                    help="the fine-tuned UNet checkpoint; 0 (default): the UNet without fine-tuning")
 paper.add_argument("--inf_steps", type=positive_int, default=None,
                    help="DDIM steps (default: the preset's, 50 for sd)")
 paper.add_argument("--ugs", type=non_negative_float, default=None,
                    help="unconditional guidance scale (default: the preset's, 7.5 for sd)")
-paper.add_argument("--exp", type=int, default=0, help="experiment number (default 0)")
+paper.add_argument("--exp", type=non_negative_int, default=0, help="experiment number (default 0)")
 ours = parser.add_argument_group("added flags")
 ours.add_argument("--preset", default="sd1", help=preset_help("sd1"))
-ours.add_argument("--seed", type=int, default=0, help="seed of the images' noise (default 0)")
+ours.add_argument("--seed", type=non_negative_int, default=0, help="seed of the images' noise (default 0)")
 ours.add_argument("--eta", type=non_negative_float, default=0.0, help="DDIM eta (default 0: deterministic)")
-ours.add_argument("--shard", default="0/1", help="K/N: write only images n with n %% N == K (default 0/1)")
-ours.add_argument("--out_dir", default=None, help="output folder (default Data/Synthetic/Exp_{exp}/{dataset})")
+ours.add_argument("--shard", default=None,
+                  help="K/N: write only images n with n %% N == K (default: the array job's task, "
+                       "SLURM_ARRAY_TASK_ID/COUNT or SGE_TASK_*, else 0/1)")
+ours.add_argument("--verify", nargs="+", type=existing_folder, metavar="FOLDER", default=None,
+                  help="only check that these folders (one, or one per shard) together hold exactly one "
+                       "complete data set: same settings, every class's count, no duplicates, whole PNGs")
+ours.add_argument("--out_dir", type=folder, default=None, help="output folder (default Data/Synthetic/Exp_{exp}/{dataset})")
 ours.add_argument("--keep_generation_size", action="store_true",
                   help="also keep the images at the model's size in the sibling folder {out_dir}_{S}px")
-ours.add_argument("--grid_per_class", type=int, default=8, help="images per class in samples.png (default 8)")
+ours.add_argument("--grid_per_class", type=non_negative_int, default=8, help="images per class in samples.png (default 8)")
 add_runtime_flags(parser)
 
 # A temporary image file older than this is a leftover of a killed run.
 STALE_SECONDS = 600
-
-
-def parse_shard(text):
-    try:
-        k, n = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise UserError(f"--shard must look like K/N (e.g. 0/4), got {text!r}") from None
-    if n < 1 or not 0 <= k < n:
-        raise UserError(f"--shard {text}: need N >= 1 and 0 <= K < N")
-    return k, n
-
-
-def per_class_counts(img_total, num_classes):
-    """Balanced counts: img_total // C each, one more for the first img_total % C classes."""
-    base, extra = divmod(img_total, num_classes)
-    return [base + (c < extra) for c in range(num_classes)]
-
-
-def image_path(folder, label, n):
-    return Path(folder) / f"class_{label:02d}" / f"img_{n}.png"
-
-
-def is_complete_png(path, size):
-    """The file exists, decodes fully and has the expected size."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.size == (size, size)
-    except (OSError, ValueError, SyntaxError):
-        return False
 
 
 def resolve(args):
@@ -110,16 +92,17 @@ def resolve(args):
     from Models.diffusion.schedule import check_inference_steps
     from Utils.paths import synthetic_dir
 
+    missing = [flag for flag in ("dataset", "img_total", "enc_epoch") if getattr(args, flag) is None]
+    if missing:
+        parser.error(f"the following arguments are required: {', '.join('--' + m for m in missing)}")
     spec, preset = get_spec(args.dataset), get_preset(args.preset)
+    if args.shard is None:
+        args.shard = "/".join(map(str, shard_from_environment(os.environ) or (0, 1)))
     shard = parse_shard(args.shard)
-    if args.dif_epoch < 0:
-        raise UserError(f"--dif_epoch must be >= 0, got {args.dif_epoch}")
     if args.img_class is not None and not 0 <= args.img_class < spec.num_classes:
         raise UserError(f"--img_class must be in [0, {spec.num_classes - 1}] for {spec.name}, got {args.img_class}")
     if args.img_total < spec.num_classes:
         raise UserError(f"--img_total {args.img_total} is fewer than {spec.name}'s {spec.num_classes} classes")
-    if args.grid_per_class < 0:
-        raise UserError(f"--grid_per_class must be >= 0, got {args.grid_per_class}")
     steps = check_inference_steps(args.inf_steps if args.inf_steps is not None else preset.default_inference_steps)
     ugs = float(args.ugs if args.ugs is not None else preset.default_guidance_scale)
     enc_settings, used = ck.resolve_generation_checkpoints(preset, spec, args.exp, args.enc_epoch, args.dif_epoch)
@@ -177,6 +160,12 @@ def count_existing(out_dir, counts, size):
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    if args.verify:
+        summary = verify_parts(args.verify)
+        print(f"verified: {summary['images']} images {summary['per_class']} per class in "
+              f"{len(args.verify)} folder(s), one data set ({summary['settings']['dataset']}), "
+              f"no duplicates, every PNG whole")
+        return 0
     plan = resolve(args)
     spec, out_dir, size = plan["spec"], plan["out_dir"], plan["spec"].image_size
     keep_dir = out_dir.with_name(f"{out_dir.name}_{plan['generation_size']}px") if args.keep_generation_size else None
@@ -265,10 +254,10 @@ def _remove_stale_temporaries(*folders):
     """
     import time
 
-    for folder in folders:
-        if folder is None or not folder.is_dir():
+    for part in folders:
+        if part is None or not part.is_dir():
             continue
-        for path in folder.glob("class_*/.img_*.tmp.png"):
+        for path in part.glob("class_*/.img_*.tmp.png"):
             try:
                 if time.time() - path.stat().st_mtime > STALE_SECONDS:
                     path.unlink()

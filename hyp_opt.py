@@ -30,7 +30,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Pipeline.tuning import DEFAULT_N_TRIALS, OBJECTIVES, TuningOptions, check_options, run_tuning  # noqa: E402
-from Utils.cli import ArgumentParser, non_negative_float, positive_int, run_cli  # noqa: E402
+from Utils.cli import (ArgumentParser, folder, non_negative_float, non_negative_int, positive_int,  # noqa: E402
+                       run_cli)
 from Utils.runtime import add_runtime_flags  # noqa: E402
 from Models.diffusion.presets import preset_help  # noqa: E402
 
@@ -38,7 +39,7 @@ parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter)
 paper = parser.add_argument_group("the paper's flags")
 paper.add_argument("--dataset", required=True, help="a registered dataset (Data/registry.py)")
-paper.add_argument("--exp", type=int, default=0, help="experiment number: the Exp_{exp} folders and results files (default 0)")
+paper.add_argument("--exp", type=non_negative_int, default=0, help="experiment number: the Exp_{exp} folders and results files (default 0)")
 paper.add_argument("--optimize", action=argparse.BooleanOptionalAction, default=True,
                    help="run the study (default); --no-optimize scores the preset's default "
                         "steps and UGS with the last checkpoint (the stage table's no_opt row)")
@@ -60,7 +61,7 @@ paper.add_argument("--save_plots", action="store_true",
                    help="write the Optuna plots (history, contours, importances, slices, timeline) as PNG")
 ours = parser.add_argument_group("added")
 ours.add_argument("--preset", default="sd1", help=preset_help("sd1"))
-ours.add_argument("--data_dir", default=None, help="folder with the real dataset files")
+ours.add_argument("--data_dir", type=folder, default=None, help="folder with the real dataset files")
 ours.add_argument("--n_trials", type=positive_int, default=None,
                   help=f"TOTAL finished trials wanted, counting earlier runs "
                        f"(default {DEFAULT_N_TRIALS['enc']} enc, {DEFAULT_N_TRIALS['dif']} dif)")
@@ -71,7 +72,7 @@ ours.add_argument("--classifier_batch_size", type=positive_int, default=256,
 ours.add_argument("--storage", default=None,
                   help="Optuna storage: sqlite:///PATH.db, postgresql://..., mysql://..., or journal:PATH "
                        "(default: sqlite file Experiments/Exp_{exp}/{dataset}/optuna.db)")
-ours.add_argument("--seed", type=int, default=0, help="sampler, generation and classifier seed (default 0)")
+ours.add_argument("--seed", type=non_negative_int, default=0, help="sampler, generation and classifier seed (default 0)")
 ours.add_argument("--objective", choices=OBJECTIVES, default="cas",
                   help="cas: validation accuracy of a ResNet20 per trial (default); kid: kernel inception "
                        "distance to the real training images (no classifier per trial; the winner's CAS "
@@ -83,8 +84,9 @@ ours.add_argument("--prune_after", type=positive_int, default=1,
                        "(default 1, Optuna's default as the paper configured it)")
 ours.add_argument("--enqueue_defaults", action="store_true",
                   help="a new study's first trial uses the default settings (last checkpoint, the "
-                       "preset's steps and UGS): the winner is never worse than no optimisation on "
-                       "validation; for short studies (reproduce.py's quick budget), off in the paper")
+                       "preset's steps and UGS), displaced only by a trial better by more than one "
+                       "standard error of the validation accuracy; for short studies (reproduce.py's "
+                       "quick budget), off in the paper")
 add_runtime_flags(parser)
 
 

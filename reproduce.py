@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Models.diffusion.presets import preset_help  # noqa: E402
 from Pipeline.stages import BUDGETS, DEFAULT_PRESET  # noqa: E402
-from Utils.cli import ArgumentParser, positive_int, run_cli  # noqa: E402
+from Utils.cli import ArgumentParser, folder, non_negative_int, positive_int, run_cli  # noqa: E402
 from Utils.runtime import add_runtime_flags  # noqa: E402
 
 parser = ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -33,9 +33,9 @@ parser.add_argument("--preset", default=DEFAULT_PRESET, help=preset_help(DEFAULT
 parser.add_argument("--budget", choices=sorted(BUDGETS), default="quick",
                     help="quick (default: few trials, short training, x1..x3) or paper "
                          "(50 + 40 trials of 4,000 images, 100-epoch classifiers, x1..x10)")
-parser.add_argument("--exp", type=int, default=0, help="experiment number (default 0)")
-parser.add_argument("--data_dir", default=None, help="folder with the real dataset files")
-parser.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
+parser.add_argument("--exp", type=non_negative_int, default=0, help="experiment number (default 0)")
+parser.add_argument("--data_dir", type=folder, default=None, help="folder with the real dataset files")
+parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of every stage (default 0)")
 parser.add_argument("--storage", default=None,
                     help="Optuna storage URL for both studies (default: sqlite file in the experiment folder)")
 parser.add_argument("--stop_after", default=None, help="stop after this stage (names: see Pipeline/stages.py)")
@@ -83,6 +83,10 @@ def main(argv=None):
     pipeline = Pipeline(args.dataset, args.preset, budget, exp=args.exp, seed=args.seed,
                         data_dir=args.data_dir, storage=args.storage, runtime_argv=runtime_argv(args),
                         command=command, quality=args.quality)
+    # The first stage would find missing real data only after the pipeline started its stage log.
+    from Data.loaders import load_dataset
+
+    load_dataset(args.dataset, data_dir=args.data_dir)
     pipeline.run(stop_after=args.stop_after)
     return 0
 

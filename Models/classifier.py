@@ -358,6 +358,9 @@ def compile_classifier(model, config=None):
         metrics=["accuracy"],
         jit_compile=config.jit_compile,
     )
+    # Built now: Keras would build it inside the first traced step, and TensorFlow traces a
+    # step that creates variables twice (about a second per training run on a CPU).
+    model.optimizer.build(model.trainable_variables)
     return model
 
 
@@ -412,9 +415,7 @@ def load_classifier(checkpoint_dir):
     if not path.exists():
         raise UserError(f"no trained classifier in {checkpoint_dir} (missing {path.name}); train it first")
     model = build_classifier(tuple(run["input_shape"]), run["num_classes"], config)
-    compile_classifier(model, config)
-    # The weights file holds Adam's state too; a built optimizer takes it silently.
-    model.optimizer.build(model.trainable_variables)
+    compile_classifier(model, config)  # built optimizer: the weights file holds Adam's state too
     try:
         model.load_weights(path)
     except (OSError, ValueError) as e:

@@ -196,10 +196,14 @@ def tuning_section(exp, dataset, storage_url, figures_dir):
                          f"{protocol.get('classifier_epochs')} epochs (batch {protocol.get('classifier_batch_size')}), "
                          f"seed {protocol.get('seed')}.")
         if tuning.completed_trials(study):
-            best = study.best_trial
+            best = tuning.best_trial(study)
             params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
             lines.append(f"Winner: trial {best.number}, {params}: validation top-1 {_pct(best.value)}, "
                          f"test top-1 {_pct(best.user_attrs.get('test_top1'))} (recorded only).")
+            if study.best_trial.number != best.number:
+                lines.append(f"Trial {study.best_trial.number} scored {_pct(study.best_trial.value)} on validation, "
+                             "within one standard error of the default settings, which therefore stay the winner "
+                             "(the one-standard-error rule, `Pipeline/tuning.py: best_trial`).")
         lines += ["", "| trial | state | settings | validation top-1 | test top-1 (recorded) | epochs |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for trial in study.get_trials(deepcopy=False):

@@ -26,15 +26,15 @@ entry with the same protocol) are checked before it would run.
 
 Budgets
 -------
-`quick` (the default) fits `digits` + `tiny` into about 10 minutes on a 2-core
-CPU: few trials, a few hundred images per trial, short classifier training,
-x1..x3. `paper` is the paper's run: 50 + 40 trials of 4,000 images, the CAS
+`quick` (the default) fits `digits` + `small` into 10 minutes on a 2-core
+CPU: two trials per study, a few hundred images per trial, short classifier
+training, x1..x2. `paper` is the paper's run: 50 + 40 trials of 4,000 images, the CAS
 protocol's 100 epochs per classifier, x1..x10 (for `--preset sd1` on a GPU).
 Diffusion training epochs are the preset's (`Models/diffusion/presets.py`)
 unless a budget or flag says otherwise.
 
 Example:
-    >>> pipeline = Pipeline(dataset="digits", preset="tiny", budget=BUDGETS["quick"], exp=0)
+    >>> pipeline = Pipeline(dataset="digits", preset="small", budget=BUDGETS["quick"], exp=0)
     >>> pipeline.run()          # prints "[3/11] tune_enc: ..." per stage, writes REPORT.md
 """
 
@@ -76,6 +76,8 @@ class Budget:
         enqueue_defaults: each study's first trial is the default settings (hyp_opt.py
             --enqueue_defaults), so with a handful of trials the winner is never worse than
             no optimisation on validation.
+        grid_freq: epochs between the sample grids drawn with the diffusion checkpoints
+            (SD_adapting.py --grid_freq; the last epoch always gets one).
     """
 
     name: str
@@ -92,19 +94,21 @@ class Budget:
     generation_batch_size: int = 250
     prune_after: object = 1
     enqueue_defaults: bool = False
+    grid_freq: int = 1
 
 
-# The embedded default run (`python reproduce.py`): scikit-learn's digits, no download. `small`
-# generates better digits but takes ~13 minutes of an idle 2-core CPU (BENCHMARKS.md), over the
-# 10 minutes the default run must fit in.
-DEFAULT_PRESET = "tiny"
+# The embedded default run (`python reproduce.py`): scikit-learn's digits, no download, the
+# from-scratch generator; it fits in 10 minutes of an idle 2-core CPU (BENCHMARKS.md).
+DEFAULT_PRESET = "small"
 
 BUDGETS = {
-    # digits + tiny in under 10 minutes on 2 CPU cores; + small in about 13 (BENCHMARKS.md).
-    "quick": Budget("quick", enc_epochs=None, dif_epochs=None, n_trials_enc=3, n_trials_dif=3,
+    # digits + small in under 10 minutes on 2 CPU cores (BENCHMARKS.md). Two trials per study: the
+    # default settings and one more, which displaces them only by more than the validation
+    # accuracy's standard error (Pipeline/tuning.py, best_trial).
+    "quick": Budget("quick", enc_epochs=None, dif_epochs=None, n_trials_enc=2, n_trials_dif=2,
                     num_imgs=250, tuning_classifier_epochs=4, classifier_epochs=8,
-                    classifier_batch_size=64, max_multiple=3, max_steps="preset", prune_after="half",
-                    enqueue_defaults=True),
+                    classifier_batch_size=64, max_multiple=2, max_steps="preset", prune_after="half",
+                    enqueue_defaults=True, grid_freq=10),
     # PAPER.md: 50 / 40 trials of 4,000 images, the CAS protocol (100 epochs, batch 256), x1..x10.
     "paper": Budget("paper", enc_epochs=None, dif_epochs=None, n_trials_enc=50, n_trials_dif=40,
                     num_imgs=4000, tuning_classifier_epochs=100, classifier_epochs=100,
@@ -273,7 +277,7 @@ class Pipeline:
         stages = [
             Stage("enc", "class encoder", "SD_adapting.py",
                   lambda: ["--train_model", "enc", *self.common(), "--epochs", str(self.enc_epochs),
-                           "--freq", "1", *runtime],
+                           "--freq", "1", "--grid_freq", str(b.grid_freq), *runtime],
                   lambda: self.checkpoints_done("enc", self.enc_epochs)),
             Stage("tune_enc", "tuning #1 (class-encoder checkpoint, steps, UGS)", "hyp_opt.py",
                   lambda: self.tune_argv("enc", optimize=True),
@@ -284,7 +288,7 @@ class Pipeline:
             Stage("dif", "UNet fine-tuning", "SD_adapting.py",
                   lambda: ["--train_model", "dif", *self.common(), "--enc_epoch",
                            str(self.winner("enc")["enc_epoch"]), "--epochs", str(self.dif_epochs),
-                           "--freq", "1", *runtime],
+                           "--freq", "1", "--grid_freq", str(b.grid_freq), *runtime],
                   lambda: self.checkpoints_done("dif", self.dif_epochs)),
             Stage("tune_dif", "tuning #2 (UNet checkpoint, steps, UGS)", "hyp_opt.py",
                   lambda: self.tune_argv("dif", optimize=True),

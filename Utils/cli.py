@@ -16,6 +16,7 @@ Example:
 import argparse
 import math
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -40,6 +41,16 @@ def positive_int(text):
     return value
 
 
+def non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def finite_float(text):
     try:
         value = float(text)
@@ -47,6 +58,13 @@ def finite_float(text):
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text):
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
@@ -70,6 +88,29 @@ def probability(text):
     if value > 1:
         raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}")
     return value
+
+
+def folder(text):
+    """A folder that may not exist yet (it is created when written): not a file, nor under one."""
+    path = Path(text).expanduser()
+    if not str(text).strip():
+        raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+    for existing in (path, *path.parents):
+        if existing.exists():
+            if not existing.is_dir():
+                where = "is a file" if existing == path else f"is under the file {existing}"
+                raise argparse.ArgumentTypeError(f"expected a folder, but {text} {where}")
+            break
+    return str(path)
+
+
+def existing_folder(text):
+    """A folder that must already exist (an input)."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected an existing folder, but {text} "
+                                         f"{'is a file' if path.exists() else 'does not exist'}")
+    return str(path)
 
 
 def run_cli(main, argv=None):

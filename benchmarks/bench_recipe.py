@@ -24,6 +24,7 @@ Rows are appended to `--out` (JSON lines); a sample grid goes beside it.
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -43,7 +44,9 @@ parser.add_argument("--preset", default="small")
 parser.add_argument("--epochs", type=int, default=None, help="diffusion epochs (default: the preset's enc_epochs)")
 parser.add_argument("--batch_size", type=int, default=None)
 parser.add_argument("--lr", type=float, default=None)
-parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the preset's)")
+parser.add_argument("--steps", default=None,
+                    help="sampling steps, or several separated by commas: one row each from the same "
+                         "trained model (default: the preset's)")
 parser.add_argument("--guidance", default=None,
                     help="guidance scale, or several separated by commas: one row each from the same trained "
                          "model (default: the preset's)")
@@ -107,11 +110,14 @@ def main():
     labels = np.repeat(np.arange(spec.num_classes), per_class_x1 * args.multiples)
     guidances = ([preset.default_guidance_scale] if args.guidance is None
                  else [float(g) for g in args.guidance.split(",")])
-    for guidance in guidances:
-        tag = args.tag if len(guidances) == 1 else f"{args.tag}_g{guidance:g}"
+    step_counts = ([preset.default_inference_steps] if args.steps is None
+                   else [int(n) for n in args.steps.split(",")])
+    for steps, guidance in itertools.product(step_counts, guidances):
+        tag = args.tag + (f"_g{guidance:g}" if len(guidances) > 1 else "") + \
+            (f"_s{steps}" if len(step_counts) > 1 else "")
         started = time.perf_counter()
         with model.sampling_weights():
-            images = model.generate(labels, num_steps=args.steps, guidance_scale=guidance, seed=args.seed,
+            images = model.generate(labels, num_steps=steps, guidance_scale=guidance, seed=args.seed,
                                     batch_size=250, progress=True)
         generate_s = time.perf_counter() - started
 
@@ -143,7 +149,7 @@ def main():
         row = {"tag": tag, "dataset": spec.name, "preset": preset.name, "rgb": bool(args.rgb),
                "level_channels": list(preset.level_channels),
                **recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-               "steps": args.steps or preset.default_inference_steps,
+               "steps": steps,
                "guidance": guidance,
                "classifier_epochs": args.classifier_epochs, "classifier_batch_size": args.classifier_batch_size,
                "final_loss": float(history.history["loss"][-1]), "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1),

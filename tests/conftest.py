@@ -1,8 +1,13 @@
-"""Shared test fixtures: the repository on sys.path, the shared real data, script runner."""
+"""Shared test fixtures: the repository on sys.path, the shared real data, script runner,
+tiny diffusion checkpoints, a throw-away PostgreSQL server."""
 
 import os
+import pwd
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -52,10 +57,101 @@ def run_script(tmp_path):
     return run
 
 
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """An output root holding tiny class-encoder checkpoints of epochs 1 and 2 for digits.
+
+    Random weights, written with Models.diffusion.checkpoints' own functions and
+    settings.json (what SD_adapting.py writes): these tests are about the tuning
+    machinery, not the generator's quality, and skip a minute of training.
+    """
+    from Data.registry import get_spec
+    from Models.diffusion import checkpoints as ck
+    from Utils.io import atomic_write_json
+
+    root = tmp_path_factory.mktemp("tuning")
+    folder = root / "Checkpoints" / "DDPM" / "Exp_0" / "digits" / "MyEmbedding"
+    spec = get_spec("digits")
+    model = ck.build_model("tiny", spec, init_seed=0)
+    atomic_write_json(folder / ck.SETTINGS_FILE, {**ck.model_identity("tiny", spec, True, 0), "stage": "enc",
+                                                  "epochs": 2, "seed": 0})
+    for epoch in (1, 2):
+        ck.save_parts(ck.weights_path(folder, epoch), ck.enc_parts(model))
+    return root
+
+
+def _postgres_bin_dir():
+    """Folder of Debian's initdb/pg_ctl (the newest installed server), or None."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name)
+                   if p.parent.parent.name.isdigit() else 0)
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _unavailable(message):
+    """Skips locally, fails under CI=true: CI must run every multi-worker test."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def postgres_url():
+    """A throw-away PostgreSQL server on 127.0.0.1 (initdb + pg_ctl in a temporary folder).
+
+    Yields a postgresql:// URL with trust authentication; the server is stopped and its
+    folder deleted afterwards. PostgreSQL refuses to run as root, so under root the
+    cluster belongs to Debian's `postgres` user (runuser).
+    """
+    bin_dir = _postgres_bin_dir()
+    if bin_dir is None:
+        _unavailable("PostgreSQL is not installed (apt-get install postgresql; .ci/run does it)")
+    as_user = []
+    folder = Path(tempfile.mkdtemp(prefix="sddg-postgres-"))
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            shutil.rmtree(folder)
+            _unavailable("running as root and there is no 'postgres' user to own the test cluster")
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data, log = folder / "data", folder / "server.log"
+
+    def command(*args):
+        return subprocess.run([*as_user, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+    started = False
+    try:
+        steps = [
+            (bin_dir / "initdb", "-D", data, "-U", "sddg", "--auth=trust", "-E", "UTF8", "--no-sync"),
+            # -F: no fsync, -k: its Unix socket in the temporary folder, not /var/run/postgresql.
+            (bin_dir / "pg_ctl", "-D", data, "-l", log, "-w", "-t", "60",
+             "-o", f"-h 127.0.0.1 -p {port} -k {folder} -F", "start"),
+        ]
+        for step in steps:
+            done = command(*step)
+            if done.returncode != 0:
+                server_log = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                _unavailable(f"could not start the test PostgreSQL server: {' '.join(map(str, step[:1]))} "
+                             f"exited {done.returncode}: {done.stderr.strip()[-2000:]} {server_log}")
+        started = True
+        yield f"postgresql://sddg@127.0.0.1:{port}/postgres"
+    finally:
+        if started:
+            command(bin_dir / "pg_ctl", "-D", data, "-m", "immediate", "-w", "stop")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 # The longest test files, longest first (pytest --durations, session 2): run them first so the
 # two xdist workers (pytest.ini) end together instead of one finishing a long file alone.
-LONGEST_FILES_FIRST = ("test_reproduce.py", "test_hyp_opt.py", "test_keras_cv_parity.py",
-                       "test_sd_adapting.py", "test_classifier_training.py", "test_learns_digits.py",
+LONGEST_FILES_FIRST = ("test_reproduce.py", "test_multi_worker_storage.py", "test_hyp_opt.py",
+                       "test_keras_cv_parity.py", "test_sd_adapting.py", "test_classifier_training.py", "test_learns_digits.py",
                        "test_sd1_full_size.py", "test_generate_dataset.py", "test_diffusers_parity.py")
 
 

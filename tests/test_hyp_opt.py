@@ -99,22 +99,39 @@ def test_study_refuses_other_settings_and_direction(tmp_path):
 
 
 def test_trials_of_a_dead_process_are_failed_on_resume_and_not_counted(tmp_path):
+    import threading
+
     storage = tuning.open_storage(f"journal:{tmp_path}/study.log")
     study = tuning.open_study(storage, "s", "maximize", 0, None, {})
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     ghost = study.ask()  # a trial its (killed) worker never finished
     ghost.set_user_attr("worker", f"{tuning.socket.gethostname()}:{dead.pid}:1")
-    alive = study.ask()  # a live worker's trial on this machine: left alone
-    alive.set_user_attr("worker", tuning.worker_id())
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    alive = study.ask()  # a live worker's trial on this machine: holds a slot while it lives
+    alive.set_user_attr("worker", f"{tuning.socket.gethostname()}:{other.pid}:{tuning._process_start_ticks(other.pid)}")
     space = tuning.build_search_space("enc", [1, 2])
     messages = []
-    tuning.run_study(study, lambda t: float(space.suggest(t)["enc_epoch"]), n_trials=3, log=messages.append)
-    states = [t.state.name for t in study.trials]
-    assert states[:2] == ["FAIL", "RUNNING"]
-    # 3 wanted = 2 complete + the live worker's running trial.
-    assert states[2:] == ["COMPLETE", "COMPLETE"], states
+    worker = threading.Thread(target=tuning.run_study, kwargs=dict(
+        study=study, objective=lambda t: float(space.suggest(t)["enc_epoch"]), n_trials=3,
+        log=messages.append, poll_s=0.05))
+    try:
+        worker.start()
+        deadline = time.monotonic() + 60
+        while len(study.get_trials(states=tuning.TRIAL_STATES_COUNTED)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        # 3 wanted = 2 complete + the live worker's running trial: this worker waits for it.
+        assert worker.is_alive() and [t.state.name for t in study.trials] == ["FAIL", "RUNNING", "COMPLETE", "COMPLETE"]
+    finally:
+        other.kill()
+        other.wait()
+    worker.join(60)
+    assert not worker.is_alive()
+    # Its worker died: the slot is freed and the target reached by one more trial.
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
     assert any("trial(s) 0 left running by a killed process" in m for m in messages)
+    assert any("trial(s) 1 left running by a killed process" in m for m in messages)
 
 
 def test_a_trial_its_worker_never_claimed_is_failed_after_the_grace_period(tmp_path, monkeypatch):
@@ -187,29 +204,6 @@ def test_hyperband_prunes_a_trial_that_falls_behind(tmp_path):
 
 
 # ------------------------------------------------------------------ real tiny diffusion checkpoints ----
-
-@pytest.fixture(scope="module")
-def tiny_checkpoints(tmp_path_factory):
-    """An output root holding tiny class-encoder checkpoints of epochs 1 and 2 for digits.
-
-    Random weights, written with Models.diffusion.checkpoints' own functions and
-    settings.json (what SD_adapting.py writes): these tests are about the tuning
-    machinery, not the generator's quality, and skip a minute of training.
-    """
-    from Data.registry import get_spec
-    from Models.diffusion import checkpoints as ck
-    from Utils.io import atomic_write_json
-
-    root = tmp_path_factory.mktemp("tuning")
-    folder = root / "Checkpoints" / "DDPM" / "Exp_0" / "digits" / "MyEmbedding"
-    spec = get_spec("digits")
-    model = ck.build_model("tiny", spec, init_seed=0)
-    atomic_write_json(folder / ck.SETTINGS_FILE, {**ck.model_identity("tiny", spec, True, 0), "stage": "enc",
-                                                  "epochs": 2, "seed": 0})
-    for epoch in (1, 2):
-        ck.save_parts(ck.weights_path(folder, epoch), ck.enc_parts(model))
-    return root
-
 
 def _trial_states(db):
     with sqlite3.connect(db) as connection:
@@ -341,3 +335,31 @@ def test_kid_objective_tunes_without_classifiers_and_records_its_winners_cas(tin
     table = json.loads((tiny_checkpoints / "CAS Results" / "pipeline_optimization_exp0.json").read_text())
     cell = table["digits"]["after_class_encoder"]["opt_kid"]
     assert cell["objective"] == "kid" and 0 <= cell["top1"] <= 1 and 0 <= cell["val_accuracy"] <= 1
+
+
+def test_the_default_settings_stay_the_winner_unless_beaten_by_more_than_one_standard_error():
+    from Pipeline.tuning import DEFAULT_SETTINGS_ATTR, VALIDATION_SIZE_ATTR, best_trial
+
+    default = {"inf_steps": 20, "ugs": 1.5, "enc_epoch": 30}
+
+    def study_with(values, direction="maximize", marked=True):
+        study = optuna.create_study(direction=direction, storage="sqlite:///:memory:", study_name="s")
+        for i, value in enumerate(values):
+            params = default if i == 0 else {"inf_steps": 20, "ugs": 1.0 + i / 10, "enc_epoch": 30}
+            dists = {"inf_steps": optuna.distributions.IntDistribution(5, 20),
+                     "ugs": optuna.distributions.FloatDistribution(0, 7.5),
+                     "enc_epoch": optuna.distributions.IntDistribution(1, 30)}
+            study.add_trial(optuna.trial.create_trial(params=params, distributions=dists, value=value))
+        if marked:
+            study.set_user_attr(DEFAULT_SETTINGS_ATTR, default)
+            study.set_user_attr(VALIDATION_SIZE_ATTR, 360)
+        return study
+
+    # sqrt(0.7389 * 0.2611 / 360) = 0.0231: a lead of 0.0194 is noise, one of 0.0300 is not.
+    assert best_trial(study_with([0.7389, 0.7583, 0.70])).params == default
+    assert best_trial(study_with([0.7389, 0.7689, 0.70])).params["ugs"] == pytest.approx(1.1)
+    # Without the default marked (no --enqueue_defaults), or minimising (KID), the plain best.
+    assert best_trial(study_with([0.7389, 0.7583], marked=False)).params["ugs"] == pytest.approx(1.1)
+    assert best_trial(study_with([0.5, 0.4], direction="minimize")).params["ugs"] == pytest.approx(1.1)
+    # The default itself the best: it wins.
+    assert best_trial(study_with([0.80, 0.79])).params == default

@@ -106,6 +106,16 @@ def test_ema_warm_up_and_averaged_weights():
     np.testing.assert_allclose(numpy(variable), values[-1])  # restored afterwards
     assert ema_optimizer(optimizer) is optimizer and ema_optimizer(make_optimizer(1e-3, 10)) is None
 
+    # Without the warm-up (fine-tuning from an average): the full decay from the first update.
+    variable = keras.Variable(np.zeros(3, np.float32))
+    optimizer = make_optimizer(0.1, 10, ema_decay=0.9, ema_warmup=False)
+    optimizer.build([variable])
+    assert AdamWithEMA.from_config(optimizer.get_config()).ema_warmup is False
+    for step in range(3):
+        optimizer.apply([ops.ones(3)], [variable])
+        expected = numpy(variable).copy() if step == 0 else 0.9 * expected + 0.1 * numpy(variable)
+        np.testing.assert_allclose(numpy(optimizer.moving_averages([variable])[0]), expected, rtol=1e-5)
+
 
 # ----- JAX -------------------------------------------------------------------------------------
 JAX_TRAINING = """
@@ -136,6 +146,58 @@ def test_training_runs_under_jax_and_the_loss_falls():
     losses = [float(v) for v in result.stdout.split("LOSSES")[1].split("\n")[0].split()]
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], losses
     assert "IMAGES (2, 8, 8, 3) uint8" in result.stdout
+
+
+# ----- label dropout: it is what trains the unconditional branch --------------------------------
+def _denoising_losses(model, images, labels):
+    """The UNet's loss on a fixed noisy draw (t in the noisier half), given the labels and given the
+    all-zero (unconditional) label."""
+    from Models.diffusion.unet import timestep_embedding
+
+    x0 = model.encode_images(images)
+    noise = ops.convert_to_tensor(np.random.default_rng(1).standard_normal(tuple(x0.shape)).astype("float32"))
+    t = ops.convert_to_tensor(np.random.default_rng(2).integers(500, 1000, len(labels)).astype("int32"))
+    x_t = model.schedule.add_noise(x0, noise, t)
+    t_emb = timestep_embedding(t, model.preset.timestep_embedding_dim)
+    target = model.schedule.training_target(x0, noise, t)
+    losses = {}
+    for name, one_hot in (("label", ops.one_hot(labels, model.num_classes)),
+                          ("zero", ops.zeros((len(labels), model.num_classes)))):
+        output = model.unet([x_t, t_emb, model.class_encoder(one_hot)])
+        losses[name] = float(ops.mean((output - target) ** 2))
+    return losses
+
+
+@pytest.mark.slow
+def test_label_dropout_trains_the_unconditional_branch():
+    # Two classes that only the label tells apart at high noise (black and white squares): a
+    # UNet that has learnt the unconditional branch predicts their mean for the zero label;
+    # one that never saw the zero label treats it as some class (measured: its loss rises
+    # 1.50 -> 2.6 while the dropout-trained one falls 1.50 -> 0.3).
+    from Models.diffusion import checkpoints as ck
+    from Models.diffusion.conditional_diffusion import TrainBatches
+    from Data.registry import get_spec
+    from Models.diffusion.presets import get_preset
+
+    labels = np.arange(256) % 2
+    images = np.repeat(np.where(labels == 1, 255, 0).astype("uint8"), 8 * 8 * 3).reshape(256, 8, 8, 3)
+    results = {}
+    for dropout in (0.5, 0.0):
+        keras.utils.set_random_seed(0)
+        recipe = {**get_preset("small").recipe(), "cond_dropout": dropout, "ema_decay": 0.0}
+        model = ck.build_model("tiny", get_spec("digits"), random_init=True, init_seed=0, seed=0, recipe=recipe)
+        batches = TrainBatches(images, labels, 32, model.image_size)
+        model.compile(optimizer=make_optimizer(2e-3, 16 * len(batches)))
+        model.optimizer.build(model.trainable_variables)
+        before = _denoising_losses(model, images, labels)
+        model.fit(batches, epochs=16, verbose=0)
+        results[dropout] = before, _denoising_losses(model, images, labels)
+    for dropout, (before, after) in results.items():
+        assert after["label"] < 0.2 * before["label"], (dropout, before, after)  # both learnt the classes
+    (before, with_dropout), (_, without) = results[0.5], results[0.0]
+    assert with_dropout["zero"] < 0.5 * before["zero"], results
+    assert without["zero"] > 0.9 * before["zero"], results
+    assert without["zero"] > 3 * with_dropout["zero"], results
 
 
 # ----- EMA through SD_adapting.py: what checkpoints hold, and an exact resume ------------------

@@ -129,8 +129,8 @@ def test_enc_killed_resumes_without_redoing_epochs_then_dif(tmp_path, run_script
 
     # dif: the class encoder of epoch 2, frozen; the UNet continues from the enc stage's.
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
-    dif = ["--dataset", "digits", "--preset", "tiny", "--train_model", "dif", "--epochs", "1",
-           "--batch_size", "256", "--grid_per_class", "0", "--verbose", "0"]
+    dif = ["--dataset", "digits", "--preset", "tiny", "--train_model", "dif", "--epochs", "3",
+           "--batch_size", "256", "--grid_per_class", "1", "--grid_freq", "2", "--verbose", "0"]
     with pytest.raises(UserError, match="needs --enc_epoch"):
         SD_adapting.main(dif)
     with pytest.raises(UserError, match=r"no class-encoder checkpoint for epoch 7 .*epochs there: 1, 2, 3"):
@@ -140,7 +140,10 @@ def test_enc_killed_resumes_without_redoing_epochs_then_dif(tmp_path, run_script
     dif_folder = folder.parent / "DiffusionFt"
     assert not dif_folder.exists()
     assert SD_adapting.main(dif + ["--enc_epoch", "2"]) == 0
-    assert ck.saved_epochs(dif_folder) == [1]
+    assert ck.saved_epochs(dif_folder) == [1, 2, 3]
+    # Grids every --grid_freq epochs and at the last, checkpoints every epoch.
+    assert sorted(p.name for p in dif_folder.glob("samples_epoch_*.png")) == [
+        "samples_epoch_002.png", "samples_epoch_003.png"]
     assert ck.read_settings(dif_folder)["enc_epoch"] == 2
     with h5py.File(ck.weights_path(dif_folder, 1), "r") as f:
         assert set(f.keys()) == {"unet"}
