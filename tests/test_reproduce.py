@@ -107,6 +107,9 @@ def test_every_stage_passes_only_flags_its_script_accepts(retinamnist_dir, tmp_p
     monkeypatch.setattr(pipeline, "winner", winners.__getitem__)
     stages = pipeline.stages()
     assert [s.name for s in stages][-4:] == ["cas_real", "cas_x1", "cas_x2", "quality"]
+    from Utils.paths import synthetic_dir
+
+    synthetic_dir(0, "retinamnist").mkdir(parents=True)  # the quality stage reads what generation wrote
     for stage in stages:
         script = importlib.import_module(Path(stage.script).stem)
         argv = stage.argv()

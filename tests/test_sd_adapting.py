@@ -161,7 +161,6 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, run_script, monkeypa
         (["--train_model", "dif", "--enc_epoch", "1"], "no class-encoder checkpoint for epoch 1"),
         (["--dif_epoch", "1"], "--dif_epoch is for --train_model dif"),
         (["--enc_epoch", "5"], "no class-encoder checkpoint for epoch 5"),
-        (["--lr", "0"], "--lr must be positive"),
     ]:
         monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
         with pytest.raises(UserError, match=re.escape(message)):
