@@ -50,7 +50,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Models.diffusion import diffusers_convert as dc  # noqa: E402
 from Models.diffusion.presets import PRESETS, DiffusionPreset, get_preset  # noqa: E402
-from Utils.cli import ArgumentParser, UserError, non_negative_int, positive_int, run_cli  # noqa: E402
+from Utils.cli import (ArgumentParser, UserError, existing_file, existing_folder, folder,  # noqa: E402
+                       non_negative_int, positive_int, run_cli)
 from Utils.io import atomic_path, atomic_write_json, read_json  # noqa: E402
 
 UNET_WEIGHTS = "unet.weights.h5"
@@ -63,9 +64,9 @@ parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
 directions = parser.add_subparsers(dest="direction", required=True, metavar="{to-keras,to-diffusers}")
 to_keras = directions.add_parser("to-keras", help="diffusers folder -> our Keras weights")
-to_keras.add_argument("source", type=Path,
+to_keras.add_argument("source", type=existing_folder,
                       help="a diffusers pipeline folder (with unet/ and/or vae/) or one model folder")
-to_keras.add_argument("--out", type=Path, default=None, help="folder for the Keras weight files")
+to_keras.add_argument("--out", type=folder, default=None, help="folder for the Keras weight files")
 to_keras.add_argument("--preset", choices=sorted(PRESETS), default=None,
                       help="check that the UNet has this preset's architecture and take its other "
                            "settings (default: the matching preset, if any)")
@@ -78,9 +79,9 @@ install.add_argument("--dif_epoch", type=positive_int, default=1,
 to_diffusers = directions.add_parser("to-diffusers", help="our UNet -> diffusers UNet2DConditionModel folder")
 to_diffusers.add_argument("--preset", required=True,
                           help=f"the UNet's preset: {', '.join(PRESETS)}, or a {UNET_PRESET} file")
-to_diffusers.add_argument("--unet_weights", type=Path, required=True,
+to_diffusers.add_argument("--unet_weights", type=existing_file, required=True,
                           help="our UNet's Keras weights (.weights.h5)")
-to_diffusers.add_argument("--out", type=Path, required=True, help="the diffusers model folder to write")
+to_diffusers.add_argument("--out", type=folder, required=True, help="the diffusers model folder to write")
 to_diffusers.add_argument("--image_channels", type=int, choices=(1, 3), default=None,
                           help="a pixel-space UNet's channels (1 grey, 3 RGB; default: the preset file's, "
                                "else the ones the weights fit)")
@@ -91,6 +92,9 @@ to_diffusers.add_argument("--sample_size", type=positive_int, default=None,
 
 def main(argv=None):
     args = parser.parse_args(argv)
+    for name in ("source", "out", "unet_weights"):  # checked as text by the parser; paths below
+        if getattr(args, name, None) is not None:
+            setattr(args, name, Path(getattr(args, name)))
     if args.direction == "to-keras":
         if args.dataset is not None:
             return install_unet_checkpoint(args.source, args.dataset, args.exp, args.enc_epoch,

@@ -113,6 +113,15 @@ def existing_folder(text):
     return str(path)
 
 
+def existing_file(text):
+    """A file that must already exist (an input)."""
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"expected an existing file, but {text} "
+                                         f"{'is a folder' if path.is_dir() else 'does not exist'}")
+    return str(path)
+
+
 def run_cli(main, argv=None):
     """Runs `main(argv)`, turning UserError into one line and exit status 2."""
     try:

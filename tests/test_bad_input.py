@@ -94,6 +94,29 @@ def test_folder_types():
         cli.folder(" ")
     with pytest.raises(argparse.ArgumentTypeError, match="does not exist"):
         cli.existing_folder("/no/such/folder")
+    with pytest.raises(argparse.ArgumentTypeError, match="is a folder"):
+        cli.existing_file(".")
+    with pytest.raises(argparse.ArgumentTypeError, match="does not exist"):
+        cli.existing_file("/no/such/file.h5")
+
+
+def test_convert_diffusers_checks_its_paths(tmp_path, capsys):
+    import convert_diffusers
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a model")
+    for argv, problem in [(["to-keras", str(tmp_path / "missing")], "does not exist"),
+                          (["to-keras", str(a_file)], "is a file"),
+                          (["to-diffusers", "--preset", "tiny", "--unet_weights", str(tmp_path),
+                            "--out", str(tmp_path / "out")], "is a folder"),
+                          (["to-diffusers", "--preset", "tiny", "--unet_weights", str(a_file),
+                            "--out", str(a_file)], "is a file")]:
+        with pytest.raises(SystemExit) as exit_info:
+            convert_diffusers.parser.parse_args(argv)
+        assert exit_info.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and problem in lines[0], lines
+    assert not (tmp_path / "out").exists()
 
 
 def _run(script, *args, root, env=None):
