@@ -104,22 +104,22 @@ def folder(text):
     return str(path)
 
 
+def _existing(text, kind, is_kind, otherwise):
+    path = Path(text).expanduser()
+    if not is_kind(path):
+        raise argparse.ArgumentTypeError(f"expected an existing {kind}, but {text} "
+                                         f"{otherwise if path.exists() else 'does not exist'}")
+    return str(path)
+
+
 def existing_folder(text):
     """A folder that must already exist (an input)."""
-    path = Path(text).expanduser()
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"expected an existing folder, but {text} "
-                                         f"{'is a file' if path.exists() else 'does not exist'}")
-    return str(path)
+    return _existing(text, "folder", Path.is_dir, "is a file")
 
 
 def existing_file(text):
     """A file that must already exist (an input)."""
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"expected an existing file, but {text} "
-                                         f"{'is a folder' if path.is_dir() else 'does not exist'}")
-    return str(path)
+    return _existing(text, "file", Path.is_file, "is a folder")
 
 
 def run_cli(main, argv=None):
