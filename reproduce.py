@@ -31,7 +31,7 @@ parser = ArgumentParser(description=__doc__.split("\n\n")[0],
 parser.add_argument("--dataset", default="digits", help="a registered dataset (default digits, embedded)")
 parser.add_argument("--preset", default=DEFAULT_PRESET, help=preset_help(DEFAULT_PRESET))
 parser.add_argument("--budget", choices=sorted(BUDGETS), default="quick",
-                    help="quick (default: few trials, short training, x1..x3) or paper "
+                    help="quick (default: two trials per study, short training, x1..x2) or paper "
                          "(50 + 40 trials of 4,000 images, 100-epoch classifiers, x1..x10)")
 parser.add_argument("--exp", type=non_negative_int, default=0, help="experiment number (default 0)")
 parser.add_argument("--data_dir", type=folder, default=None, help="folder with the real dataset files")
