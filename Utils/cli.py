@@ -90,6 +90,15 @@ def probability(text):
     return value
 
 
+def experiment_id(text):
+    """The paper's experiment identifier, kept as written: `--exp 0001` -> folders `Exp_0001`."""
+    value = str(text).strip()
+    if not value or not all(c.isalnum() or c in "-_." for c in value) or value.startswith("."):
+        raise argparse.ArgumentTypeError(f"expected an experiment identifier (letters, digits, - _ .), "
+                                         f"got {text!r}")
+    return value
+
+
 def folder(text):
     """A folder that may not exist yet (it is created when written): not a file, nor under one."""
     path = Path(text).expanduser()

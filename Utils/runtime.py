@@ -8,6 +8,9 @@ Example:
 
 import contextlib
 import os
+from dataclasses import dataclass
+
+from Utils.settings import RUNTIME, Settings, setting
 
 # Quieter TensorFlow start-up; must be set before TensorFlow is imported.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -52,14 +55,25 @@ def configure_runtime(seed=None, mixed_precision="float32", xla=False):
     return bool(xla)
 
 
+@dataclass(frozen=True, kw_only=True)
+class RuntimeSettings(Settings):
+    """The GPU flags every training or sampling stage shares; stage settings inherit them."""
+
+    mixed_precision: str = setting("float32", choices=PRECISIONS, group=RUNTIME,
+                                   help="compute dtype; variables stay float32")
+    xla: bool = setting(False, group=RUNTIME, help="compile training and sampling with XLA")
+    multi_gpu: bool = setting(False, group=RUNTIME,
+                              help="data-parallel over all local GPUs (MirroredStrategy on TensorFlow, "
+                                   "keras.distribution.DataParallel on JAX)")
+
+    def runtime(self):
+        """Just the GPU flags, to pass on to another stage's settings (`**s.runtime().as_dict()`)."""
+        return RuntimeSettings(mixed_precision=self.mixed_precision, xla=self.xla, multi_gpu=self.multi_gpu)
+
+
 def add_runtime_flags(parser):
-    """The GPU flags every training or sampling script shares."""
-    parser.add_argument("--mixed_precision", choices=PRECISIONS, default="float32",
-                        help="compute dtype; variables stay float32 (default float32)")
-    parser.add_argument("--xla", action="store_true", help="compile training and sampling with XLA")
-    parser.add_argument("--multi_gpu", action="store_true",
-                        help="data-parallel over all local GPUs (MirroredStrategy on TensorFlow, "
-                             "keras.distribution.DataParallel on JAX)")
+    """The GPU flags, for a parser not built from a settings class."""
+    return RuntimeSettings.add_arguments(parser)
 
 
 @contextlib.contextmanager
