@@ -43,8 +43,8 @@ from Utils.cli import (ArgumentParser, UserError, existing_folder, folder, non_n
                        non_negative_int, positive_int, run_cli)
 from Utils.runtime import add_runtime_flags  # noqa: E402
 from Models.diffusion.presets import preset_help  # noqa: E402
-from Data.shards import (image_path, is_complete_png, parse_shard, per_class_counts,  # noqa: E402
-                         shard_from_environment, verify_parts)
+from Data.balance import per_class_counts  # noqa: E402
+from Data.shards import image_path, is_complete_png, parse_shard, shard_from_environment, verify_parts  # noqa: E402
 
 parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -80,12 +80,6 @@ def shard_from_environment(environ):
     return k, count
 
 
-def per_class_counts(img_total, num_classes):
-    """Balanced counts: img_total // C each, one more for the first img_total % C classes."""
-    base, extra = divmod(img_total, num_classes)
-    return [base + (c < extra) for c in range(num_classes)]
-
-
 def image_path(folder, label, n):
     return Path(folder) / f"class_{label:02d}" / f"img_{n}.png"
 

@@ -24,7 +24,9 @@ report (`format_report` turns it into lines for the command line). A folder
 without class folders, or without any image, is a UserError.
 
 `take` selects a seeded random, class-balanced subset: take // C images per
-class, the remainder given one each to classes drawn with the seed. Asking a
+class, one more for each of the first take % C classes (Data/balance.py, the
+rule generation follows too, so a generated set of N images serves any take
+up to N). Asking a
 class for more images than it has readable is a UserError naming the class.
 Only the selected files are decoded, so `take` on a big folder is fast.
 
@@ -43,6 +45,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from Data.balance import per_class_counts
 from Data.images import RESIZE_METHOD, resize_pil
 from Utils.cli import UserError
 
@@ -109,7 +112,7 @@ def load_image_folder(folder, spec, take=None, seed=0):
     }
 
     rng = np.random.default_rng(seed)
-    wanted = _per_class_counts(take, spec.num_classes, rng) if take is not None else None
+    wanted = _per_class_counts(take, spec.num_classes) if take is not None else None
     total = sum(len(v) for v in files.values()) if wanted is None else int(sum(wanted))
     bar = tqdm(total=total, desc=f"decoding {folder.name}", unit="img", leave=False,
                disable=total < _PROGRESS_FROM)
@@ -207,13 +210,10 @@ def _class_name(spec, label):
     return f"{label} ({spec.label_names[label]})"
 
 
-def _per_class_counts(take, num_classes, rng):
-    """take // C per class; the remainder one each to seeded random classes."""
+def _per_class_counts(take, num_classes):
     if take <= 0:
         raise UserError(f"take must be a positive number of images, got {take}")
-    counts = np.full(num_classes, take // num_classes, dtype=np.int64)
-    counts[rng.choice(num_classes, size=take % num_classes, replace=False)] += 1
-    return counts.tolist()
+    return per_class_counts(take, num_classes)
 
 
 def _decode_until(candidates, need, size, folder, report, bar):

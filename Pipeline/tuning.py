@@ -86,6 +86,7 @@ import numpy as np
 import optuna
 from tqdm.auto import tqdm
 
+from Data.balance import balanced_labels
 from Utils.cli import UserError
 from Utils.io import merge_json
 from Utils.paths import experiment_dir, optimization_plots_dir, pipeline_results_json
@@ -212,17 +213,12 @@ def build_search_space(stage, checkpoint_epochs, is_1=None, ugs_1=None, max_step
 
 # ------------------------------------------------------------------ images ----
 
-def balanced_labels(num_images, num_classes):
-    """num_images labels, balanced: num_images // C per class, one more for the first classes.
-
-    Example:
-        >>> balanced_labels(7, 3)
-        array([0, 0, 0, 1, 1, 2, 2])
-    """
+def trial_labels(num_images, num_classes):
+    """The labels of one trial's images: every class, balanced (Data/balance.py)."""
     if num_images < num_classes:
         raise UserError(f"{num_images} images cannot cover {num_classes} classes; "
                         f"ask for at least {num_classes}")
-    return np.sort(np.arange(num_images) % num_classes).astype(np.int64)
+    return balanced_labels(num_images, num_classes)
 
 
 class DiffusionImageSource:
@@ -350,7 +346,7 @@ class GenerationObjective:
             raise UserError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
         self.source, self.space, self.splits = source, space, splits
         self.spec = splits.spec
-        self.labels = balanced_labels(int(num_imgs), self.spec.num_classes)
+        self.labels = trial_labels(int(num_imgs), self.spec.num_classes)
         self.classifier_config = classifier_config
         self.seed = int(seed)
         self.objective = objective

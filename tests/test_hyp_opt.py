@@ -52,11 +52,11 @@ def test_only_existing_checkpoints_are_offered(epochs):
     assert all(5 <= t.params["inf_steps"] <= 50 and 0 <= t.params["ugs"] <= 7.5 for t in study.trials)
 
 
-def test_balanced_labels():
-    labels = tuning.balanced_labels(23, 5)
+def test_trial_labels_are_balanced_and_cover_every_class():
+    labels = tuning.trial_labels(23, 5)
     assert np.bincount(labels).tolist() == [5, 5, 5, 4, 4]
     with pytest.raises(UserError):
-        tuning.balanced_labels(3, 5)
+        tuning.trial_labels(3, 5)
 
 
 def _quiet_env(tmp_path):
