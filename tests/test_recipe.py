@@ -207,6 +207,7 @@ def test_ema_checkpoints_hold_the_average_and_a_killed_run_resumes_both(tmp_path
 
     import SD_adapting
     from Models.diffusion import checkpoints as ck
+    from Models.diffusion.callbacks import Checkpointer
 
     argv = ["--dataset", "digits", "--preset", "tiny", "--train_model", "enc", "--epochs", "2",
             "--batch_size", "256", "--grid_per_class", "0", "--verbose", "0", "--ema_decay", "0.9"]
@@ -219,16 +220,16 @@ def test_ema_checkpoints_hold_the_average_and_a_killed_run_resumes_both(tmp_path
 
     # The same run killed right after its epoch-1 checkpoint, then the same command again.
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path / "killed"))
-    save_checkpoint = SD_adapting.Checkpointer.on_epoch_end
+    save_checkpoint = Checkpointer.on_epoch_end
 
     def killed_after_first_checkpoint(self, epoch, logs=None):
         save_checkpoint(self, epoch, logs)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(SD_adapting.Checkpointer, "on_epoch_end", killed_after_first_checkpoint)
+    monkeypatch.setattr(Checkpointer, "on_epoch_end", killed_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         SD_adapting.main(argv)
-    monkeypatch.setattr(SD_adapting.Checkpointer, "on_epoch_end", save_checkpoint)
+    monkeypatch.setattr(Checkpointer, "on_epoch_end", save_checkpoint)
     assert ck.resumable_epoch(folders["killed"]) == 1
     assert SD_adapting.main(argv) == 0
 

@@ -1,0 +1,232 @@
+"""The adapt stage (PAPER.md stages 1 and 3): train the class encoder, or fine-tune the UNet.
+
+`SD_adapting.py` is its command line; `reproduce.py` calls `run` directly.
+
+    settings = AdaptSettings(dataset="digits", preset="small", train_model="enc", epochs=25)
+    if not is_done(settings):
+        result = run(settings)          # checkpoints under result.folder, resumable
+
+Checkpoints (the trained part's weights, every `freq` epochs and at the last)
+go to Checkpoints/DDPM/Exp_{exp}/{dataset}/MyEmbedding (enc) or DiffusionFt
+(dif), with settings.json, log.csv, TensorBoard logs and a sample grid; the
+layout is in Models/diffusion/checkpoints.py. Killed at any moment, the same
+settings resume from the newest complete checkpoint (weights, optimizer
+state, epoch counter). Checkpoints made with other settings are an error,
+never overwritten.
+
+enc_epoch / dif_epoch: the checkpoint of the stage being trained to continue
+from. Continuing always starts at the newest complete checkpoint, so the
+value, when given, must name it (0 = none yet: start afresh); anything else
+is an error, because continuing from an older one would overwrite the later
+checkpoints. In the dif stage, enc_epoch names the class-encoder checkpoint
+to fine-tune with (default: the preset's last encoder epoch, 50 for the sd
+presets as in the paper), and dif_epoch plays the continuing role.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, preset_help
+from Utils.cli import (UserError, decay_rate, experiment_id, folder, non_negative_float, non_negative_int,
+                       positive_float, positive_int, probability)
+from Utils.runtime import RuntimeSettings
+from Utils.settings import ADDED, PAPER, setting
+
+SCRIPT = "SD_adapting.py"
+STAGES = ("enc", "dif")
+RECIPE = "training recipe (diffusers' names; default: the preset's, Models/diffusion/presets.py: the paper's for sd1/sd2)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaptSettings(RuntimeSettings):
+    """Every flag of SD_adapting.py, declared once."""
+
+    dataset: str = setting("cifar10", group=PAPER, help="a registered dataset (Data/registry.py)")
+    train_model: str = setting("enc", choices=STAGES, group=PAPER,
+                               help="enc: the class encoder (stage 1); dif: fine-tune the UNet (stage 3)")
+    enc_epoch: int = setting(None, type=non_negative_int, group=PAPER,
+                             help="dif: the class-encoder checkpoint to fine-tune with (default: the preset's "
+                                  "last encoder epoch, 50 for sd1/sd2); enc: the checkpoint to continue from")
+    dif_epoch: int = setting(None, type=non_negative_int, group=PAPER,
+                             help="dif: the fine-tuned UNet checkpoint to continue from")
+    exp: str = setting("0", type=experiment_id, group=PAPER,
+                       help="experiment identifier, kept as written: the Exp_{exp} folders")
+    freq: int = setting(1, type=positive_int, group=PAPER,
+                        help="save a checkpoint every FREQ epochs (and at the last one)")
+    preset: str = setting("sd1", group=ADDED, help=preset_help("sd1"))
+    data_dir: str = setting(None, type=folder, group=ADDED,
+                            help="folder with the real dataset files (default: the data cache)")
+    epochs: int = setting(None, type=positive_int, group=ADDED, help="epochs (default: the preset's for the stage)")
+    batch_size: int = setting(None, type=positive_int, group=ADDED, help="batch size (default: the preset's)")
+    lr: float = setting(None, type=positive_float, group=ADDED, help="peak learning rate (default: the preset's)")
+    cond_dropout: float = setting(None, type=probability, group=RECIPE,
+                                  help="probability of training on the zero label, which trains the unconditional "
+                                       "context classifier-free guidance uses (sd presets: 0, the paper's)")
+    ema_decay: float = setting(None, type=decay_rate, group=RECIPE,
+                               help="exponential moving average of the trained weights; checkpoints hold the "
+                                    "average (0: off)")
+    snr_gamma: float = setting(None, type=non_negative_float, group=RECIPE,
+                               help="min-SNR-gamma loss weighting, e.g. 5 (0: plain MSE)")
+    prediction_type: str = setting(None, choices=PREDICTION_TYPES, group=RECIPE,
+                                   help="what the UNet predicts: epsilon (SD v1) or v_prediction; fixed by the "
+                                        "stage that trains the UNet first")
+    beta_schedule: str = setting(None, choices=BETA_SCHEDULES, group=RECIPE,
+                                 help="noise schedule: scaled_linear (SD), linear (DDPM), squaredcos_cap_v2 (cosine)")
+    rescale_betas_zero_snr: bool = setting(None, group=RECIPE,
+                                           help="rescale the schedule to zero terminal SNR (needs v_prediction)")
+    timestep_spacing: str = setting(None, choices=TIMESTEP_SPACINGS, group=RECIPE,
+                                    help="sampling timesteps: leading (SD), trailing, linspace")
+    seed: int = setting(0, type=non_negative_int, group=ADDED,
+                        help="seed of initialisation, data order and noise")
+    random_init: bool = setting(False, group=ADDED,
+                                help="sd presets: random UNet/autoencoder weights instead of keras-cv's "
+                                     "(tests, benchmarks)")
+    grid_per_class: int = setting(4, type=non_negative_int, group=ADDED,
+                                  help="samples per class in the grid saved with each checkpoint (0: none)")
+    grid_freq: int = setting(1, type=positive_int, group=ADDED,
+                             help="draw the grid every GRID_FREQ epochs (at checkpoints, and at the last)")
+    verbose: int = setting(2, type=int, choices=(0, 1, 2), group=ADDED, help="Keras fit verbosity")
+
+
+@dataclass(frozen=True)
+class AdaptPlan:
+    """The settings checked against the registry, the preset and the checkpoint folders."""
+
+    spec: object
+    preset: object
+    stage: str
+    epochs: int
+    batch_size: int
+    lr: float
+    folder: Path
+    record: dict          # settings.json of the folder: every setting that shaped the checkpoints
+    start: int            # the epoch training continues from (0: afresh)
+    enc_path: object      # dif: the class-encoder checkpoint fine-tuned with
+    random_init: bool
+    recipe: dict
+
+
+@dataclass(frozen=True)
+class AdaptResult:
+    folder: Path
+    epochs: int
+    trained: bool         # False: the checkpoints were already complete
+
+
+def plan(settings):
+    """Checks every setting and the checkpoint folders; returns the run's plan. Writes nothing."""
+    from Data.registry import get_spec
+    from Models.diffusion import checkpoints as ck
+    from Models.diffusion.conditional_diffusion import schedule_for
+    from Models.diffusion.presets import get_preset
+    from Utils.paths import diffusion_checkpoint_dir
+
+    s = settings
+    spec, preset = get_spec(s.dataset), get_preset(s.preset)
+    stage = s.train_model
+    epochs = s.epochs or getattr(preset, f"{stage}_epochs")
+    batch_size = s.batch_size or getattr(preset, f"{stage}_batch_size")
+    lr = getattr(preset, f"{stage}_lr") if s.lr is None else s.lr
+    if stage == "enc" and s.dif_epoch is not None:
+        raise UserError("--dif_epoch is for --train_model dif")
+    random_init = bool(s.random_init or not preset.pretrained)
+    folder = diffusion_checkpoint_dir(s.exp, spec.name, stage)
+    asked_recipe = {key: getattr(s, key) for key in preset.recipe() if getattr(s, key) is not None}
+    enc_path, enc_epoch = None, None
+    if stage == "dif":
+        # The UNet keeps the schedule and prediction type it was trained with in the enc stage.
+        enc_epoch = preset.enc_epochs if s.enc_epoch is None else s.enc_epoch
+        enc_dir = diffusion_checkpoint_dir(s.exp, spec.name, "enc")
+        enc_path = ck.require_checkpoint(enc_dir, enc_epoch, "class-encoder")
+        trained_with = ck.schedule_settings(ck.read_settings(enc_dir))
+        for key, value in trained_with.items():
+            if asked_recipe.get(key, value) != value:
+                raise UserError(f"--{key} {asked_recipe[key]}: the class-encoder stage in {enc_dir} "
+                                f"trained with {key} {value}, and the fine-tuning keeps it")
+        asked_recipe.update(trained_with)
+    recipe = {**preset.recipe(), **asked_recipe}
+    try:
+        schedule_for(recipe)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    identity = ck.model_identity(preset, spec, random_init, s.seed, recipe)
+    record = {**identity, "stage": stage, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+              "cond_dropout": recipe["cond_dropout"], "ema_decay": recipe["ema_decay"],
+              "snr_gamma": recipe["snr_gamma"], "seed": s.seed, "mixed_precision": s.mixed_precision}
+    if stage == "dif":
+        ck.check_settings(enc_dir, identity, ck.IDENTITY_KEYS)
+        record["enc_epoch"] = enc_epoch
+    # Reusing the folder: every setting that shaped the checkpoints must match (not freq).
+    ck.check_settings(folder, record, [k for k in record if k != "mixed_precision"])
+
+    start = ck.resumable_epoch(folder) if ck.read_settings(folder) is not None else 0
+    asked = s.enc_epoch if stage == "enc" else s.dif_epoch
+    if asked is not None and asked != start:
+        if asked and not ck.weights_path(folder, asked).exists():
+            ck.require_checkpoint(folder, asked, "class-encoder" if stage == "enc" else "fine-tuned UNet")
+        raise UserError(f"--{stage}_epoch {asked}: training continues from the newest complete checkpoint in "
+                        f"{folder}, epoch {start}; give --{stage}_epoch {start} or leave it out")
+    return AdaptPlan(spec=spec, preset=preset, stage=stage, epochs=epochs, batch_size=batch_size, lr=lr,
+                     folder=folder, record=record, start=start, enc_path=enc_path, random_init=random_init,
+                     recipe=recipe)
+
+
+def is_done(settings):
+    """A reason when the checkpoint of the last epoch exists with these settings, else None."""
+    p = plan(settings)
+    return f"checkpoint of epoch {p.epochs} exists" if p.start >= p.epochs else None
+
+
+def run(settings, log=print):
+    """Trains (or continues training) the stage's part; returns where the checkpoints are."""
+    p = plan(settings)
+    s = settings
+    if p.start >= p.epochs:
+        log(f"{p.stage} training of {p.spec.name} is already complete: {p.epochs} epochs in {p.folder}")
+        return AdaptResult(p.folder, p.epochs, trained=False)
+
+    import keras
+
+    from Data.loaders import load_dataset
+    from Models.diffusion import checkpoints as ck
+    from Models.diffusion.callbacks import Checkpointer, EpochLog, EpochSeeds, TensorBoardScalars
+    from Models.diffusion.conditional_diffusion import TrainBatches, make_optimizer
+    from Utils.io import atomic_write_json
+    from Utils.runtime import configure_runtime, distribution_scope
+
+    splits = load_dataset(p.spec.name, data_dir=s.data_dir)
+    jit = configure_runtime(seed=s.seed, mixed_precision=s.mixed_precision, xla=s.xla)
+
+    with distribution_scope(s.multi_gpu):
+        model = ck.build_model(p.preset, p.spec, stage=p.stage, random_init=p.random_init,
+                               init_seed=s.seed, seed=s.seed, recipe=p.recipe)
+        if p.stage == "dif":
+            # The chosen class encoder (from-scratch presets: and the UNet it trained).
+            ck.load_parts(p.enc_path, ck.enc_parts(model))
+        batches = TrainBatches(splits.x_train, splits.y_train, p.batch_size, model.image_size,
+                               seed=s.seed, epoch=p.start)
+        # The average warms up over weights that start random; fine-tuning starts from an average.
+        model.compile(optimizer=make_optimizer(p.lr, p.epochs * len(batches), p.recipe["ema_decay"],
+                                               ema_warmup=p.stage == "enc"),
+                      jit_compile=jit)
+        model.optimizer.build(model.trainable_variables)
+        if p.start:
+            ck.load_parts(ck.weights_path(p.folder, p.start), model.trained_parts())
+            ck.load_optimizer(ck.optimizer_path(p.folder, p.start), model.optimizer, model.trained_parts())
+            log(f"resuming {p.stage} training from the checkpoint of epoch {p.start} in {p.folder}")
+    if ck.read_settings(p.folder) is None:
+        atomic_write_json(p.folder / ck.SETTINGS_FILE, p.record)
+
+    callbacks = [
+        EpochSeeds(model, s.seed),
+        EpochLog(p.folder / "log.csv", keep_through=p.start),
+        Checkpointer(model, p.folder, s.freq, p.epochs, p.spec, s.grid_per_class, s.seed, p.start, jit,
+                     grid_freq=s.grid_freq),
+        TensorBoardScalars(p.folder / "logs"),
+    ]
+    n_params = sum(int(keras.ops.size(v)) for v in model.trainable_variables)
+    log(f"{p.stage} training of {p.spec.name} with {p.preset.name}: epochs {p.start + 1}..{p.epochs}, "
+        f"batch {p.batch_size}, lr {p.lr:g}, {n_params:,} trainable parameters -> {p.folder}")
+    model.fit(batches, initial_epoch=p.start, epochs=p.epochs, callbacks=callbacks, verbose=s.verbose)
+    log(f"done: {p.stage} checkpoints in {p.folder}")
+    return AdaptResult(p.folder, p.epochs, trained=True)
