@@ -15,10 +15,12 @@ The no-optimisation rows come after the studies: with `enqueue_defaults` (the
 quick budget) a study's first trial IS the default settings, and the no-opt
 stage takes that trial's numbers instead of computing them again.
 
-Each stage runs the script's `main(argv)` in this process (no new Python and
-TensorFlow start per stage); the command line it is equivalent to is printed,
+Each stage is a library function called in this process (`Pipeline/adapt.py`,
+`tune.py`, `generate.py`, `cas.py`, `evaluate.py`: one frozen settings object
+in, a result out; no new Python and TensorFlow start per stage). The settings
+object gives the stage's command line (`to_argv`), which is printed,
 recorded in `Experiments/Exp_{exp}/{dataset}/stages.json` and shown in the
-report. Every script resumes by itself, so a stage killed half-way continues
+report: what a user can paste to rerun that stage alone. Every script resumes by itself, so a stage killed half-way continues
 where it stopped when `reproduce.py` runs again, and a finished stage is
 skipped: its outputs (checkpoints of the last epoch, a study with enough
 finished trials and its stage-table cell, a complete generated set, a CAS
@@ -34,23 +36,21 @@ Diffusion training epochs are the preset's (`Models/diffusion/presets.py`)
 unless a budget or flag says otherwise.
 
 Example:
-    >>> pipeline = Pipeline(dataset="digits", preset="small", budget=BUDGETS["quick"], exp=0)
+    >>> pipeline = Pipeline(dataset="digits", preset="small", budget=BUDGETS["quick"], exp="0")
     >>> pipeline.run()          # prints "[3/11] tune_enc: ..." per stage, writes REPORT.md
 """
 
 import datetime
 import gc
-import importlib
-import math
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
-from Pipeline import tuning
-from Pipeline.report import python_command, write_report
+from Pipeline import adapt, cas, evaluate, generate, tune
+from Pipeline.report import write_report
 from Utils.cli import UserError
 from Utils.io import merge_json, read_json
-from Utils.paths import experiment_dir, output_root, pipeline_results_json, synthetic_dir
+from Utils.paths import experiment_dir, output_root, synthetic_dir
+from Utils.runtime import RuntimeSettings
 
 STAGE_LOG_FILE = "stages.json"
 
@@ -116,15 +116,18 @@ BUDGETS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Stage:
-    """One step of the pipeline: a script's argv, and how to tell it is already done."""
+    """One step of the pipeline: a stage module (SCRIPT, is_done, run) and the settings it runs with."""
 
     name: str
     title: str
-    script: str
-    argv: object      # callable() -> list of str (computed when the stage runs: it may need earlier results)
-    done: object      # callable() -> str reason when the outputs exist, else None
+    module: object
+    settings: object  # callable() -> the stage's settings (computed when it runs: it may need earlier results)
+
+    @property
+    def script(self):
+        return self.module.SCRIPT
 
 
 def read_stage_log(exp, dataset):
@@ -138,16 +141,15 @@ class Pipeline:
         dataset, preset, exp, seed, data_dir: as the scripts' flags.
         budget: a `Budget`.
         storage: Optuna storage URL for both studies (None: the default SQLite file).
-        runtime_argv: GPU flags passed on to the training and generation scripts
-            (e.g. ["--mixed_precision", "bfloat16", "--xla"]).
+        runtime: `RuntimeSettings` (GPU flags) for the training, generation and classifier stages.
         quality: add the quality-metrics stage (evaluate_dataset.py, ResNet20 features)
             before the report.
         command: the reproduce.py command line, for the report.
         log: where progress lines go.
     """
 
-    def __init__(self, dataset, preset, budget, exp=0, seed=0, data_dir=None, storage=None,
-                 runtime_argv=(), command="python reproduce.py", log=print, quality=False):
+    def __init__(self, dataset, preset, budget, exp="0", seed=0, data_dir=None, storage=None,
+                 runtime=RuntimeSettings(), command="python reproduce.py", log=print, quality=False):
         from Data.registry import get_spec
         from Models.diffusion.presets import get_preset
 
@@ -155,8 +157,8 @@ class Pipeline:
         self.dataset = self.spec.name
         self.preset = get_preset(preset)
         self.budget = budget
-        self.exp, self.seed, self.data_dir, self.storage = exp, seed, data_dir, storage
-        self.runtime_argv = list(runtime_argv)
+        self.exp, self.seed, self.data_dir, self.storage = str(exp), seed, data_dir, storage
+        self.runtime = runtime
         self.quality = bool(quality)
         self.command = command
         self.log = log
@@ -168,10 +170,13 @@ class Pipeline:
 
     # ----- facts the stages need -------------------------------------------------------
     def common(self, reads_real_data=True):
-        argv = ["--dataset", self.dataset, "--exp", str(self.exp), "--preset", self.preset.name,
-                "--seed", str(self.seed)]
-        # generate_dataset.py needs only the registry, not the real images: no --data_dir.
-        return argv + (["--data_dir", str(self.data_dir)] if self.data_dir and reads_real_data else [])
+        """The settings every stage shares."""
+        common = dict(dataset=self.dataset, exp=self.exp, preset=self.preset.name, seed=self.seed)
+        return common | (dict(data_dir=str(self.data_dir)) if self.data_dir and reads_real_data else {})
+
+    def runtime_settings(self, multi_gpu=True):
+        runtime = self.runtime.as_dict()
+        return runtime if multi_gpu else runtime | {"multi_gpu": False}
 
     def train_size(self):
         if self._train_size is None:
@@ -180,169 +185,86 @@ class Pipeline:
             self._train_size = len(load_dataset(self.dataset, data_dir=self.data_dir).y_train)
         return self._train_size
 
-    def pipeline_cell(self, stage, key):
-        table = read_json(pipeline_results_json(self.exp), default={}) or {}
-        return table.get(self.dataset, {}).get(tuning.STAGE_KEYS[stage], {}).get(key)
-
     def winner(self, stage):
         """Settings of study `stage`'s winner, from the stage table."""
-        cell = self.pipeline_cell(stage, "opt")
-        if not cell:
-            raise UserError(f"no tuned settings for {stage} in {pipeline_results_json(self.exp)}; "
-                            f"run the tune_{stage} stage first")
-        return cell["settings"]
-
-    def tuning_protocol(self):
-        return {"num_imgs": self.budget.num_imgs, "classifier_epochs": self.budget.tuning_classifier_epochs,
-                "classifier_batch_size": self.budget.classifier_batch_size, "seed": self.seed,
-                "preset": self.preset.name}
-
-    def checkpoints_done(self, stage, epochs):
-        from Models.diffusion import checkpoints
-
-        have = checkpoints.available_epochs(self.exp, self.dataset, stage)
-        return f"checkpoint of epoch {epochs} exists" if epochs in have else None
-
-    def cell_done(self, stage, key, n_trials=None):
-        cell = self.pipeline_cell(stage, key)
-        if not cell:
-            return None
-        if any(cell.get(k) != v for k, v in self.tuning_protocol().items()):
-            return None
-        if n_trials is not None:
-            trials = cell.get("trials", {})
-            if trials.get("COMPLETE", 0) + trials.get("PRUNED", 0) < n_trials:
-                return None
-        return f"{tuning.STAGE_KEYS[stage]}.{key} recorded"
-
-    def cas_done(self, key):
-        from Metrics.cas import load_cas
-
-        entry = load_cas(self.exp, self.dataset).get(key)
-        if entry and entry.get("max_epochs") == self.budget.classifier_epochs \
-                and entry.get("batch_size") == self.budget.classifier_batch_size and entry.get("seed") == self.seed:
-            return f"CAS {key} recorded (top-1 {entry['top1']:.4f})"
-        return None
+        return tune.winner(self.exp, self.dataset, stage)
 
     def generation_target(self):
-        """Images to generate: max_multiple x the training set, rounded up to a multiple of the classes.
+        """Images to generate: max_multiple x the training set (every take x1..xN finds its classes
+        full, since generation and subsets share Data/balance.py's rule)."""
+        return self.budget.max_multiple * self.train_size()
 
-        generate_dataset.py gives the remainder of img_total / C to the first classes, while
-        classifier_training.py's balanced `--take` gives it to seeded random classes: with
-        every class holding ceil(max_multiple * N / C) images, any take of k x N (k <= max_multiple)
-        finds enough images in every class.
-        """
-        classes = self.spec.num_classes
-        return classes * math.ceil(self.budget.max_multiple * self.train_size() / classes)
-
-    def generation_done(self):
-        manifest = read_json(synthetic_dir(self.exp, self.dataset) / "manifest.json", default=None)
-        if not manifest:
-            return None
-        complete = manifest.get("complete", manifest.get("done"))
-        total = manifest.get("img_total", manifest.get("settings", {}).get("img_total"))
-        if complete and total == self.generation_target():
-            return f"{total} images generated"
-        return None
-
-    # ----- the stages ------------------------------------------------------------------
-    def tune_argv(self, stage, optimize):
+    # ----- the stages' settings ----------------------------------------------------------
+    def adapt_settings(self, stage):
         b = self.budget
-        argv = ["--train_model", stage, *self.common(), "--num_imgs", str(b.num_imgs),
-                "--classifier_epochs", str(b.tuning_classifier_epochs),
-                "--classifier_batch_size", str(b.classifier_batch_size),
-                "--batch_size", str(b.generation_batch_size)]
-        if stage == "dif":
-            argv += ["--enc_epoch", str(self.winner("enc")["enc_epoch"])]
-        # Mixed precision and XLA speed up the trials' sampling; several GPUs serve several
-        # workers on one study instead (hyp_opt.py refuses --multi_gpu).
-        argv += [flag for flag in self.runtime_argv if flag != "--multi_gpu"]
-        if not optimize:
-            return argv + ["--no-optimize"]
-        argv += ["--n_trials", str(b.n_trials_enc if stage == "enc" else b.n_trials_dif), "--save_plots"]
-        prune_after = max(1, b.tuning_classifier_epochs // 2) if b.prune_after == "half" else int(b.prune_after)
-        if prune_after != 1:
-            argv += ["--prune_after", str(prune_after)]
-        if b.enqueue_defaults:
-            argv.append("--enqueue_defaults")
-        if self.max_steps:
-            argv += ["--max_steps", str(self.max_steps)]
-        if self.storage:
-            argv += ["--storage", self.storage]
-        return argv
+        extra = dict(enc_epoch=self.winner("enc")["enc_epoch"]) if stage == "dif" else {}
+        return adapt.AdaptSettings(train_model=stage, **self.common(), **extra,
+                                   epochs=self.enc_epochs if stage == "enc" else self.dif_epochs,
+                                   freq=1, grid_freq=b.grid_freq, **self.runtime_settings())
+
+    def tune_settings(self, stage, optimize):
+        b = self.budget
+        extra = dict(enc_epoch=self.winner("enc")["enc_epoch"]) if stage == "dif" else {}
+        if optimize:
+            extra |= dict(n_trials=b.n_trials_enc if stage == "enc" else b.n_trials_dif, save_plots=True,
+                          enqueue_defaults=b.enqueue_defaults, max_steps=self.max_steps, storage=self.storage,
+                          prune_after=(max(1, b.tuning_classifier_epochs // 2) if b.prune_after == "half"
+                                       else int(b.prune_after)))
+        # Several GPUs serve several workers on one study instead (hyp_opt.py refuses --multi_gpu).
+        return tune.TuneSettings(train_model=stage, optimize=optimize, **self.common(), **extra,
+                                 num_imgs=b.num_imgs, classifier_epochs=b.tuning_classifier_epochs,
+                                 batch_size=b.classifier_batch_size,
+                                 generation_batch_size=b.generation_batch_size,
+                                 **self.runtime_settings(multi_gpu=False))
+
+    def generate_settings(self):
+        enc, dif = self.winner("enc"), self.winner("dif")
+        return generate.GenerateSettings(img_total=self.generation_target(), **self.common(reads_real_data=False),
+                                         enc_epoch=enc["enc_epoch"], dif_epoch=dif["dif_epoch"],
+                                         inf_steps=dif["inf_steps"], ugs=dif["ugs"],
+                                         batch_size=self.budget.generation_batch_size, **self.runtime_settings())
+
+    def cas_settings(self, take=None):
+        b = self.budget
+        synthetic = dict(synthetic=True, take=take) if take else dict(synthetic=False)
+        return cas.CASSettings(**self.common(), **synthetic, epochs=b.classifier_epochs,
+                               batch_size=b.classifier_batch_size, **self.runtime_settings())
+
+    def evaluate_settings(self):
+        return evaluate.EvaluateSettings(**self.common(), synthetic_dir=str(synthetic_dir(self.exp, self.dataset)),
+                                         features="resnet20")
 
     def stages(self):
         b = self.budget
-        runtime = self.runtime_argv
         stages = [
-            Stage("enc", "class encoder", "SD_adapting.py",
-                  lambda: ["--train_model", "enc", *self.common(), "--epochs", str(self.enc_epochs),
-                           "--freq", "1", "--grid_freq", str(b.grid_freq), *runtime],
-                  lambda: self.checkpoints_done("enc", self.enc_epochs)),
-            Stage("tune_enc", "tuning #1 (class-encoder checkpoint, steps, UGS)", "hyp_opt.py",
-                  lambda: self.tune_argv("enc", optimize=True),
-                  lambda: self.cell_done("enc", "opt", b.n_trials_enc)),
-            Stage("enc_default", "stage table, class encoder, default settings", "hyp_opt.py",
-                  lambda: self.tune_argv("enc", optimize=False),
-                  lambda: self.cell_done("enc", "no_opt")),
-            Stage("dif", "UNet fine-tuning", "SD_adapting.py",
-                  lambda: ["--train_model", "dif", *self.common(), "--enc_epoch",
-                           str(self.winner("enc")["enc_epoch"]), "--epochs", str(self.dif_epochs),
-                           "--freq", "1", "--grid_freq", str(b.grid_freq), *runtime],
-                  lambda: self.checkpoints_done("dif", self.dif_epochs)),
-            Stage("tune_dif", "tuning #2 (UNet checkpoint, steps, UGS)", "hyp_opt.py",
-                  lambda: self.tune_argv("dif", optimize=True),
-                  lambda: self.cell_done("dif", "opt", b.n_trials_dif)),
-            Stage("dif_default", "stage table, fine-tuned UNet, default settings", "hyp_opt.py",
-                  lambda: self.tune_argv("dif", optimize=False),
-                  lambda: self.cell_done("dif", "no_opt")),
-            Stage("generate", f"generation of x{b.max_multiple} the real training set", "generate_dataset.py",
-                  self.generate_argv, self.generation_done),
-            Stage("cas_real", "CAS of the real training set", "classifier_training.py",
-                  lambda: ["--dataset", self.dataset, "--exp", str(self.exp), *self.cas_common()],
-                  lambda: self.cas_done("real")),
+            Stage("enc", "class encoder", adapt, lambda: self.adapt_settings("enc")),
+            Stage("tune_enc", "tuning #1 (class-encoder checkpoint, steps, UGS)", tune,
+                  lambda: self.tune_settings("enc", optimize=True)),
+            Stage("enc_default", "stage table, class encoder, default settings", tune,
+                  lambda: self.tune_settings("enc", optimize=False)),
+            Stage("dif", "UNet fine-tuning", adapt, lambda: self.adapt_settings("dif")),
+            Stage("tune_dif", "tuning #2 (UNet checkpoint, steps, UGS)", tune,
+                  lambda: self.tune_settings("dif", optimize=True)),
+            Stage("dif_default", "stage table, fine-tuned UNet, default settings", tune,
+                  lambda: self.tune_settings("dif", optimize=False)),
+            Stage("generate", f"generation of x{b.max_multiple} the real training set", generate,
+                  self.generate_settings),
+            Stage("cas_real", "CAS of the real training set", cas, self.cas_settings),
         ]
-        for k in range(1, b.max_multiple + 1):
-            stages.append(Stage(
-                f"cas_x{k}", f"CAS of x{k} synthetic", "classifier_training.py",
-                lambda k=k: ["--dataset", self.dataset, "--exp", str(self.exp), "--synthetic", "--take", str(k),
-                             *self.cas_common()],
-                lambda k=k: self.cas_done(f"x{k}")))
+        stages += [Stage(f"cas_x{k}", f"CAS of x{k} synthetic", cas, lambda k=k: self.cas_settings(take=k))
+                   for k in range(1, b.max_multiple + 1)]
         if self.quality:
-            stages.append(Stage(
-                "quality", "quality metrics of the generated set (ResNet20 features)", "evaluate_dataset.py",
-                lambda: ["--dataset", self.dataset, "--synthetic_dir", str(synthetic_dir(self.exp, self.dataset)),
-                         "--exp", str(self.exp), "--features", "resnet20", "--seed", str(self.seed),
-                         *(["--data_dir", str(self.data_dir)] if self.data_dir else [])],
-                self.quality_done))
+            stages.append(Stage("quality", "quality metrics of the generated set (ResNet20 features)", evaluate,
+                                self.evaluate_settings))
         return stages
-
-    def quality_done(self):
-        from Metrics.quality import folder_key
-        from Utils.paths import quality_results_json
-
-        table = read_json(quality_results_json(self.exp), default={}) or {}
-        entry = table.get(self.dataset, {}).get(folder_key(synthetic_dir(self.exp, self.dataset)), {})
-        return "quality metrics recorded" if "resnet20" in entry else None
-
-    def cas_common(self):
-        argv = ["--epochs", str(self.budget.classifier_epochs), "--batch_size", str(self.budget.classifier_batch_size),
-                "--seed", str(self.seed), *self.runtime_argv]
-        return argv + (["--data_dir", str(self.data_dir)] if self.data_dir else [])
-
-    def generate_argv(self):
-        enc, dif = self.winner("enc"), self.winner("dif")
-        return ["--img_total", str(self.generation_target()), *self.common(reads_real_data=False),
-                "--enc_epoch", str(enc["enc_epoch"]), "--dif_epoch", str(dif["dif_epoch"]),
-                "--inf_steps", str(dif["inf_steps"]), "--ugs", str(dif["ugs"]),
-                "--batch_size", str(self.budget.generation_batch_size), *self.runtime_argv]
 
     # ----- running ---------------------------------------------------------------------
     def record(self, stage, **entry):
         merge_json(experiment_dir(self.exp, self.dataset) / STAGE_LOG_FILE, {stage.name: entry})
 
     def run_stage(self, stage, index, total):
-        reason = stage.done()
+        settings = stage.settings()
+        reason = stage.module.is_done(settings)
         prefix = f"[{index}/{total}] {stage.name}: {stage.title}"
         if reason:
             self.log(f"{prefix}: skipped ({reason})")
@@ -350,16 +272,12 @@ class Pipeline:
             if entry.get("status") != "done":
                 self.record(stage, status="done", command=None)
             return 0.0
-        argv = stage.argv()
-        command = python_command([stage.script, *argv])
+        command = settings.command(stage.script)
         self.log(f"{prefix}: running\n    {command}")
         self.record(stage, status="running", command=command, started=_now())
         started = time.perf_counter()
-        module = importlib.import_module(Path(stage.script).stem)
-        status = module.main(argv)
+        stage.module.run(settings)
         seconds = time.perf_counter() - started
-        if status:
-            raise UserError(f"stage {stage.name} failed (exit status {status}): {command}")
         self.record(stage, status="done", command=command, seconds=round(seconds, 1), finished=_now())
         self.log(f"{prefix}: done in {seconds:.0f} s")
         _release_memory()
@@ -372,7 +290,7 @@ class Pipeline:
         if stop_after is not None and stop_after not in names:
             raise UserError(f"--stop_after {stop_after!r} is not a stage; stages: {', '.join(names)}")
         if self.storage:
-            tuning.open_storage(self.storage)  # a bad URL fails now, not after an hour of training
+            tune.open_storage(self.storage)  # a bad URL fails now, not after an hour of training
         total = len(stages) + 1
         started = time.perf_counter()
         self.log(f"pipeline {self.dataset} / {self.preset.name} / budget {self.budget.name} / Exp {self.exp}: "
@@ -386,7 +304,7 @@ class Pipeline:
         manifest = read_json(synthetic_dir(self.exp, self.dataset) / "manifest.json", default=None)
         path = write_report(self.exp, self.dataset, self.preset.name, self.budget.name,
                             read_stage_log(self.exp, self.dataset), self.command,
-                            storage_url=self.storage or tuning.default_storage_url(self.exp, self.dataset),
+                            storage_url=self.storage or tune.default_storage_url(self.exp, self.dataset),
                             data_dir=self.data_dir, manifest=manifest,
                             wall_seconds=time.perf_counter() - started)
         self.log(f"report: {path}")
