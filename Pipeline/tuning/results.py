@@ -67,7 +67,6 @@ def best_trial(study):
     return best
 
 
-
 def study_winner(storage, dataset, exp, stage, objective="cas"):
     """The best trial (`best_trial`) of an existing study in `storage`, or None when there is none."""
     study = load_study(storage, tuning_study_name(dataset, exp, stage, objective))
@@ -94,7 +93,6 @@ def reusable_default_trial(storage, name, settings, protocol):
     return None
 
 
-
 def as_builtin(settings):
     """Settings with NumPy scalars turned into Python numbers (for JSON and command lines)."""
     out = {}
@@ -107,7 +105,6 @@ def as_builtin(settings):
             value = round(value, 6)
         out[key] = value
     return out
-
 
 
 def record_pipeline(exp, dataset, stage, key, entry):
@@ -135,7 +132,6 @@ def trial_entry(study, trial, objective_name, space):
     if objective_name == "kid":
         entry["kid"] = trial.value
     return entry
-
 
 
 def read_cell(exp, dataset, stage, key):
