@@ -203,7 +203,7 @@ def tuning_section(exp, dataset, storage_url, figures_dir):
             if study.best_trial.number != best.number:
                 lines.append(f"Trial {study.best_trial.number} scored {_pct(study.best_trial.value)} on validation, "
                              "within one standard error of the default settings, which therefore stay the winner "
-                             "(the one-standard-error rule, `Pipeline/tuning.py: best_trial`).")
+                             "(the one-standard-error rule, `Pipeline/tuning/results.py: best_trial`).")
         lines += ["", "| trial | state | settings | validation top-1 | test top-1 (recorded) | epochs |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for trial in study.get_trials(deepcopy=False):

@@ -1,4 +1,4 @@
-"""hyp_opt.py and Pipeline/tuning.py: search space, storage, resume, pruning, no test-label leak.
+"""hyp_opt.py, Pipeline/tune.py and Pipeline/tuning/: search space, storage, resume, pruning, no test-label leak.
 
 The slowest tests train the `tiny` diffusion model on digits for two epochs
 once (module fixture) and run real trials on it with tiny budgets (a few dozen
@@ -8,6 +8,7 @@ images, one classifier epoch).
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import numpy as np
 import optuna
 import pytest
 
-from Pipeline import tuning
+from Pipeline import tune, tuning
 from Utils.cli import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,10 +107,10 @@ def test_trials_of_a_dead_process_are_failed_on_resume_and_not_counted(tmp_path)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     ghost = study.ask()  # a trial its (killed) worker never finished
-    ghost.set_user_attr("worker", f"{tuning.socket.gethostname()}:{dead.pid}:1")
+    ghost.set_user_attr("worker", f"{socket.gethostname()}:{dead.pid}:1")
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     alive = study.ask()  # a live worker's trial on this machine: holds a slot while it lives
-    alive.set_user_attr("worker", f"{tuning.socket.gethostname()}:{other.pid}:{tuning._process_start_ticks(other.pid)}")
+    alive.set_user_attr("worker", f"{socket.gethostname()}:{other.pid}:{tuning.process_start_ticks(other.pid)}")
     space = tuning.build_search_space("enc", [1, 2])
     messages = []
     worker = threading.Thread(target=tuning.run_study, kwargs=dict(
@@ -140,7 +141,7 @@ def test_a_trial_its_worker_never_claimed_is_failed_after_the_grace_period(tmp_p
     unclaimed = study.ask()
     assert tuning.fail_dead_trials(study) == []  # just started: its worker may still claim it
     assert study.trials[unclaimed.number].state.name == "RUNNING"
-    monkeypatch.setattr(tuning.time, "time", lambda: 2 * tuning.GRACE_PERIOD_S + 1e10)
+    monkeypatch.setattr(time, "time", lambda: 2 * tuning.GRACE_PERIOD_S + 1e10)
     assert tuning.fail_dead_trials(study) == [unclaimed.number]
     assert study.trials[unclaimed.number].state.name == "FAIL"
 
@@ -219,10 +220,10 @@ def _claimed_running_trials(db):
 
 
 TINY_TUNING = ["--dataset", "digits", "--preset", "tiny", "--train_model", "enc", "--num_imgs", "20",
-               "--classifier_epochs", "1", "--classifier_batch_size", "32", "--max_steps", "5"]
+               "--classifier_epochs", "1", "--batch_size", "32", "--max_steps", "5"]
 
 
-def test_study_resumes_to_the_total_and_a_killed_trial_is_failed(tiny_checkpoints):
+def test_study_resumes_to_the_total_and_a_killed_trial_is_failed(tiny_checkpoints, monkeypatch):
     root = tiny_checkpoints
     db = root / "Experiments" / "Exp_0" / "digits" / "optuna.db"
     command = [sys.executable, str(REPO / "hyp_opt.py"), *TINY_TUNING]
@@ -263,6 +264,15 @@ def test_study_resumes_to_the_total_and_a_killed_trial_is_failed(tiny_checkpoint
     assert 0 <= cell["top1"] <= 1 and 0 <= cell["val_accuracy"] <= 1 and cell["num_imgs"] == 20
     plots = root / "optimization_plots" / "Exp_0" / "digits" / "enc"
     assert (plots / "history.png").stat().st_size > 1000 and (plots / "timeline.png").exists()
+
+    # Done for these settings (3 finished trials in the study and the cell, the same protocol); not for others.
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(root))
+    same = tune.TuneSettings.from_argv([*TINY_TUNING, "--n_trials", "3"])
+    assert "3 finished trials" in tune.is_done(same)
+    for other in (dict(n_trials=4), dict(num_imgs=40), dict(batch_size=64), dict(classifier_epochs=2),
+                  dict(seed=1), dict(optimize=False), dict(objective="kid")):
+        assert tune.is_done(same.replace(**other)) is None, other
+    assert tune.winner_settings("0", "digits", "enc") == cell["settings"]
 
 
 class _TestSplitRead(Exception):
@@ -322,19 +332,39 @@ def test_objective_never_reads_test_labels(tiny_checkpoints, monkeypatch):
 
 def test_kid_objective_tunes_without_classifiers_and_records_its_winners_cas(tiny_checkpoints, monkeypatch):
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tiny_checkpoints))
-    options = tuning.TuningOptions(dataset="digits", stage="enc", exp=0, preset="tiny", n_trials=2, num_imgs=40,
-                                   classifier_epochs=1, classifier_batch_size=32, max_steps=5, objective="kid")
-    entry = tuning.run_tuning(options, log=lambda _: None)
+    settings = tune.TuneSettings(dataset="digits", train_model="enc", exp="0", preset="tiny", n_trials=2,
+                                 num_imgs=40, classifier_epochs=1, batch_size=32, max_steps=5, objective="kid")
+    result = tune.run(settings, log=lambda _: None)
     storage = tuning.open_storage(tuning.default_storage_url(0, "digits"))
     study = optuna.load_study(study_name="digits_exp0_study_enc_kid", storage=storage)
     assert study.direction.name == "MINIMIZE" and len(tuning.completed_trials(study)) == 2
     for trial in study.trials:  # no classifier per trial: no epochs reported, no accuracy
         assert not trial.intermediate_values and "test_top1" not in trial.user_attrs
         assert trial.user_attrs["kid"] == trial.value
-    assert entry["kid"] == study.best_value and entry["settings"] == tuning.as_builtin(study.best_params)
+    assert result.kid == study.best_value and result.settings == tuning.as_builtin(study.best_params)
+    assert result.key == "opt_kid" and result.entry["kid"] == result.kid and result.trials == {"COMPLETE": 2}
     table = json.loads((tiny_checkpoints / "CAS Results" / "pipeline_optimization_exp0.json").read_text())
     cell = table["digits"]["after_class_encoder"]["opt_kid"]
     assert cell["objective"] == "kid" and 0 <= cell["top1"] <= 1 and 0 <= cell["val_accuracy"] <= 1
+
+
+def test_no_optimize_scores_the_default_settings_and_is_then_done(tiny_checkpoints, monkeypatch):
+    from Models.diffusion.presets import get_preset
+
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tiny_checkpoints))
+    settings = tune.TuneSettings(dataset="digits", preset="tiny", exp="0", optimize=False, num_imgs=20,
+                                 classifier_epochs=1, batch_size=32, seed=3)
+    assert tune.is_done(settings) is None
+    result = tune.run(settings, log=lambda _: None)
+    tiny = get_preset("tiny")
+    assert result.key == "no_opt" and result.settings == {"inf_steps": tiny.default_inference_steps,
+                                                          "ugs": float(tiny.default_guidance_scale), "enc_epoch": 2}
+    assert 0 <= result.top1 <= 1 and 0 <= result.val_accuracy <= 1
+    table = json.loads((tiny_checkpoints / "CAS Results" / "pipeline_optimization_exp0.json").read_text())
+    cell = table["digits"]["after_class_encoder"]["no_opt"]
+    assert cell == result.entry and cell["classifier_batch_size"] == 32 and cell["seed"] == 3
+    assert tune.is_done(settings) == "after_class_encoder.no_opt recorded"
+    assert tune.is_done(settings.replace(batch_size=64)) is None
 
 
 def test_the_default_settings_stay_the_winner_unless_beaten_by_more_than_one_standard_error():

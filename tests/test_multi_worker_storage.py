@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 TINY_TUNING = ["--dataset", "digits", "--preset", "tiny", "--train_model", "enc", "--num_imgs", "20",
-               "--classifier_epochs", "1", "--classifier_batch_size", "32", "--max_steps", "5"]
+               "--classifier_epochs", "1", "--batch_size", "32", "--max_steps", "5"]
 # Seconds: short enough that a test sees a silent worker declared dead.
 FAST_HEARTBEAT = {"SDDG_HEARTBEAT_INTERVAL_S": "1", "SDDG_GRACE_PERIOD_S": "20"}
 
@@ -74,7 +74,7 @@ def test_a_remote_workers_trial_lives_by_its_heartbeat(storage_url, monkeypatch)
     remote.set_user_attr("worker", "a-machine-elsewhere:4242:99")
     remote.set_user_attr("heartbeat", time.time())
     assert tuning.fail_dead_trials(study) == []  # it beat just now
-    monkeypatch.setattr(tuning.time, "time", lambda: remote.user_attrs["heartbeat"] + tuning.GRACE_PERIOD_S + 1)
+    monkeypatch.setattr(time, "time", lambda: remote.user_attrs["heartbeat"] + tuning.GRACE_PERIOD_S + 1)
     assert tuning.fail_dead_trials(study) == [remote.number]
     assert study.trials[remote.number].state.name == "FAIL"
 
