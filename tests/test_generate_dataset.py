@@ -50,7 +50,8 @@ def root(tmp_path_factory):
         os.environ["SDDG_OUTPUT_ROOT"] = old
 
 
-COMMON = ["--dataset", "digits", "--preset", "tiny", "--enc_epoch", "2", "--inf_steps", "12", "--ugs", "2.5",
+COMMON = ["--dataset", "digits", "--preset", "tiny", "--enc_epoch", "2", "--dif_epoch", "0", "--inf_steps", "12",
+          "--ugs", "2.5",
           "--batch_size", "2", "--seed", "3", "--img_total", "43"]
 # 43 over 10 classes: 5 for classes 0-2, 4 for the rest.
 COUNTS = [5, 5, 5] + [4] * 7
@@ -99,7 +100,7 @@ def test_layout_and_manifest(reference):
 def test_shards_and_classes_fill_one_folder_with_the_same_data_set(root, reference):
     out = root / "sharded"
     # Other batch size; shard 0/2, then class 1 of shard 1/2, then the rest of shard 1/2.
-    for extra in (["--shard", "0/2"], ["--shard", "1/2", "--img_class", "1"], ["--shard", "1/2"]):
+    for extra in (["--shard", "0/2"], ["--shard", "1/2", "--only_class", "1"], ["--shard", "1/2"]):
         assert generate_dataset.main(COMMON + ["--out_dir", str(out), "--batch_size", "5"] + extra) == 0
         complete = json.loads((out / "manifest.json").read_text())["complete"]
         assert complete is (extra == ["--shard", "1/2"])
@@ -154,7 +155,7 @@ def test_bad_input_is_one_line_and_writes_nothing(root, run_script):
         (["--enc_epoch", "7"], "no class-encoder checkpoint for epoch 7"),
         (["--dif_epoch", "4"], "no fine-tuned UNet checkpoint for epoch 4"),
         (["--preset", "sd1"], "made with preset='tiny'"),
-        (["--img_class", "10"], "--img_class"),
+        (["--only_class", "10"], "--only_class"),
         (["--img_total", "9"], "fewer than digits's 10 classes"),
         (["--inf_steps", "1000"], "inference steps"),
     ]:
