@@ -165,3 +165,27 @@ def test_bad_input_is_one_line_and_writes_nothing(root, run_script):
         generate_dataset.main(COMMON + ["--img_total", "0", "--out_dir", str(out)])
     assert exit_info.value.code == 2
     assert not out.exists()
+
+
+def test_the_stage_function_and_is_done(root, reference):
+    """Pipeline/generate.py: the same data set through run(settings); is_done reads the manifest."""
+    from Pipeline.generate import GenerateSettings, is_done, run
+
+    settings = GenerateSettings.from_argv(COMMON + ["--out_dir", str(reference)])
+    assert is_done(settings) == f"43 images generated in {reference}"
+    assert is_done(settings.replace(ugs=2.0)) is None and is_done(settings.replace(img_total=44)) is None
+    result = run(settings, log=lambda line: None)
+    assert result.written == 0 and result.complete and result.in_part == 43
+    assert list(result.per_class) == COUNTS and list(result.on_disk) == COUNTS
+    assert result.checkpoints["enc"].endswith("epoch_002.weights.h5") and result.out_dir == reference
+    assert GenerateSettings.from_argv(result.settings.to_argv()) == result.settings
+    incomplete = root / "sharded_alone"
+    run(settings.replace(out_dir=str(incomplete), shard="0/2"), log=lambda line: None)
+    assert is_done(settings.replace(out_dir=str(incomplete))) is None
+    # --img_class: images per class; 4 per class is another data set than 43 in all.
+    per_class = GenerateSettings.from_argv([a for a in COMMON if a not in ("--img_total", "43")]
+                                           + ["--img_class", "4", "--out_dir", str(root / "per_class")])
+    done = run(per_class, log=lambda line: None)
+    assert done.img_total == 40 and list(done.per_class) == [4] * 10 and done.complete
+    same = files_of(reference)
+    assert all(same[name] == data for name, data in files_of(root / "per_class").items())
