@@ -159,7 +159,7 @@ def _real_train_size(spec, data_dir):
 
     try:
         return len(load_dataset(spec.name, data_dir=data_dir).y_train)
-    except UserError as e:
+    except (UserError, ValueError) as e:  # the loaders' own input errors are ValueErrors
         raise UserError(f"without --img_class or --img_total the data set is as large as the real "
                         f"training split, which needs the real data: {e}") from None
 
