@@ -1,7 +1,7 @@
 """Synthetic data sets: any folder of class sub-folders → uint8 arrays + a report.
 
-Reads our generator's output (`class_00/img_0.png`, ...) and other generators'
-output alike, e.g. a PyTorch pipeline's ImageFolder layout. Each sub-folder of
+Reads our generator's output (`class_00/img_0.png`, ..., written by
+`Data/synthetic_writer.py`) and other generators' output alike, e.g. a PyTorch pipeline's ImageFolder layout. Each sub-folder of
 `folder` is one class; which class is decided, for all folders together, by
 the first rule that fits every folder name:
 

@@ -20,8 +20,11 @@ classifier, other folders' "<name>_x<N>" runs as their own curves, and, for the
 paper's six datasets, the published curve and real line in grey
 (`Utils.paths.PUBLISHED_CAS_JSON`, when that file exists).
 
+A record is the test evaluation plus what the classifier was trained on and
+how (`cas_record`, from the run's `run.json`).
+
 Example:
-    >>> record_cas(0, "retinamnist", "x1", evaluate_classifier(model, x_test, y_test, names))
+    >>> record_cas(0, "retinamnist", "x1", cas_record(evaluate_classifier(model, x_test, y_test, names), run))
     >>> plot_cas(0, "retinamnist")
     PosixPath('CAS Results/cas_retinamnist_exp0.png')
 """
@@ -49,6 +52,39 @@ def run_key_for(take=None, synthetic=False, folder_name=None):
         return f"x{take}"
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(folder_name)).strip("-") or "folder"
     return f"{slug}_x{take}" if take is not None else f"{slug}_all"
+
+
+def cas_record(evaluation, run):
+    """The CAS entry of one run: the test `evaluation` (`Models.classifier.evaluate_classifier`)
+    plus the training facts of `run` (the run.json metadata: n_train, epochs, seed, config, source).
+
+    Pipelines decide whether a recorded run is the one they would make from
+    `max_epochs`, `batch_size`, `initial_filters` and `seed`.
+    """
+    cfg = run.get("config", {})
+    record = {**evaluation,
+              "n_train": run.get("n_train"), "epochs_run": run.get("epochs_run"),
+              "best_epoch": run.get("best_epoch"), "seed": run.get("seed"),
+              "classifier": cfg.get("classifier"), "initial_filters": cfg.get("initial_filters"),
+              "batch_size": cfg.get("batch_size"), "max_epochs": cfg.get("epochs"),
+              "source": run.get("source"), "take": run.get("take")}
+    if "resize_method" in run:
+        record["resize_method"] = run["resize_method"]
+        record["synthetic_report"] = run.get("synthetic_report")
+    return record
+
+
+def short_report(report, keep=20):
+    """A synthetic folder's report (`Data.synthetic.load_image_folder`) for a record: lists longer
+    than `keep` cut to `keep` entries, their full length kept as `{key}_count`."""
+    short = {}
+    for key, value in report.items():
+        if isinstance(value, list) and len(value) > keep:
+            short[key] = value[:keep]
+            short[f"{key}_count"] = len(value)
+        else:
+            short[key] = value
+    return short
 
 
 def record_cas(exp, dataset, run_key, result):

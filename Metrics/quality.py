@@ -235,7 +235,7 @@ def evaluate_synthetic(dataset, synthetic_dir, exp=0, data_dir=None, features="r
     Args:
         dataset: a registered dataset name.
         synthetic_dir: a folder of class sub-folders (`Data.synthetic.load_image_folder` rules).
-        exp: experiment number (results file, extractor cache).
+        exp: experiment identifier (results file, extractor cache).
         data_dir: where the real data lives (None: the default cache).
         features: "resnet20" or "inception" (ignored when `extractor` is given).
         num_samples: at most this many synthetic images (class-balanced) and
@@ -285,7 +285,7 @@ def evaluate_synthetic(dataset, synthetic_dir, exp=0, data_dir=None, features="r
     options = {"k": PRDC_K, "kid_subsets": KID_SUBSETS, "kid_subset_size": KID_SUBSET_SIZE,
                "is_splits": IS_SPLITS, "memorization_threshold": MEMORIZATION_THRESHOLD, **metric_options}
     result["settings"] = {
-        "dataset": spec.name, "exp": int(exp), "synthetic_dir": key, "reference_split": reference,
+        "dataset": spec.name, "exp": str(exp), "synthetic_dir": key, "reference_split": reference,
         "num_samples": num_samples, "seed": int(seed), **options, **extractor.describe(),
     }
     result["folder_report"] = {name: report[name] for name in

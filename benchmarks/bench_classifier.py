@@ -43,7 +43,7 @@ def bench_full_protocol(dataset, data_dir, output_root, seed):
     """Runs classifier_training.py with the paper's defaults; returns the recorded result and wall time."""
     output_root = Path(output_root or tempfile.mkdtemp(prefix=f"bench_cas_{dataset}_"))
     command = [sys.executable, str(REPO / "classifier_training.py"), "--dataset", dataset,
-               "--seed", str(seed)]
+               "--synthetic", "False", "--seed", str(seed)]
     if data_dir:
         command += ["--data_dir", str(Path(data_dir).resolve())]
     env = dict(os.environ, SDDG_OUTPUT_ROOT=str(output_root), PYTHONUNBUFFERED="1")

@@ -235,7 +235,8 @@ def _cas(root, dataset, key, exp=0):
 
 
 def test_script_digits_end_to_end_and_reuse(run_script, tmp_path):
-    args = ["--dataset", "digits", "--epochs", "2", "--batch_size", "128", "--initial_filters", "8"]
+    args = ["--dataset", "digits", "--synthetic", "False", "--epochs", "2", "--batch_size", "128",
+            "--initial_filters", "8"]
     first = run_script("classifier_training.py", *args)
     assert first.returncode == 0, first.stderr[-3000:]
     result = _cas(tmp_path, "digits", "real")
@@ -251,14 +252,14 @@ def test_script_digits_end_to_end_and_reuse(run_script, tmp_path):
 
     weights = run_dir / "resnet20.weights.h5"
     stamp = weights.stat().st_mtime_ns
-    again = run_script("classifier_training.py", *args, "--no-train")
+    again = run_script("classifier_training.py", *args, "--train", "False")
     assert again.returncode == 0, again.stderr[-3000:]
     assert weights.stat().st_mtime_ns == stamp  # reused, not retrained
     assert _cas(tmp_path, "digits", "real")["top1"] == result["top1"]
 
 
 def test_script_real_retinamnist_short_run(run_script, tmp_path, retinamnist_dir):
-    r = run_script("classifier_training.py", "--dataset", "retinamnist", "--data_dir", retinamnist_dir,
+    r = run_script("classifier_training.py", "--dataset", "retinamnist", "--no-synthetic", "--data_dir", retinamnist_dir,
                    "--epochs", "1", "--initial_filters", "16", "--exp", "7")
     assert r.returncode == 0, r.stderr[-3000:]
     result = _cas(tmp_path, "retinamnist", "real", exp=7)
@@ -331,11 +332,11 @@ def test_script_bad_input_is_one_line_and_writes_nothing(run_script, tmp_path, c
     env = {"SDDG_DATA_MIRROR": "file:///nonexistent-mirror"}  # never download in a test
     args = {
         "unknown_dataset": ["--dataset", "imagenet"],
-        "missing_npz": ["--dataset", "retinamnist", "--data_dir", data],
-        "corrupt_npz": ["--dataset", "retinamnist", "--data_dir", data],
+        "missing_npz": ["--dataset", "retinamnist", "--synthetic", "False", "--data_dir", data],
+        "corrupt_npz": ["--dataset", "retinamnist", "--synthetic", "False", "--data_dir", data],
         "take_0": ["--dataset", "digits", "--synthetic", "--take", "0"],
-        "take_without_synthetic": ["--dataset", "digits", "--take", "2"],
-        "no_train_without_checkpoint": ["--dataset", "digits", "--no-train"],
+        "take_without_synthetic": ["--dataset", "digits", "--synthetic", "False", "--take", "2"],
+        "no_train_without_checkpoint": ["--dataset", "digits", "--no-synthetic", "--no-train"],
         "missing_synthetic_dir": ["--dataset", "digits", "--synthetic_dir", tmp_path / "nowhere"],
         "nothing_to_do": ["--dataset", "digits", "--no-train", "--no-test"],
     }[case]
@@ -353,7 +354,7 @@ def test_script_bad_input_is_one_line_and_writes_nothing(run_script, tmp_path, c
 @pytest.mark.slow
 def test_script_killed_process_resumes(run_script, tmp_path):
     """SIGKILL during training, rerun the same command: same history as an uninterrupted run."""
-    args = ["--dataset", "digits", "--epochs", "5", "--batch_size", "64", "--initial_filters", "8"]
+    args = ["--dataset", "digits", "--no-synthetic", "--epochs", "5", "--batch_size", "64", "--initial_filters", "8"]
     whole = run_script("classifier_training.py", *args, "--exp", "1")
     assert whole.returncode == 0, whole.stderr[-3000:]
     env = dict(os.environ, SDDG_OUTPUT_ROOT=str(tmp_path), PYTHONUNBUFFERED="1")

@@ -50,7 +50,8 @@ def root(tmp_path_factory):
         os.environ["SDDG_OUTPUT_ROOT"] = old
 
 
-COMMON = ["--dataset", "digits", "--preset", "tiny", "--enc_epoch", "2", "--inf_steps", "12", "--ugs", "2.5",
+COMMON = ["--dataset", "digits", "--preset", "tiny", "--enc_epoch", "2", "--dif_epoch", "0", "--inf_steps", "12",
+          "--ugs", "2.5",
           "--batch_size", "2", "--seed", "3", "--img_total", "43"]
 # 43 over 10 classes: 5 for classes 0-2, 4 for the rest.
 COUNTS = [5, 5, 5] + [4] * 7
@@ -99,7 +100,7 @@ def test_layout_and_manifest(reference):
 def test_shards_and_classes_fill_one_folder_with_the_same_data_set(root, reference):
     out = root / "sharded"
     # Other batch size; shard 0/2, then class 1 of shard 1/2, then the rest of shard 1/2.
-    for extra in (["--shard", "0/2"], ["--shard", "1/2", "--img_class", "1"], ["--shard", "1/2"]):
+    for extra in (["--shard", "0/2"], ["--shard", "1/2", "--only_class", "1"], ["--shard", "1/2"]):
         assert generate_dataset.main(COMMON + ["--out_dir", str(out), "--batch_size", "5"] + extra) == 0
         complete = json.loads((out / "manifest.json").read_text())["complete"]
         assert complete is (extra == ["--shard", "1/2"])
@@ -125,7 +126,9 @@ def test_killed_run_resumes_to_the_same_data_set(root, reference):
     args = [sys.executable, str(REPO / "generate_dataset.py"), *COMMON, "--out_dir", str(out)]
     process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline and len(list(out.glob("class_*/*.png"))) < 4:
+    # Whole images only: counting the hidden temporary file of an image being written would kill
+    # the run inside that write, and its fresh temporary file is rightly kept (another worker's?).
+    while time.time() < deadline and len(list(out.glob("class_*/img_*.png"))) < 4:
         time.sleep(0.02)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -154,7 +157,7 @@ def test_bad_input_is_one_line_and_writes_nothing(root, run_script):
         (["--enc_epoch", "7"], "no class-encoder checkpoint for epoch 7"),
         (["--dif_epoch", "4"], "no fine-tuned UNet checkpoint for epoch 4"),
         (["--preset", "sd1"], "made with preset='tiny'"),
-        (["--img_class", "10"], "--img_class"),
+        (["--only_class", "10"], "--only_class"),
         (["--img_total", "9"], "fewer than digits's 10 classes"),
         (["--inf_steps", "1000"], "inference steps"),
     ]:
@@ -164,3 +167,27 @@ def test_bad_input_is_one_line_and_writes_nothing(root, run_script):
         generate_dataset.main(COMMON + ["--img_total", "0", "--out_dir", str(out)])
     assert exit_info.value.code == 2
     assert not out.exists()
+
+
+def test_the_stage_function_and_is_done(root, reference):
+    """Pipeline/generate.py: the same data set through run(settings); is_done reads the manifest."""
+    from Pipeline.generate import GenerateSettings, is_done, run
+
+    settings = GenerateSettings.from_argv(COMMON + ["--out_dir", str(reference)])
+    assert is_done(settings) == f"43 images generated in {reference}"
+    assert is_done(settings.replace(ugs=2.0)) is None and is_done(settings.replace(img_total=44)) is None
+    result = run(settings, log=lambda line: None)
+    assert result.written == 0 and result.complete and result.in_part == 43
+    assert list(result.per_class) == COUNTS and list(result.on_disk) == COUNTS
+    assert result.checkpoints["enc"].endswith("epoch_002.weights.h5") and result.out_dir == reference
+    assert GenerateSettings.from_argv(result.settings.to_argv()) == result.settings
+    incomplete = root / "sharded_alone"
+    run(settings.replace(out_dir=str(incomplete), shard="0/2"), log=lambda line: None)
+    assert is_done(settings.replace(out_dir=str(incomplete))) is None
+    # --img_class: images per class; 4 per class is another data set than 43 in all.
+    per_class = GenerateSettings.from_argv([a for a in COMMON if a not in ("--img_total", "43")]
+                                           + ["--img_class", "4", "--out_dir", str(root / "per_class")])
+    done = run(per_class, log=lambda line: None)
+    assert done.img_total == 40 and list(done.per_class) == [4] * 10 and done.complete
+    same = files_of(reference)
+    assert all(same[name] == data for name, data in files_of(root / "per_class").items())

@@ -27,7 +27,7 @@ def test_generated_digits_are_recognised_by_a_classifier_trained_on_real_ones(tm
     assert SD_adapting.main(["--dataset", "digits", "--preset", "tiny", "--train_model", "enc",
                              "--epochs", str(EPOCHS), "--freq", str(EPOCHS),
                              "--grid_per_class", "0", "--verbose", "0"]) == 0
-    assert generate_dataset.main(["--dataset", "digits", "--preset", "tiny", "--enc_epoch", str(EPOCHS),
+    assert generate_dataset.main(["--dataset", "digits", "--preset", "tiny", "--enc_epoch", str(EPOCHS), "--dif_epoch", "0",
                                   "--img_total", "300", "--inf_steps", "10", "--ugs", "5",
                                   "--batch_size", "300", "--grid_per_class", "0"]) == 0
 

@@ -47,7 +47,7 @@ def test_generate_dataset_pngs_are_pinned(tmp_path, monkeypatch):
     atomic_write_json(enc_dir / ck.SETTINGS_FILE, {**identity, "stage": "enc"})
     ck.save_parts(ck.weights_path(enc_dir, 1), ck.enc_parts(model))
     out = tmp_path / "out"
-    assert generate_dataset.main(["--dataset", "digits", "--preset", "tiny", "--enc_epoch", "1",
+    assert generate_dataset.main(["--dataset", "digits", "--preset", "tiny", "--enc_epoch", "1", "--dif_epoch", "0",
                                   "--inf_steps", "5", "--ugs", "1.5", "--batch_size", "4", "--seed", "2",
                                   "--img_total", "20", "--out_dir", str(out)]) == 0
     pngs = sorted(out.glob("class_*/*.png"))

@@ -125,7 +125,7 @@ def _last_error(stderr):
 
 def test_a_slurm_array_writes_parts_that_verify(tiny_checkpoints, tmp_path):
     root = tiny_checkpoints
-    common = ["--dataset", "digits", "--preset", "tiny", "--enc_epoch", "2", "--inf_steps", "3",
+    common = ["--dataset", "digits", "--preset", "tiny", "--enc_epoch", "2", "--dif_epoch", "0", "--inf_steps", "3",
               "--img_total", "20", "--batch_size", "10", "--grid_per_class", "0"]
     parts = [tmp_path / f"machine{k}" for k in range(2)]
     for k, part in enumerate(parts):  # --array=1-2: tasks 1 and 2 are shards 0/2 and 1/2
