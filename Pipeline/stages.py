@@ -40,12 +40,13 @@ Example:
     >>> pipeline.run()          # prints "[3/11] tune_enc: ..." per stage, writes REPORT.md
 """
 
+import dataclasses
 import datetime
 import gc
 import time
 from dataclasses import dataclass, replace
 
-from Pipeline import adapt, cas, evaluate, generate, tune
+from Pipeline import adapt, cas, evaluate, generate, tune, tuning
 from Pipeline.report import write_report
 from Utils.cli import UserError
 from Utils.io import merge_json, read_json
@@ -169,10 +170,13 @@ class Pipeline:
         self._train_size = None
 
     # ----- facts the stages need -------------------------------------------------------
-    def common(self, reads_real_data=True):
-        """The settings every stage shares."""
+    def common(self, settings_class, reads_real_data=True):
+        """The shared settings (dataset, exp, preset, seed, data_dir) that `settings_class` has."""
         common = dict(dataset=self.dataset, exp=self.exp, preset=self.preset.name, seed=self.seed)
-        return common | (dict(data_dir=str(self.data_dir)) if self.data_dir and reads_real_data else {})
+        if self.data_dir and reads_real_data:
+            common["data_dir"] = str(self.data_dir)
+        fields = {f.name for f in dataclasses.fields(settings_class)}
+        return {key: value for key, value in common.items() if key in fields}
 
     def runtime_settings(self, multi_gpu=True):
         runtime = self.runtime.as_dict()
@@ -187,7 +191,7 @@ class Pipeline:
 
     def winner(self, stage):
         """Settings of study `stage`'s winner, from the stage table."""
-        return tune.winner(self.exp, self.dataset, stage)
+        return tune.winner_settings(self.exp, self.dataset, stage)
 
     def generation_target(self):
         """Images to generate: max_multiple x the training set (every take x1..xN finds its classes
@@ -198,7 +202,7 @@ class Pipeline:
     def adapt_settings(self, stage):
         b = self.budget
         extra = dict(enc_epoch=self.winner("enc")["enc_epoch"]) if stage == "dif" else {}
-        return adapt.AdaptSettings(train_model=stage, **self.common(), **extra,
+        return adapt.AdaptSettings(train_model=stage, **self.common(adapt.AdaptSettings), **extra,
                                    epochs=self.enc_epochs if stage == "enc" else self.dif_epochs,
                                    freq=1, grid_freq=b.grid_freq, **self.runtime_settings())
 
@@ -211,7 +215,7 @@ class Pipeline:
                           prune_after=(max(1, b.tuning_classifier_epochs // 2) if b.prune_after == "half"
                                        else int(b.prune_after)))
         # Several GPUs serve several workers on one study instead (hyp_opt.py refuses --multi_gpu).
-        return tune.TuneSettings(train_model=stage, optimize=optimize, **self.common(), **extra,
+        return tune.TuneSettings(train_model=stage, optimize=optimize, **self.common(tune.TuneSettings), **extra,
                                  num_imgs=b.num_imgs, classifier_epochs=b.tuning_classifier_epochs,
                                  batch_size=b.classifier_batch_size,
                                  generation_batch_size=b.generation_batch_size,
@@ -219,7 +223,7 @@ class Pipeline:
 
     def generate_settings(self):
         enc, dif = self.winner("enc"), self.winner("dif")
-        return generate.GenerateSettings(img_total=self.generation_target(), **self.common(reads_real_data=False),
+        return generate.GenerateSettings(img_total=self.generation_target(), **self.common(generate.GenerateSettings, reads_real_data=False),
                                          enc_epoch=enc["enc_epoch"], dif_epoch=dif["dif_epoch"],
                                          inf_steps=dif["inf_steps"], ugs=dif["ugs"],
                                          batch_size=self.budget.generation_batch_size, **self.runtime_settings())
@@ -227,11 +231,11 @@ class Pipeline:
     def cas_settings(self, take=None):
         b = self.budget
         synthetic = dict(synthetic=True, take=take) if take else dict(synthetic=False)
-        return cas.CASSettings(**self.common(), **synthetic, epochs=b.classifier_epochs,
+        return cas.CASSettings(**self.common(cas.CASSettings), **synthetic, epochs=b.classifier_epochs,
                                batch_size=b.classifier_batch_size, **self.runtime_settings())
 
     def evaluate_settings(self):
-        return evaluate.EvaluateSettings(**self.common(), synthetic_dir=str(synthetic_dir(self.exp, self.dataset)),
+        return evaluate.EvaluateSettings(**self.common(evaluate.EvaluateSettings), synthetic_dir=str(synthetic_dir(self.exp, self.dataset)),
                                          features="resnet20")
 
     def stages(self):
@@ -290,7 +294,7 @@ class Pipeline:
         if stop_after is not None and stop_after not in names:
             raise UserError(f"--stop_after {stop_after!r} is not a stage; stages: {', '.join(names)}")
         if self.storage:
-            tune.open_storage(self.storage)  # a bad URL fails now, not after an hour of training
+            tuning.open_storage(self.storage)  # a bad URL fails now, not after an hour of training
         total = len(stages) + 1
         started = time.perf_counter()
         self.log(f"pipeline {self.dataset} / {self.preset.name} / budget {self.budget.name} / Exp {self.exp}: "
@@ -304,7 +308,7 @@ class Pipeline:
         manifest = read_json(synthetic_dir(self.exp, self.dataset) / "manifest.json", default=None)
         path = write_report(self.exp, self.dataset, self.preset.name, self.budget.name,
                             read_stage_log(self.exp, self.dataset), self.command,
-                            storage_url=self.storage or tune.default_storage_url(self.exp, self.dataset),
+                            storage_url=self.storage or tuning.default_storage_url(self.exp, self.dataset),
                             data_dir=self.data_dir, manifest=manifest,
                             wall_seconds=time.perf_counter() - started)
         self.log(f"report: {path}")

@@ -82,41 +82,49 @@ def test_killed_pipeline_resumes_and_skips_finished_stages(tmp_path):
     for heading in ("## Classification accuracy score", "## The stage table", "## Tuning", "## Samples",
                     "## How this was made"):
         assert heading in report
-    assert "python SD_adapting.py --train_model dif" in report
+    assert re.search(r"^python SD_adapting.py .*--train_model dif", report, re.M)
     cas = json.loads((tmp_path / "CAS Results" / "test_accuracies_exp0.json").read_text())["digits"]
     assert {"real", "x1"} <= set(cas)
     assert (tmp_path / "Experiments" / "Exp_0" / "digits" / "figures" / "samples_generated.png").exists()
 
 
-def test_every_stage_passes_only_flags_its_script_accepts(retinamnist_dir, tmp_path, monkeypatch):
-    """Each stage's command line, with --data_dir, a storage URL and --quality, parses with its script's parser.
+def test_every_stage_command_line_rebuilds_its_settings(retinamnist_dir, tmp_path, monkeypatch):
+    """Each stage's command line (settings.to_argv, what the report prints) parsed by its script's parser
+    gives back the very settings the pipeline ran with: pasting it reruns exactly that stage.
 
     (A run on RetinaMNIST once reached the generation stage and died there: the
-    generator was handed --data_dir, which it does not take.)
+    generator was handed --data_dir, which it did not take.)
     """
     import importlib
 
     sys.path.insert(0, str(REPO))
     from Pipeline.stages import BUDGETS, Pipeline
+    from Utils.runtime import RuntimeSettings
 
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
-    pipeline = Pipeline("retinamnist", "tiny", BUDGETS["quick"], data_dir=retinamnist_dir,
-                        storage=f"sqlite:///{tmp_path / 'study.db'}", runtime_argv=["--xla"], quality=True)
+    pipeline = Pipeline("retinamnist", "tiny", BUDGETS["quick"], data_dir=retinamnist_dir, exp="0001",
+                        storage=f"sqlite:///{tmp_path / 'study.db'}", runtime=RuntimeSettings(xla=True),
+                        quality=True)
     winners = {"enc": {"enc_epoch": 3, "inf_steps": 10, "ugs": 2.0},
                "dif": {"dif_epoch": 2, "inf_steps": 12, "ugs": 3.5}}
     monkeypatch.setattr(pipeline, "winner", winners.__getitem__)
     stages = pipeline.stages()
     assert [s.name for s in stages][-4:] == ["cas_real", "cas_x1", "cas_x2", "quality"]
-    from Utils.paths import synthetic_dir
-
-    synthetic_dir(0, "retinamnist").mkdir(parents=True)  # the quality stage reads what generation wrote
     for stage in stages:
+        settings = stage.settings()
         script = importlib.import_module(Path(stage.script).stem)
-        argv = stage.argv()
+        argv = settings.to_argv()
         try:
-            script.parser.parse_args(argv)
+            parsed = type(settings).from_namespace(script.parser.parse_args(argv))
         except SystemExit:
             pytest.fail(f"{stage.script} rejects the {stage.name} stage's flags: {' '.join(argv)}")
-        reads_real_images = stage.script != "generate_dataset.py"
-        assert ("--data_dir" in argv) == reads_real_images, (stage.name, argv)
-    assert [s.argv() for s in stages if s.name == "generate"][0][:2] == ["--img_total", str(2 * 1080)]
+        assert parsed == settings, (stage.name, argv)
+        assert settings.command(stage.script).startswith(f"python {stage.script} ")
+        assert ("--exp" in argv and argv[argv.index("--exp") + 1] == "0001"), (stage.name, argv)
+    by_name = {s.name: s.settings() for s in stages}
+    assert by_name["generate"].img_total == 2 * 1080 and by_name["generate"].data_dir is None
+    assert by_name["generate"].batch_size == BUDGETS["quick"].generation_batch_size
+    assert by_name["cas_real"].synthetic is False and by_name["cas_x2"].take == 2
+    assert by_name["tune_dif"].enc_epoch == 3 and by_name["dif"].enc_epoch == 3
+    assert by_name["tune_enc"].batch_size == BUDGETS["quick"].classifier_batch_size
+    assert by_name["tune_enc"].multi_gpu is False and by_name["enc"].xla is True
