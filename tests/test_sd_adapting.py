@@ -21,6 +21,8 @@ from Models.diffusion import checkpoints as ck  # noqa: E402
 from Models.diffusion.conditional_diffusion import ClassConditionalDiffusion, make_optimizer  # noqa: E402
 from Models.diffusion.presets import get_preset  # noqa: E402
 from Utils.cli import UserError  # noqa: E402
+from Models.errors import CheckpointError  # noqa: E402
+from Utils.errors import InputError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ENC = ["--dataset", "digits", "--preset", "tiny", "--train_model", "enc", "--epochs", "3", "--freq", "1",
@@ -133,9 +135,9 @@ def test_enc_killed_resumes_without_redoing_epochs_then_dif(tmp_path, run_script
            "--batch_size", "256", "--grid_per_class", "1", "--grid_freq", "2", "--verbose", "0"]
     with pytest.raises(UserError, match="needs --enc_epoch"):
         SD_adapting.main(dif)
-    with pytest.raises(UserError, match=r"no class-encoder checkpoint for epoch 7 .*epochs there: 1, 2, 3"):
+    with pytest.raises(CheckpointError, match=r"no class-encoder checkpoint for epoch 7 .*epochs there: 1, 2, 3"):
         SD_adapting.main(dif + ["--enc_epoch", "7"])
-    with pytest.raises(UserError, match="no fine-tuned UNet checkpoint for epoch 4"):
+    with pytest.raises(CheckpointError, match="no fine-tuned UNet checkpoint for epoch 4"):
         SD_adapting.main(dif + ["--enc_epoch", "2", "--dif_epoch", "4"])
     dif_folder = folder.parent / "DiffusionFt"
     assert not dif_folder.exists()
@@ -148,7 +150,7 @@ def test_enc_killed_resumes_without_redoing_epochs_then_dif(tmp_path, run_script
     with h5py.File(ck.weights_path(dif_folder, 1), "r") as f:
         assert set(f.keys()) == {"unet"}
     # Generation refuses a UNet fine-tuned with another class encoder.
-    with pytest.raises(UserError, match="fine-tuned with the class encoder of epoch 2"):
+    with pytest.raises(CheckpointError, match="fine-tuned with the class encoder of epoch 2"):
         ck.resolve_generation_checkpoints("tiny", get_spec("digits"), 0, 3, 1)
 
 
@@ -163,6 +165,6 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, run_script, monkeypa
         (["--enc_epoch", "5"], "no class-encoder checkpoint for epoch 5"),
     ]:
         monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
-        with pytest.raises(UserError, match=re.escape(message)):
+        with pytest.raises(InputError, match=re.escape(message)):
             SD_adapting.main(["--dataset", "digits", "--train_model", "enc", "--preset", "tiny"] + argv)
     assert not (tmp_path / "Checkpoints").exists()

@@ -35,7 +35,7 @@ import keras
 
 from Models.diffusion.conditional_diffusion import ClassConditionalDiffusion
 from Models.diffusion.presets import get_preset
-from Utils.cli import UserError
+from Models.errors import CheckpointError, ModelSettingsError
 from Utils.io import atomic_path, read_json
 from Utils.paths import diffusion_checkpoint_dir
 
@@ -106,21 +106,21 @@ def save_parts(path, parts, attrs=None):
 
 
 def load_parts(path, parts):
-    """Loads `parts` ({name: layer}) from a `save_parts` file; a mismatch is a UserError."""
+    """Loads `parts` ({name: layer}) from a `save_parts` file; a mismatch is a CheckpointError."""
     try:
         with h5py.File(path, "r") as f:
             for name, layer in parts.items():
                 if name not in f:
-                    raise UserError(f"{path} holds no weights for the {name} "
-                                    f"(it has: {', '.join(f.keys()) or 'nothing'})")
+                    raise CheckpointError(f"{path} holds no weights for the {name} "
+                                          f"(it has: {', '.join(f.keys()) or 'nothing'})")
                 values = _read_values(f[name])
                 expected = [tuple(v.shape) for v in layer.weights]
                 if [v.shape for v in values] != expected:
-                    raise UserError(f"the {name} weights in {path} do not fit this model "
-                                    f"(different preset, dataset or image size?)")
+                    raise CheckpointError(f"the {name} weights in {path} do not fit this model "
+                                          f"(different preset, dataset or image size?)")
                 layer.set_weights(values)
     except OSError as e:
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
 
 
 def save_optimizer(path, optimizer, epoch, trained_parts=None):
@@ -142,12 +142,12 @@ def load_optimizer(path, optimizer, trained_parts=None):
         with h5py.File(path, "r") as f:
             values = _read_values(f)
             if [v.shape for v in values] != [tuple(v.shape) for v in optimizer.variables]:
-                raise UserError(f"optimizer state {path} does not fit this model")
+                raise CheckpointError(f"optimizer state {path} does not fit this model")
             for variable, value in zip(optimizer.variables, values):
                 variable.assign(value)
             epoch = int(f.attrs["epoch"])
     except OSError as e:
-        raise UserError(f"cannot read optimizer state {path}: {e}") from None
+        raise CheckpointError(f"cannot read optimizer state {path}: {e}") from None
     if trained_parts:
         with h5py.File(path, "r") as f:
             has_trained = TRAINED_GROUP in f
@@ -181,24 +181,24 @@ def read_settings(folder):
 
 
 def check_settings(folder, expected, keys=None):
-    """Compares settings.json in `folder` with `expected` on `keys`; a difference is a UserError."""
+    """Compares settings.json in `folder` with `expected` on `keys`; a difference is a CheckpointError."""
     stored = read_settings(folder)
     if stored is None:
         return None
     for key in keys or expected.keys():
         if stored.get(key) != expected.get(key):
-            raise UserError(f"{folder} holds checkpoints made with {key}={stored.get(key)!r}, not "
-                            f"{expected.get(key)!r}; use another --exp or the same settings")
+            raise CheckpointError(f"{folder} holds checkpoints made with {key}={stored.get(key)!r}, not "
+                                  f"{expected.get(key)!r}; use another --exp or the same settings")
     return stored
 
 
 def require_checkpoint(folder, epoch, what):
-    """The weights file of `epoch` in `folder`; a missing one is a UserError listing what exists."""
+    """The weights file of `epoch` in `folder`; a missing one is a CheckpointError listing what exists."""
     path = weights_path(folder, epoch)
     if not path.exists() or read_settings(folder) is None:
         have = saved_epochs(folder) if read_settings(folder) is not None else []
         listing = ", ".join(map(str, have)) if have else "none"
-        raise UserError(f"no {what} checkpoint for epoch {epoch} in {folder} (epochs there: {listing})")
+        raise CheckpointError(f"no {what} checkpoint for epoch {epoch} in {folder} (epochs there: {listing})")
     return path
 
 
@@ -211,7 +211,7 @@ def build_model(preset, spec, stage="enc", random_init=False, init_seed=0, seed=
     so random weights (pixel presets, or `random_init`) are the same in every script.
     For sd presets without `random_init`, keras-cv's published UNet and
     autoencoder weights are loaded (Models/diffusion/weights.py; offline and
-    missing: a one-line UserError). `recipe` overrides the preset's training recipe
+    missing: a one-line CheckpointError). `recipe` overrides the preset's training recipe
     (`DiffusionPreset.recipe()` keys: schedule, prediction type, cond_dropout, snr_gamma).
     """
     from Models.diffusion.class_encoder import ClassEncoder
@@ -271,8 +271,8 @@ def resolve_generation_checkpoints(preset, spec, exp, enc_epoch, dif_epoch):
         check_settings(dif_dir, identity, IDENTITY_KEYS)
         trained_with = read_settings(dif_dir).get("enc_epoch")
         if trained_with != enc_epoch:
-            raise UserError(f"the UNet in {dif_dir} was fine-tuned with the class encoder of epoch "
-                            f"{trained_with}, not --enc_epoch {enc_epoch}")
+            raise CheckpointError(f"the UNet in {dif_dir} was fine-tuned with the class encoder of epoch "
+                                  f"{trained_with}, not --enc_epoch {enc_epoch}")
         used["dif"] = str(dif_path)
     return enc_settings, used
 
@@ -324,10 +324,10 @@ def load_for_generation(exp, dataset, preset, stage, epoch, enc_epoch=None, mode
     elif stage == "dif":
         enc = recorded_enc_epoch(exp, spec.name) if enc_epoch is None else int(enc_epoch)
         if enc is None:
-            raise UserError(f"no fine-tuned UNet checkpoints in {diffusion_checkpoint_dir(exp, spec.name, 'dif')}")
+            raise CheckpointError(f"no fine-tuned UNet checkpoints in {diffusion_checkpoint_dir(exp, spec.name, 'dif')}")
         dif = int(epoch)
     else:
-        raise UserError(f"stage must be enc or dif, got {stage!r}")
+        raise ModelSettingsError(f"stage must be enc or dif, got {stage!r}")
     enc_settings, used = resolve_generation_checkpoints(preset, spec, exp, enc, dif)
     reusable = (model is not None and model.preset.name == get_preset(preset).name
                 and model.num_classes == spec.num_classes
