@@ -1,4 +1,4 @@
-"""SD_adapting.py and ClassConditionalDiffusion's training: what trains, checkpoints, resume, errors."""
+"""SD_adapting.py and DiffusionTrainer's training: what trains, checkpoints, resume, errors."""
 
 import csv
 import dataclasses
@@ -18,8 +18,9 @@ import pytest
 import SD_adapting  # noqa: E402
 from Data.registry import get_spec  # noqa: E402
 from Models.diffusion import checkpoints as ck  # noqa: E402
-from Models.diffusion.conditional_diffusion import ClassConditionalDiffusion, make_optimizer  # noqa: E402
+from Models.diffusion.optimizer import make_optimizer  # noqa: E402
 from Models.diffusion.presets import get_preset  # noqa: E402
+from Models.diffusion.trainer import DiffusionTrainer  # noqa: E402
 from Utils.cli import UserError  # noqa: E402
 from Models.errors import CheckpointError  # noqa: E402
 from Utils.errors import InputError  # noqa: E402
@@ -60,7 +61,7 @@ def test_each_stage_trains_only_its_part(stage, digits_batch):
     # A "pretrained" tiny preset behaves as sd1/sd2 do: its enc stage leaves the UNet alone.
     pretrained = dataclasses.replace(get_preset("tiny"), pretrained=True)
     keras.utils.set_random_seed(0)
-    model = ClassConditionalDiffusion(pretrained, num_classes=10, image_size=8, stage=stage)
+    model = DiffusionTrainer.from_preset(pretrained, num_classes=10, image_size=8, stage=stage)
     before = {name: [w.numpy().copy() for w in part.weights]
               for name, part in (("unet", model.unet), ("class_encoder", model.class_encoder))}
     _one_eager_step(model, digits_batch)
@@ -75,7 +76,7 @@ def test_tiny_enc_trains_the_unet_and_cond_dropout_one_never_trains_on_labels(di
     import tensorflow as tf
 
     # tiny has no pretrained UNet: its enc stage trains the UNet from scratch too.
-    model = ClassConditionalDiffusion("tiny", num_classes=10, image_size=8, stage="enc")
+    model = DiffusionTrainer.from_preset("tiny", num_classes=10, image_size=8, stage="enc")
     trainable = {id(v) for v in model.trainable_variables}
     assert {id(v) for v in model.unet.weights if v.trainable} <= trainable
     assert set(model.trained_parts()) == {"class_encoder", "unet"}
