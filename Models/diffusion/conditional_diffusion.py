@@ -22,6 +22,10 @@ from Models.diffusion.generator import (  # noqa: F401
 from Models.diffusion.optimizer import AdamWithEMA, ema_optimizer, make_optimizer  # noqa: F401
 from Models.diffusion.trainer import STAGES, DiffusionTrainer, TrainBatches  # noqa: F401
 
+__all__ = ["AdamWithEMA", "ClassConditionalBackbone", "ClassConditionalDiffusion", "ClassConditionalGenerator",
+           "DiffusionTrainer", "STAGES", "TrainBatches", "ema_optimizer", "index_within_class", "initial_noise",
+           "make_optimizer", "schedule_for", "to_uint8_images"]
+
 
 def ClassConditionalDiffusion(preset, num_classes, image_size, **kwargs):  # noqa: N802 (the former class)
     """`DiffusionTrainer.from_preset(preset, num_classes, image_size, **kwargs)`."""
