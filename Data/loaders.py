@@ -58,9 +58,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from Data.errors import DataError, DatasetNotFoundError
 from Data.medmnist_info import MEDMNIST
 from Data.registry import DatasetSpec, get_spec
-from Utils.cli import UserError
 from Utils.io import atomic_path
 from Utils.paths import default_data_dir
 
@@ -120,8 +120,8 @@ def load_dataset(name, data_dir=None, check_md5=True):
             off only for hand-made test files).
 
     Raises:
-        UserError: unknown dataset, file missing and not downloadable, wrong
-            MD5, or an unreadable file: always one line.
+        DataError: unknown dataset, wrong MD5, or an unreadable file; its subclass
+            DatasetNotFoundError: the file is missing and cannot be downloaded. Always one line.
     """
     spec = get_spec(name)
     if spec.source == "sklearn":
@@ -145,7 +145,7 @@ def data_source(name):
         info = MEDMNIST[spec.name]
         entry = {"file": info["file"], "url": info["url"], "md5": info["md5"]}
     else:
-        raise UserError(f"dataset '{name}' is embedded and has no file to download")
+        raise DataError(f"dataset '{name}' is embedded and has no file to download")
     mirror = os.environ.get("SDDG_DATA_MIRROR")
     if mirror:
         entry["url"] = f"{mirror.rstrip('/')}/{entry['file']}"
@@ -174,7 +174,7 @@ def fetch_file(filename, url, md5, data_dir, check_md5=True):
 
     A present file is checked against `md5` (when `check_md5`); a downloaded
     one always is, before it is renamed into place. Failures are one-line
-    UserErrors saying what to put where.
+    DataErrors saying what to put where.
     """
     data_dir = Path(data_dir)
     path = data_dir / filename
@@ -182,21 +182,23 @@ def fetch_file(filename, url, md5, data_dir, check_md5=True):
         if check_md5:
             got = md5_of(path)
             if got != md5:
-                raise UserError(
+                raise DataError(
                     f"{path} has MD5 {got}, expected {md5} (incomplete or a different file): "
                     f"delete it to download it again, or replace it with the file from {url}")
         return path
     if path.exists():
-        raise UserError(f"{path} exists but is not a file; expected {filename} (MD5 {md5}) from {url}")
+        raise DataError(f"{path} exists but is not a file; expected {filename} (MD5 {md5}) from {url}")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create the data folder {data_dir}: {e.strerror or e}") from None
+        raise DatasetNotFoundError(f"cannot create the data folder {data_dir}: {e.strerror or e}") from None
     try:
         _download(url, path, md5)
+    except DataError:
+        raise
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
-        raise UserError(
+        raise DatasetNotFoundError(
             f"{filename} (MD5 {md5}) is not in {data_dir} and downloading it failed ({reason}); "
             f"put the file from {url} into {data_dir} (or point --data_dir / SDDG_DATA_DIR "
             f"at a folder that has it)") from None
@@ -220,8 +222,8 @@ def _download(url, path, md5):
             got = digest.hexdigest()
             if got != md5:
                 # Raised inside atomic_path: the partial file is removed.
-                raise UserError(f"the download of {path.name} from {url} has MD5 {got}, expected "
-                                f"{md5}; try again, or put the right file into {path.parent}")
+                raise DatasetNotFoundError(f"the download of {path.name} from {url} has MD5 {got}, expected "
+                                           f"{md5}; try again, or put the right file into {path.parent}")
 
 
 def _check_name_lookup(url):
@@ -275,7 +277,7 @@ def read_cifar_archive(path, spec):
             members = {Path(m.name).name: m for m in archive.getmembers() if m.isfile()}
             missing = [n for n in train_names + test_names if n not in members]
             if missing:
-                raise UserError(f"{path} is not the official {spec.name} archive: "
+                raise DataError(f"{path} is not the official {spec.name} archive: "
                                 f"{', '.join(missing)} missing inside it")
 
             def read(names):
@@ -289,11 +291,11 @@ def read_cifar_archive(path, spec):
 
             x_full, y_full = read(train_names)
             x_test, y_test = read(test_names)
-    except UserError:
+    except DataError:
         raise
     except (tarfile.TarError, EOFError, zlib.error, OSError, pickle.UnpicklingError,
             KeyError, ValueError, TypeError) as e:
-        raise UserError(f"{path} is not a readable {spec.name} archive "
+        raise DataError(f"{path} is not a readable {spec.name} archive "
                         f"({type(e).__name__}: {e}); delete it to download it again") from None
     _check_labels(path, spec, y_full, y_test)
     n_val = int(round(len(y_full) * CIFAR_VAL_FRACTION))
@@ -314,18 +316,20 @@ def read_medmnist_npz(path, spec):
             needed = [f"{s}_{kind}" for s in ("train", "val", "test") for kind in ("images", "labels")]
             missing = [key for key in needed if key not in npz.files]
             if missing:
-                raise UserError(f"{path} is not a MedMNIST file: {', '.join(missing)} missing")
+                raise DataError(f"{path} is not a MedMNIST file: {', '.join(missing)} missing")
             for split in ("train", "val", "test"):
                 arrays[f"x_{split}"] = _three_channels(np.asarray(npz[f"{split}_images"]))
                 arrays[f"y_{split}"] = np.asarray(npz[f"{split}_labels"]).reshape(-1).astype(np.int64)
+    except DataError:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-        raise UserError(f"{path} is not a readable MedMNIST npz ({type(e).__name__}: {e}); "
+        raise DataError(f"{path} is not a readable MedMNIST npz ({type(e).__name__}: {e}); "
                         f"delete it to download it again") from None
     for split in ("train", "val", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         size = spec.image_size
         if x.dtype != np.uint8 or x.shape[1:] != (size, size, 3) or len(x) != len(y):
-            raise UserError(f"{path}: {split} images have shape {x.shape} ({x.dtype}) for "
+            raise DataError(f"{path}: {split} images have shape {x.shape} ({x.dtype}) for "
                             f"{len(y)} labels; expected ({len(y)}, {size}, {size}) uint8")
     _check_labels(path, spec, arrays["y_train"], arrays["y_val"], arrays["y_test"])
     return Splits(spec, **arrays)
@@ -363,5 +367,5 @@ def _three_channels(images):
 def _check_labels(path, spec, *label_arrays):
     for labels in label_arrays:
         if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
-            raise UserError(f"{path}: labels {labels.min()}..{labels.max()} do not fit "
+            raise DataError(f"{path}: labels {labels.min()}..{labels.max()} do not fit "
                             f"{spec.name}'s {spec.num_classes} classes")

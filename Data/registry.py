@@ -20,8 +20,8 @@ Example:
 
 from dataclasses import dataclass
 
+from Data.errors import DataError
 from Data.medmnist_info import MEDMNIST, UNSUPPORTED
-from Utils.cli import UserError
 
 
 @dataclass(frozen=True)
@@ -96,10 +96,10 @@ def dataset_names():
 
 
 def get_spec(name):
-    """The DatasetSpec for `name` (case-insensitive); a UserError for an unknown name."""
+    """The DatasetSpec for `name` (case-insensitive); a DataError for an unknown name."""
     key = str(name).strip().lower()
     if key in REGISTRY:
         return REGISTRY[key]
     if key in UNSUPPORTED:
-        raise UserError(f"dataset '{name}' is not supported: {UNSUPPORTED[key]}")
-    raise UserError(f"unknown dataset '{name}'; choose from: {', '.join(dataset_names())}")
+        raise DataError(f"dataset '{name}' is not supported: {UNSUPPORTED[key]}")
+    raise DataError(f"unknown dataset '{name}'; choose from: {', '.join(dataset_names())}")

@@ -14,7 +14,7 @@ Example:
     >>> shard_from_environment({"SLURM_ARRAY_TASK_ID": "2", "SLURM_ARRAY_TASK_COUNT": "4",
     ...                         "SLURM_ARRAY_TASK_MIN": "0"})
     (2, 4)
-    >>> verify_parts(["part0", "part1"])        # UserError naming the first problems, or a summary
+    >>> verify_parts(["part0", "part1"])        # DataError naming the first problems, or a summary
     {'images': 1080, 'per_class': [216, ...], 'folders': 2, ...}
 """
 
@@ -22,7 +22,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from Utils.cli import UserError
+from Data.errors import DataError
 from Utils.io import read_json
 
 MANIFEST = "manifest.json"
@@ -32,13 +32,13 @@ _PROBLEMS_SHOWN = 3
 
 
 def parse_shard(text):
-    """'K/N' -> (K, N); a UserError unless N >= 1 and 0 <= K < N."""
+    """'K/N' -> (K, N); a DataError unless N >= 1 and 0 <= K < N."""
     try:
         k, n = (int(part) for part in str(text).split("/"))
     except ValueError:
-        raise UserError(f"--shard must look like K/N (e.g. 0/4), got {text!r}") from None
+        raise DataError(f"--shard must look like K/N (e.g. 0/4), got {text!r}") from None
     if n < 1 or not 0 <= k < n:
-        raise UserError(f"--shard {text}: need N >= 1 and 0 <= K < N")
+        raise DataError(f"--shard {text}: need N >= 1 and 0 <= K < N")
     return k, n
 
 
@@ -46,7 +46,7 @@ def _env_int(environ, name):
     try:
         return int(environ[name])
     except ValueError:
-        raise UserError(f"environment variable {name}={environ[name]!r} is not an integer") from None
+        raise DataError(f"environment variable {name}={environ[name]!r} is not an integer") from None
 
 
 def shard_from_environment(environ):
@@ -62,7 +62,7 @@ def shard_from_environment(environ):
         last = _env_int(environ, "SLURM_ARRAY_TASK_MAX") if "SLURM_ARRAY_TASK_MAX" in environ else first + count - 1
         source = "SLURM_ARRAY_TASK_*"
         if last - first + 1 != count:
-            raise UserError(f"the SLURM array {first}-{last} has {count} tasks, not {last - first + 1}: "
+            raise DataError(f"the SLURM array {first}-{last} has {count} tasks, not {last - first + 1}: "
                             "use a contiguous --array=0-{N-1} (no steps or gaps) or pass --shard K/N")
     elif "SGE_TASK_ID" in environ and environ.get("SGE_TASK_ID") != "undefined":
         task, first = _env_int(environ, "SGE_TASK_ID"), _env_int(environ, "SGE_TASK_FIRST")
@@ -70,13 +70,13 @@ def shard_from_environment(environ):
         step = _env_int(environ, "SGE_TASK_STEPSIZE") if "SGE_TASK_STEPSIZE" in environ else 1
         source = "SGE_TASK_*"
         if step != 1:
-            raise UserError(f"the Grid Engine array has step {step}: use -t 1-N (step 1) or pass --shard K/N")
+            raise DataError(f"the Grid Engine array has step {step}: use -t 1-N (step 1) or pass --shard K/N")
         count = last - first + 1
     else:
         return None
     k = task - first
     if count < 1 or not 0 <= k < count:
-        raise UserError(f"{source}: task {task} is outside the array {first}..{first + count - 1}")
+        raise DataError(f"{source}: task {task} is outside the array {first}..{first + count - 1}")
     return k, count
 
 
@@ -106,17 +106,17 @@ def _pixels_digest(path):
 def _fail(what, problems):
     shown = "; ".join(problems[:_PROBLEMS_SHOWN])
     more = f" (and {len(problems) - _PROBLEMS_SHOWN} more)" if len(problems) > _PROBLEMS_SHOWN else ""
-    raise UserError(f"{what}: {shown}{more}")
+    raise DataError(f"{what}: {shown}{more}")
 
 
 def _read_manifests(folders):
     manifests = []
     for folder in folders:
         if not folder.is_dir():
-            raise UserError(f"{folder} is not a folder")
+            raise DataError(f"{folder} is not a folder")
         manifest = read_json(folder / MANIFEST)
         if not manifest or "settings" not in manifest or "per_class" not in manifest:
-            raise UserError(f"{folder} has no generate_dataset.py {MANIFEST}: not a generated data set part")
+            raise DataError(f"{folder} has no generate_dataset.py {MANIFEST}: not a generated data set part")
         manifests.append(manifest)
     first = manifests[0]
     for folder, manifest in zip(folders[1:], manifests[1:]):
@@ -124,7 +124,7 @@ def _read_manifests(folders):
             keys = sorted(k for k in set(first["settings"]) | set(manifest["settings"])
                           if first["settings"].get(k) != manifest["settings"].get(k))
             shown = ", ".join(f"{k}={first['settings'].get(k)!r} vs {manifest['settings'].get(k)!r}" for k in keys)
-            raise UserError(f"{folders[0]} and {folder} were generated with other settings "
+            raise DataError(f"{folders[0]} and {folder} were generated with other settings "
                             f"({shown or 'per-class counts differ'}): they are parts of different data sets")
     return first
 
@@ -134,11 +134,11 @@ def verify_parts(folders, decode=True):
 
     decode: open every PNG (whole, right size) and compare pixels for duplicates;
     False checks only names and counts (fast, for a reader about to decode anyway).
-    Any problem is a UserError naming the first few.
+    Any problem is a DataError naming the first few.
     """
     folders = [Path(f) for f in folders]
     if not folders:
-        raise UserError("no data set folder to verify")
+        raise DataError("no data set folder to verify")
     manifest = _read_manifests(folders)
     counts, size = manifest["per_class"], int(manifest["settings"]["native_size"])
     where, problems = {}, []
@@ -180,7 +180,7 @@ def verify_parts(folders, decode=True):
 
 
 def require_complete(folder):
-    """A UserError when `folder` is a generated data set (it has a manifest) with images missing.
+    """A DataError when `folder` is a generated data set (it has a manifest) with images missing.
 
     Folders of other implementations (no manifest) are not judged here.
     """
@@ -189,6 +189,6 @@ def require_complete(folder):
         return
     try:
         verify_parts([folder], decode=False)
-    except UserError as e:
-        raise UserError(f"{folder} is not a complete generated data set ({e}); finish every "
+    except DataError as e:
+        raise DataError(f"{folder} is not a complete generated data set ({e}); finish every "
                         f"--shard part, then check with generate_dataset.py --verify") from None

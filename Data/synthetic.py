@@ -21,13 +21,13 @@ native `spec.image_size`.
 Nothing is dropped silently: unreadable image files, non-image files, missing
 classes and classes without a readable image are listed in the returned
 report (`format_report` turns it into lines for the command line). A folder
-without class folders, or without any image, is a UserError.
+without class folders, or without any image, is a DataError.
 
 `take` selects a seeded random, class-balanced subset: take // C images per
 class, one more for each of the first take % C classes (Data/balance.py, the
 rule generation follows too, so a generated set of N images serves any take
 up to N). Asking a
-class for more images than it has readable is a UserError naming the class.
+class for more images than it has readable is a DataError naming the class.
 Only the selected files are decoded, so `take` on a big folder is fast.
 
 Example:
@@ -46,8 +46,8 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from Data.balance import per_class_counts
+from Data.errors import DataError, DatasetNotFoundError
 from Data.images import RESIZE_METHOD, resize_pil
-from Utils.cli import UserError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 # Decoding runs in threads: Pillow releases the GIL while it decompresses and resizes.
@@ -70,10 +70,10 @@ def load_image_folder(folder, spec, take=None, seed=0):
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"synthetic data folder {folder} does not exist")
+        raise DatasetNotFoundError(f"synthetic data folder {folder} does not exist")
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
-        raise UserError(f"{folder} has no class sub-folders (expected e.g. class_00/, class_01/, ...)")
+        raise DataError(f"{folder} has no class sub-folders (expected e.g. class_00/, class_01/, ...)")
     labels, rule, warnings = _assign_labels([p.name for p in class_dirs], spec, folder)
 
     files = {label: [] for label in range(spec.num_classes)}
@@ -89,7 +89,7 @@ def load_image_folder(folder, spec, take=None, seed=0):
             else:
                 non_images.append(str(file.relative_to(folder)))
     if not any(files.values()):
-        raise UserError(f"{folder} has no image files ({', '.join(IMAGE_EXTENSIONS)}) "
+        raise DataError(f"{folder} has no image files ({', '.join(IMAGE_EXTENSIONS)}) "
                         f"in its {len(class_dirs)} class folders")
 
     report = {
@@ -129,7 +129,7 @@ def load_image_folder(folder, spec, take=None, seed=0):
             if wanted is not None and len(images) < need:
                 where = (f"has {len(images)} readable images in {folder / folder_of[label]}"
                          if label in folder_of else f"has no folder in {folder}")
-                raise UserError(f"class {_class_name(spec, label)} {where}, "
+                raise DataError(f"class {_class_name(spec, label)} {where}, "
                                 f"but take={take} needs {need} of this class")
             if images:
                 xs.append(np.stack(images))
@@ -137,7 +137,7 @@ def load_image_folder(folder, spec, take=None, seed=0):
     finally:
         bar.close()
     if not xs:
-        raise UserError(f"no readable image in {folder} ({len(report['unreadable_files'])} unreadable)")
+        raise DataError(f"no readable image in {folder} ({len(report['unreadable_files'])} unreadable)")
     x, y = np.concatenate(xs), np.concatenate(ys)
     report["counts"] = {str(c): int(n) for c, n in enumerate(np.bincount(y, minlength=spec.num_classes))}
     report["total"] = int(len(y))
@@ -190,13 +190,13 @@ def _assign_labels(names, spec, folder):
         if all(label is not None for label in labels):
             bad = [n for n, label in zip(names, labels) if label >= count]
             if bad:
-                raise UserError(f"{folder}: class folder(s) {', '.join(bad)} out of range for "
+                raise DataError(f"{folder}: class folder(s) {', '.join(bad)} out of range for "
                                 f"{spec.name}'s {count} classes (0..{count - 1})")
             if len(set(labels)) != len(labels):
-                raise UserError(f"{folder}: two class folders map to the same label ({', '.join(names)})")
+                raise DataError(f"{folder}: two class folders map to the same label ({', '.join(names)})")
             return labels, rule, []
     if len(names) > count:
-        raise UserError(f"{folder} has {len(names)} class folders but {spec.name} has {count} classes")
+        raise DataError(f"{folder} has {len(names)} class folders but {spec.name} has {count} classes")
     warning = (f"folder names are neither class_<N>, integers nor {spec.name} label names: "
                f"labels follow sorted folder order ({', '.join(f'{n}={i}' for i, n in enumerate(names))})")
     return list(range(len(names))), "sorted folder order", [warning]
@@ -212,7 +212,7 @@ def _class_name(spec, label):
 
 def _per_class_counts(take, num_classes):
     if take <= 0:
-        raise UserError(f"take must be a positive number of images, got {take}")
+        raise DataError(f"take must be a positive number of images, got {take}")
     return per_class_counts(take, num_classes)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from Data.images import RESIZE_METHOD, resize_images
 from Data.shards import MANIFEST, image_path, is_complete_png
-from Utils.cli import UserError
+from Data.errors import DataError
 from Utils.io import atomic_path, merge_json, read_json
 
 # A temporary image file older than this is a leftover of a killed run.
@@ -127,17 +127,17 @@ class SyntheticWriter:
         return self.folder / MANIFEST
 
     def check_folder(self):
-        """A UserError when the folder holds another data set. Writes nothing."""
+        """A DataError when the folder holds another data set. Writes nothing."""
         manifest = read_manifest(self.folder)
         if manifest is not None and same_settings(manifest.get("settings"), self.settings):
             self.settings = manifest["settings"]  # as the other parts wrote them
         elif manifest is not None:
             stored = manifest.get("settings") or {}
             diff = [k for k in sorted(set(stored) | set(self.settings)) if stored.get(k) != self.settings.get(k)]
-            raise UserError(f"{self.folder} holds a data set made with other settings ({', '.join(diff)} differ: "
+            raise DataError(f"{self.folder} holds a data set made with other settings ({', '.join(diff)} differ: "
                             f"{', '.join(f'{k}={stored.get(k)!r}' for k in diff)}); use another --out_dir")
         if manifest is None and self.folder.exists() and any(self.folder.glob("class_*")):
-            raise UserError(f"{self.folder} holds class folders but no {MANIFEST}; use another --out_dir")
+            raise DataError(f"{self.folder} holds class folders but no {MANIFEST}; use another --out_dir")
 
     def missing(self, label, n):
         """Whether image n of class `label` still has to be written (absent or not whole)."""

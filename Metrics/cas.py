@@ -32,7 +32,7 @@ Example:
 import re
 from collections import defaultdict
 
-from Utils.cli import UserError
+from Metrics.errors import MetricsError
 from Utils.io import atomic_path, atomic_write_json, file_lock, read_json
 from Utils.paths import PUBLISHED_CAS_JSON, cas_results_json, results_dir
 
@@ -97,7 +97,7 @@ def record_cas(exp, dataset, run_key, result):
     with file_lock(path):
         table = read_json(path, default={})
         if not isinstance(table, dict):
-            raise UserError(f"{path} is not a CAS results table (expected a JSON object)")
+            raise MetricsError(f"{path} is not a CAS results table (expected a JSON object)")
         entry = table.get(dataset)
         table[dataset] = {**(entry if isinstance(entry, dict) else {}), run_key: result}
         atomic_write_json(path, table)
@@ -153,7 +153,7 @@ def cas_figure(exp, dataset, floor=None):
 
     runs = load_cas(exp, dataset)
     if not runs:
-        raise UserError(f"no CAS results for {dataset} in {cas_results_json(exp)}")
+        raise MetricsError(f"no CAS results for {dataset} in {cas_results_json(exp)}")
     ours = _curves(runs)
     paper = published_cas(dataset)
     paper_curve = _curves(paper).get("", [])

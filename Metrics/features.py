@@ -55,7 +55,7 @@ import numpy as np
 from tqdm import tqdm
 
 from Data.images import RESIZE_METHOD, resize_images
-from Utils.cli import UserError
+from Metrics.errors import MetricsError
 
 FEATURE_EXTRACTORS = ("inception", "resnet20")
 
@@ -177,7 +177,7 @@ class InceptionV3Features(_KerasExtractor):
     """InceptionV3 (ImageNet) pool features and ImageNet class probabilities.
 
     Example:
-        >>> extractor = InceptionV3Features()          # downloads the weights once, or a UserError
+        >>> extractor = InceptionV3Features()          # downloads the weights once, or a MetricsError
         >>> emb = extractor.embed(x_uint8)             # features (N, 2048), probabilities (N, 1000)
     """
 
@@ -189,18 +189,18 @@ class InceptionV3Features(_KerasExtractor):
 
         path = inception_weights_path()
         if weights == "imagenet" and not path.exists() and not _network_reachable(INCEPTION_WEIGHTS_URL):
-            raise UserError(f"InceptionV3 ImageNet weights are missing and cannot be downloaded (offline?): "
-                            f"put {INCEPTION_WEIGHTS_FILE} (from {INCEPTION_WEIGHTS_URL}) into {path.parent}/ "
-                            f"or use --features resnet20")
+            raise MetricsError(f"InceptionV3 ImageNet weights are missing and cannot be downloaded (offline?): "
+                               f"put {INCEPTION_WEIGHTS_FILE} (from {INCEPTION_WEIGHTS_URL}) into {path.parent}/ "
+                               f"or use --features resnet20")
         previous = socket.getdefaulttimeout()
         # keras' download has no timeout of its own: a stalled transfer must not hang for ever.
         socket.setdefaulttimeout(DOWNLOAD_STALL_TIMEOUT_S)
         try:
             base = keras.applications.InceptionV3(include_top=True, weights=weights)
         except Exception as e:  # a broken download or file: one line, not a traceback
-            raise UserError(f"cannot load the InceptionV3 weights {path}: {str(e).splitlines()[0]} "
-                            f"(delete the file to download it again, or put {INCEPTION_WEIGHTS_FILE} "
-                            f"from {INCEPTION_WEIGHTS_URL} there)") from None
+            raise MetricsError(f"cannot load the InceptionV3 weights {path}: {str(e).splitlines()[0]} "
+                               f"(delete the file to download it again, or put {INCEPTION_WEIGHTS_FILE} "
+                               f"from {INCEPTION_WEIGHTS_URL} there)") from None
         finally:
             socket.setdefaulttimeout(previous)
         model = keras.Model(base.input, [base.get_layer("avg_pool").output, base.output], name="inception_v3_fid")
@@ -326,4 +326,4 @@ def build_extractor(name, dataset=None, exp=0, data_dir=None, seed=0, config=Non
             raise ValueError("the resnet20 extractor needs the dataset it is trained on")
         return ResNet20Features.for_dataset(dataset or splits.spec.name, exp=exp, data_dir=data_dir,
                                             seed=seed, config=config, splits=splits, verbose=verbose)
-    raise UserError(f"unknown feature extractor '{name}'; choose from: {', '.join(FEATURE_EXTRACTORS)}")
+    raise MetricsError(f"unknown feature extractor '{name}'; choose from: {', '.join(FEATURE_EXTRACTORS)}")

@@ -53,11 +53,11 @@ import numpy as np
 from tqdm import tqdm
 
 from Metrics.distribution import frechet_distance_from_features, gaussian_mmd2, kernel_inception_distance
+from Metrics.errors import MetricsError
 from Metrics.features import FEATURE_EXTRACTORS, Embeddings, ResNet20Features, build_extractor
 from Metrics.inception_score import inception_score
 from Metrics.memorization import MEMORIZATION_THRESHOLD, memorization
 from Metrics.prdc import precision_recall_density_coverage
-from Utils.cli import UserError
 
 KID_SUBSETS = 100
 KID_SUBSET_SIZE = 1000
@@ -254,14 +254,14 @@ def evaluate_synthetic(dataset, synthetic_dir, exp=0, data_dir=None, features="r
 
     spec = get_spec(dataset)
     if reference not in REFERENCE_SPLITS:
-        raise UserError(f"unknown reference split '{reference}'; choose from: {', '.join(REFERENCE_SPLITS)}")
+        raise MetricsError(f"unknown reference split '{reference}'; choose from: {', '.join(REFERENCE_SPLITS)}")
     if extractor is None and features not in FEATURE_EXTRACTORS:
-        raise UserError(f"unknown feature extractor '{features}'; choose from: {', '.join(FEATURE_EXTRACTORS)}")
+        raise MetricsError(f"unknown feature extractor '{features}'; choose from: {', '.join(FEATURE_EXTRACTORS)}")
     if num_samples is not None and num_samples <= 0:
-        raise UserError(f"num_samples must be a positive number of images, got {num_samples}")
+        raise MetricsError(f"num_samples must be a positive number of images, got {num_samples}")
     folder = Path(synthetic_dir)
     if not folder.is_dir():
-        raise UserError(f"synthetic data folder {folder} does not exist")
+        raise MetricsError(f"synthetic data folder {folder} does not exist")
     started = time.perf_counter()
 
     splits = load_dataset(spec.name, data_dir)
@@ -337,7 +337,7 @@ def kid_extractor(real_images, real_labels, seed=0, features="resnet20", config=
                 real_images[~val], labels[~val], real_images[val], labels[val],
                 int(labels.max()) + 1, config=config, seed=seed)
         else:
-            raise UserError(f"unknown feature extractor '{features}'; choose from: {', '.join(FEATURE_EXTRACTORS)}")
+            raise MetricsError(f"unknown feature extractor '{features}'; choose from: {', '.join(FEATURE_EXTRACTORS)}")
     return _EXTRACTOR_CACHE[key]
 
 

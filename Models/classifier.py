@@ -41,8 +41,8 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from Models.errors import CheckpointError, ModelSettingsError
 from Models.resnet20 import build_resnet20
-from Utils.cli import UserError
 from Utils.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 
 CLASSIFIERS = ("resnet20",)
@@ -97,7 +97,7 @@ def build_classifier(input_shape, num_classes, config=None):
     """The untrained, uncompiled model named by `config.classifier`."""
     config = config or ClassifierConfig()
     if config.classifier != "resnet20":
-        raise UserError(f"unknown classifier '{config.classifier}'; choose from: {', '.join(CLASSIFIERS)}")
+        raise ModelSettingsError(f"unknown classifier '{config.classifier}'; choose from: {', '.join(CLASSIFIERS)}")
     return build_resnet20(input_shape, num_classes, initial_filters=config.initial_filters)
 
 
@@ -250,7 +250,7 @@ def _check_arrays(x, y, num_classes, what):
     if len(x) != len(y):
         raise ValueError(f"{what}: {len(x)} images but {len(y)} labels")
     if len(x) == 0:
-        raise UserError(f"no {what} images")
+        raise ModelSettingsError(f"no {what} images")
     if y.min() < 0 or y.max() >= num_classes:
         raise ValueError(f"{what} labels must lie in [0, {num_classes}), got {y.min()}..{y.max()}")
     return x, y.astype(np.int64)
@@ -400,7 +400,7 @@ def history_csv(history):
 def load_classifier(checkpoint_dir):
     """Rebuilds a finished run's model from `checkpoint_dir` (run.json + weights); returns (model, run).
 
-    A missing or unreadable checkpoint is a UserError (one line).
+    A missing or unreadable checkpoint is a CheckpointError (one line).
 
     Example:
         >>> model, run = load_classifier(classifier_checkpoint_dir(0, "retinamnist", "real"))
@@ -409,17 +409,17 @@ def load_classifier(checkpoint_dir):
     checkpoint_dir = Path(checkpoint_dir)
     run = read_json(checkpoint_dir / RUN_FILE)
     if run is None:
-        raise UserError(f"no trained classifier in {checkpoint_dir} (missing {RUN_FILE}); train it first")
+        raise CheckpointError(f"no trained classifier in {checkpoint_dir} (missing {RUN_FILE}); train it first")
     config = ClassifierConfig.from_dict(run.get("config", {}))
     path = weights_file(checkpoint_dir, config)
     if not path.exists():
-        raise UserError(f"no trained classifier in {checkpoint_dir} (missing {path.name}); train it first")
+        raise CheckpointError(f"no trained classifier in {checkpoint_dir} (missing {path.name}); train it first")
     model = build_classifier(tuple(run["input_shape"]), run["num_classes"], config)
     compile_classifier(model, config)  # built optimizer: the weights file holds Adam's state too
     try:
         model.load_weights(path)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
     return model, run
 
 

@@ -1,7 +1,9 @@
 """Command-line conventions shared by every script.
 
 Bad input is one line on stderr, `error: ...`, and exit status 2; nothing
-half-written stays behind (writers use `Utils.io.atomic_path`).
+half-written stays behind (writers use `Utils.io.atomic_path`). Scripts raise
+`UserError`; the library raises its own `Utils.errors.InputError` subclasses
+(`Data.errors`, `Models.errors`, `Metrics.errors`), and `run_cli` reports all of them.
 
 Example:
     >>> parser = ArgumentParser(description="...")
@@ -18,9 +20,15 @@ import math
 import sys
 from pathlib import Path
 
+from Utils.errors import InputError
 
-class UserError(Exception):
-    """A problem with the user's input or files, reported as one line."""
+
+class UserError(InputError):
+    """A problem with the user's input or files found by a script, reported as one line.
+
+    The library's own errors (`DataError`, `ModelSettingsError`, ...) are `InputError`s
+    too: a script catching "any bad input" catches `InputError`.
+    """
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -132,10 +140,11 @@ def existing_file(text):
 
 
 def run_cli(main, argv=None):
-    """Runs `main(argv)`, turning UserError into one line and exit status 2."""
+    """Runs `main(argv)`, turning any InputError (UserError, the library's errors) into one
+    line `error: <message>` on stderr and exit status 2."""
     try:
         status = main(argv)
-    except UserError as e:
+    except InputError as e:
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ from keras import ops
 from keras.src.legacy.saving.legacy_h5_format import save_weights_to_hdf5_group
 
 from Models.diffusion.autoencoder import build_image_decoder, build_image_encoder
-from Utils.cli import UserError
+from Models.errors import ModelSettingsError
 
 SIZE = 64
 
@@ -41,9 +41,9 @@ def images():
 
 
 def test_image_size_must_be_a_multiple_of_8():
-    with pytest.raises(UserError, match="multiple of 8"):
+    with pytest.raises(ModelSettingsError, match="multiple of 8"):
         build_image_encoder(60)
-    with pytest.raises(UserError, match="multiple of 8"):
+    with pytest.raises(ModelSettingsError, match="multiple of 8"):
         build_image_decoder(12)
 
 

@@ -22,7 +22,7 @@ from PIL import Image
 from Data import loaders
 from Data.images import RESIZE_METHOD, resize_images, save_image_grid, to_uint8, to_unit_float
 from Data.loaders import fetch_file, load_dataset, md5_of
-from Utils.cli import UserError
+from Data.errors import DataError, DatasetNotFoundError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -149,7 +149,7 @@ def test_cifar_tarball_is_parsed_and_split(tmp_path, name):
 
 def test_cifar_md5_is_checked(tmp_path):
     _fake_cifar(tmp_path / "cifar-10-python.tar.gz", "cifar10")
-    with pytest.raises(UserError) as e:
+    with pytest.raises(DataError) as e:
         load_dataset("cifar10", data_dir=tmp_path)  # check_md5 defaults to on
     message = str(e.value)
     assert "cifar-10-python.tar.gz" in message and "c58f30108f718f92721af3b95e74349a" in message
@@ -160,7 +160,7 @@ def test_truncated_tarball_is_one_line(tmp_path):
     path = tmp_path / "cifar-100-python.tar.gz"
     _fake_cifar(path, "cifar100")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(UserError) as e:
+    with pytest.raises(DataError) as e:
         load_dataset("cifar100", data_dir=tmp_path, check_md5=False)
     assert str(path) in str(e.value) and "not a readable cifar100 archive" in str(e.value)
     assert "\n" not in str(e.value)
@@ -170,7 +170,7 @@ def test_fetch_file_accepts_the_right_md5(tmp_path):
     path = tmp_path / "file.bin"
     path.write_bytes(b"hello")
     assert fetch_file("file.bin", "http://unused/", hashlib.md5(b"hello").hexdigest(), tmp_path) == path
-    with pytest.raises(UserError, match="has MD5 5d41402abc4b2a76b9719d911017c592, expected 0+"):
+    with pytest.raises(DataError, match="has MD5 5d41402abc4b2a76b9719d911017c592, expected 0+"):
         fetch_file("file.bin", "http://unused/", "0" * 32, tmp_path)
 
 
@@ -178,11 +178,11 @@ def test_fetch_file_accepts_the_right_md5(tmp_path):
 
 def test_corrupt_npz_and_wrong_md5_are_one_line(tmp_path):
     (tmp_path / "bloodmnist.npz").write_bytes(b"this is not a zip file" * 100)
-    with pytest.raises(UserError) as e:
+    with pytest.raises(DataError) as e:
         load_dataset("bloodmnist", data_dir=tmp_path)
     assert "bloodmnist.npz has MD5" in str(e.value) and "7053d0359d879ad8a5505303e11de1dc" in str(e.value)
     assert "\n" not in str(e.value)
-    with pytest.raises(UserError) as e:
+    with pytest.raises(DataError) as e:
         load_dataset("bloodmnist", data_dir=tmp_path, check_md5=False)
     assert "bloodmnist.npz is not a readable MedMNIST npz" in str(e.value) and "\n" not in str(e.value)
 
@@ -190,7 +190,7 @@ def test_corrupt_npz_and_wrong_md5_are_one_line(tmp_path):
 def test_truncated_real_npz_is_one_line(tmp_path, retinamnist_dir):
     real = (retinamnist_dir / "retinamnist.npz").read_bytes()
     (tmp_path / "retinamnist.npz").write_bytes(real[: len(real) // 2])
-    with pytest.raises(UserError) as e:
+    with pytest.raises(DataError) as e:
         load_dataset("retinamnist", data_dir=tmp_path, check_md5=False)
     assert "retinamnist.npz" in str(e.value) and "\n" not in str(e.value)
 
@@ -198,12 +198,12 @@ def test_truncated_real_npz_is_one_line(tmp_path, retinamnist_dir):
 def test_npz_with_wrong_keys_or_labels(tmp_path):
     spec_x = np.zeros((4, 28, 28), np.uint8)
     np.savez(tmp_path / "breastmnist.npz", train_images=spec_x, train_labels=np.zeros((4, 1)))
-    with pytest.raises(UserError, match="not a MedMNIST file: val_images, val_labels, test_images, test_labels missing"):
+    with pytest.raises(DataError, match="not a MedMNIST file: val_images, val_labels, test_images, test_labels missing"):
         load_dataset("breastmnist", data_dir=tmp_path, check_md5=False)
     arrays = {f"{s}_images": spec_x for s in ("train", "val", "test")}
     arrays |= {f"{s}_labels": np.full((4, 1), 5, np.uint8) for s in ("train", "val", "test")}
     np.savez(tmp_path / "breastmnist.npz", **arrays)
-    with pytest.raises(UserError, match="labels 5..5 do not fit breastmnist's 2 classes"):
+    with pytest.raises(DataError, match="labels 5..5 do not fit breastmnist's 2 classes"):
         load_dataset("breastmnist", data_dir=tmp_path, check_md5=False)
 
 
@@ -232,7 +232,7 @@ def _closed_port():
 def test_missing_file_offline_is_fast_and_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("SDDG_DATA_MIRROR", f"http://127.0.0.1:{_closed_port()}/medmnist")
     start = time.monotonic()
-    with pytest.raises(UserError) as e:
+    with pytest.raises(DataError) as e:
         load_dataset("bloodmnist", data_dir=tmp_path / "data")
     assert time.monotonic() - start < 15
     message = str(e.value)
@@ -250,7 +250,7 @@ def test_stalled_server_times_out(tmp_path, monkeypatch):
     try:
         monkeypatch.setenv("SDDG_DATA_MIRROR", f"http://127.0.0.1:{server.getsockname()[1]}")
         start = time.monotonic()
-        with pytest.raises(UserError, match="breastmnist.npz .*downloading it failed"):
+        with pytest.raises(DatasetNotFoundError, match="breastmnist.npz .*downloading it failed"):
             load_dataset("breastmnist", data_dir=tmp_path)
         assert time.monotonic() - start < loaders.DOWNLOAD_TIMEOUT_S + 5
     finally:
@@ -261,7 +261,7 @@ def test_stalled_server_times_out(tmp_path, monkeypatch):
 def test_default_data_dir_comes_from_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SDDG_DATA_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("SDDG_DATA_MIRROR", f"http://127.0.0.1:{_closed_port()}")
-    with pytest.raises(UserError, match=f"is not in {tmp_path / 'cache'}"):
+    with pytest.raises(DatasetNotFoundError, match=f"is not in {tmp_path / 'cache'}"):
         load_dataset("octmnist")
 
 
@@ -295,8 +295,8 @@ def test_download_with_wrong_md5_leaves_nothing(tmp_path, monkeypatch, file_serv
     served, url = file_server
     (served / "dermamnist.npz").write_bytes(b"not the real file")
     monkeypatch.setenv("SDDG_DATA_MIRROR", url)
-    with pytest.raises(UserError, match="download of dermamnist.npz .* has MD5 .* expected "
-                                        "0744692d530f8e62ec473284d019b0c7"):
+    with pytest.raises(DatasetNotFoundError, match="download of dermamnist.npz .* has MD5 .* expected "
+                                                   "0744692d530f8e62ec473284d019b0c7"):
         load_dataset("dermamnist", data_dir=tmp_path / "data")
     assert not list((tmp_path / "data").iterdir())
 

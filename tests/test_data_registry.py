@@ -7,7 +7,7 @@ import pytest
 from Data.medmnist_info import MEDMNIST
 from Data.registry import (CIFAR100_LABELS, PAPER_DATASETS, DatasetSpec, dataset_names,
                            get_spec)
-from Utils.cli import UserError
+from Data.errors import DataError
 
 
 def test_every_entry_is_consistent():
@@ -70,12 +70,12 @@ def test_medmnist_metadata():
 
 
 def test_unknown_names_are_one_line_errors():
-    with pytest.raises(UserError) as e:
+    with pytest.raises(DataError) as e:
         get_spec("imagenet")
     message = str(e.value)
     assert message.startswith("unknown dataset 'imagenet'; choose from: cifar10, cifar100")
     assert "digits" in message and "\n" not in message
-    with pytest.raises(UserError, match="chestmnist.*multi-label"):
+    with pytest.raises(DataError, match="chestmnist.*multi-label"):
         get_spec("chestmnist")
 
 

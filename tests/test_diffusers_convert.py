@@ -23,6 +23,7 @@ import convert_diffusers
 from Models.diffusion import diffusers_convert as dc
 from Models.diffusion.presets import get_preset
 from Models.diffusion.unet import build_unet, timestep_embedding
+from Models.errors import CheckpointError, ModelSettingsError
 from Utils.cli import UserError
 
 TINY = get_preset("tiny")
@@ -95,8 +96,8 @@ def test_published_sd_configs_give_our_sd_presets(config, name):
 
 
 def test_the_wrong_base_preset_names_every_differing_field():
-    with pytest.raises(UserError, match=r"not have the sd1 architecture: level_heads: .*"
-                                        r"linear_attention_projection: .*context_dim: config 1024 vs sd1 768"):
+    with pytest.raises(ModelSettingsError, match=r"not have the sd1 architecture: level_heads: .*"
+                                                 r"linear_attention_projection: .*context_dim: config 1024 vs sd1 768"):
         dc.unet_preset_from_config(SD21_UNET, base="sd1")
 
 
@@ -121,14 +122,14 @@ def test_an_unknown_architecture_keeps_the_nearest_presets_defaults():
     (dict(_class_name="UNet2DModel"), "UNet2DModel"),
 ])
 def test_unsupported_unet_configs_are_one_line_errors(change, named):
-    with pytest.raises(UserError) as error:
+    with pytest.raises(ModelSettingsError) as error:
         dc.unet_preset_from_config(dict(SD15_UNET, **change))
     assert named in str(error.value) and "\n" not in str(error.value)
 
 
 def test_a_preset_diffusers_cannot_express_is_refused():
     odd = dataclasses.replace(TINY, timestep_embedding_dim=64)
-    with pytest.raises(UserError, match="timestep embedding is 64 wide"):
+    with pytest.raises(ModelSettingsError, match="timestep embedding is 64 wide"):
         dc.diffusers_unet_config(odd)
 
 
@@ -177,8 +178,8 @@ def test_grey_and_small_unets_round_trip_exactly(tmp_path, name, channels):
     np.testing.assert_array_equal(np.asarray(unet(inputs)), np.asarray(back(inputs)))
     # a grey checkpoint does not load into an RGB UNet: the first and last convolutions are named
     if channels == 1:
-        with pytest.raises(UserError, match=r"shape mismatch 3: conv_in.weight \(32, 1, 3, 3\) "
-                                            r"\(expected \(32, 3, 3, 3\)\), conv_out.weight .*conv_out.bias"):
+        with pytest.raises(CheckpointError, match=r"shape mismatch 3: conv_in.weight \(32, 1, 3, 3\) "
+                                                  r"\(expected \(32, 3, 3, 3\)\), conv_out.weight .*conv_out.bias"):
             dc.load_unet_weights(build_unet(preset, image_size=8, image_channels=3), preset, tensors)
 
 
@@ -201,7 +202,7 @@ def test_missing_unexpected_and_mismatched_tensors_are_named_and_nothing_is_load
     tensors["conv_out.weight"] = tensors["conv_out.weight"][:, :16]
     unet = build_unet(TINY, image_size=8)
     before = [w.numpy().copy() for w in unet.weights]
-    with pytest.raises(UserError) as error:
+    with pytest.raises(CheckpointError) as error:
         dc.load_unet_weights(unet, TINY, tensors)
     message = str(error.value)
     assert "\n" not in message
@@ -215,8 +216,8 @@ def test_sd1_and_sd2_projections_are_not_interchangeable(tiny_folder):
     """A 1x1-conv checkpoint (SD1) does not load into Dense projections (SD2): named, not reshaped."""
     _, tensors = dc.read_diffusers_model(tiny_folder / "unet")
     linear = dataclasses.replace(TINY, linear_attention_projection=True)
-    with pytest.raises(UserError, match=r"shape mismatch 12: .*proj_in.weight \(64, 64, 1, 1\) "
-                                        r"\(expected \(64, 64\)\)"):
+    with pytest.raises(CheckpointError, match=r"shape mismatch 12: .*proj_in.weight \(64, 64, 1, 1\) "
+                                              r"\(expected \(64, 64\)\)"):
         dc.load_unet_weights(build_unet(linear, image_size=8), linear, tensors)
 
 
@@ -239,24 +240,24 @@ def test_a_bin_checkpoint_without_torch_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps(SD15_UNET))
     (tmp_path / "diffusion_pytorch_model.bin").write_bytes(b"not read")
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
-    with pytest.raises(UserError, match=r"PyTorch \.bin file and torch is not installed"):
+    with pytest.raises(CheckpointError, match=r"PyTorch \.bin file and torch is not installed"):
         dc.read_diffusers_model(tmp_path)
 
 
 def test_folders_without_weights_or_config_are_one_line(tmp_path):
-    with pytest.raises(UserError, match="config.json is missing"):
+    with pytest.raises(CheckpointError, match="config.json is missing"):
         dc.read_diffusers_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(SD15_UNET))
-    with pytest.raises(UserError, match="no weights in .*diffusion_pytorch_model.safetensors"):
+    with pytest.raises(CheckpointError, match="no weights in .*diffusion_pytorch_model.safetensors"):
         dc.read_diffusers_model(tmp_path)
 
 
 def test_only_stable_diffusions_vae_is_accepted_and_legacy_names_are_read():
     dc.check_autoencoder_config({"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512],
                                  "layers_per_block": 2, "latent_channels": 4, "sample_size": 512})
-    with pytest.raises(UserError, match=r"scaling_factor=0.13025"):  # SDXL's VAE
+    with pytest.raises(ModelSettingsError, match=r"scaling_factor=0.13025"):  # SDXL's VAE
         dc.check_autoencoder_config({**dc.VAE_CONFIG, "scaling_factor": 0.13025})
-    with pytest.raises(UserError, match=r"block_out_channels=\[64\]"):
+    with pytest.raises(ModelSettingsError, match=r"block_out_channels=\[64\]"):
         dc.check_autoencoder_config({**dc.VAE_CONFIG, "block_out_channels": [64]})
     legacy = {"encoder.mid_block.attentions.0.query.weight": 1, "decoder.mid_block.attentions.0.proj_attn.bias": 2,
               "encoder.conv_in.weight": 3}
@@ -319,7 +320,7 @@ def test_command_line_errors_are_one_line_and_write_nothing(tmp_path, tiny_folde
     assert last.startswith("error: ") and "conv_in.bias (7,) (expected (32,))" in last
     assert not (tmp_path / "out").exists()
     # a preset check that fails, and weights that do not fit the preset
-    with pytest.raises(UserError, match="does not have the sd1 architecture"):
+    with pytest.raises(ModelSettingsError, match="does not have the sd1 architecture"):
         convert_diffusers.main(["to-keras", str(tiny_folder), "--out", str(tmp_path / "out"), "--preset", "sd1"])
     weights = tmp_path / "w.weights.h5"
     build_unet(dataclasses.replace(TINY, num_res_blocks=1), None).save_weights(weights)
@@ -351,7 +352,7 @@ def test_install_as_a_fine_tuned_unet_checkpoint(tmp_path, monkeypatch, tiny_fol
     _random_weights(tiny_unet, 1)
     dc.save_unet_as_diffusers(tiny_unet, TINY, tmp_path / "grey_unet")
     args = ["to-keras", str(tmp_path / "grey_unet"), "--dataset", "digits", "--enc_epoch", "3", "--dif_epoch", "2"]
-    with pytest.raises(UserError, match="no class-encoder checkpoint for epoch 3"):
+    with pytest.raises(CheckpointError, match="no class-encoder checkpoint for epoch 3"):
         convert_diffusers.main(args)
     enc_dir = diffusion_checkpoint_dir(0, "digits", "enc")
     enc_dir.mkdir(parents=True)
@@ -383,5 +384,5 @@ def test_install_as_a_fine_tuned_unet_checkpoint(tmp_path, monkeypatch, tiny_fol
     # never beside a real fine-tuning (settings.json without this source)
     settings["source"] = None
     (dif_dir / "settings.json").write_text(json.dumps(settings))
-    with pytest.raises(UserError, match="made with source=None"):
+    with pytest.raises(CheckpointError, match="made with source=None"):
         convert_diffusers.main(args[:-2] + ["--dif_epoch", "5"])

@@ -284,7 +284,7 @@ def test_converted_unet_generates_the_same_images_through_generate_dataset(tmp_p
     from Data.registry import get_spec
     from Models.diffusion import checkpoints as ck
     from Models.diffusion.class_encoder import ClassEncoder
-    from Models.diffusion.conditional_diffusion import initial_noise, to_uint8_images
+    from Models.diffusion.generator import initial_noise, to_uint8_images
     from Utils.paths import diffusion_checkpoint_dir
 
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))

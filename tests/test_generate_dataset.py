@@ -21,6 +21,7 @@ import generate_dataset  # noqa: E402
 from Data.registry import get_spec  # noqa: E402
 from Models.diffusion import checkpoints as ck  # noqa: E402
 from Utils.cli import UserError  # noqa: E402
+from Utils.errors import InputError  # noqa: E402
 from Utils.io import atomic_write_json  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,7 +162,7 @@ def test_bad_input_is_one_line_and_writes_nothing(root, run_script):
         (["--img_total", "9"], "fewer than digits's 10 classes"),
         (["--inf_steps", "1000"], "inference steps"),
     ]:
-        with pytest.raises(UserError, match=message):
+        with pytest.raises(InputError, match=message):
             generate_dataset.main(COMMON + ["--out_dir", str(out)] + argv)
     with pytest.raises(SystemExit) as exit_info:
         generate_dataset.main(COMMON + ["--img_total", "0", "--out_dir", str(out)])

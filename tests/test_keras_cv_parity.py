@@ -28,7 +28,7 @@ from Models.diffusion import weights as W
 from Models.diffusion.layers import PaddedConv2D
 from Models.diffusion.presets import get_preset
 from Models.diffusion.unet import build_unet, timestep_embedding
-from Utils.cli import UserError
+from Models.errors import CheckpointError, ModelSettingsError
 
 SIZE, CONTEXT_LENGTH = 64, 16
 # At 64 px the middle block's attention sees one token (1x1): softmax over it is 1, harmlessly.
@@ -150,7 +150,7 @@ def test_published_files_are_keras_cvs():
         assert spec.url.startswith("https://huggingface.co/") and spec.url.endswith("/" + spec.filename)
         assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
     assert W.unet_weights_key(get_preset("sd2")) == "unet_sd2"
-    with pytest.raises(UserError, match="no published weights"):
+    with pytest.raises(ModelSettingsError, match="no published weights"):
         W.unet_weights_key(get_preset("tiny"))
 
 
@@ -167,7 +167,7 @@ def test_weights_dir_env_override(tmp_path, monkeypatch):
 ])
 def test_offline_error_is_one_fast_line(tmp_path, url):
     start = time.monotonic()
-    with pytest.raises(UserError) as info:
+    with pytest.raises(CheckpointError) as info:
         W.fetch_weights("unet_sd1", folder=tmp_path / "weights", url=url, timeout=2)
     elapsed = time.monotonic() - start
     message = str(info.value)
@@ -192,7 +192,7 @@ def test_download_checks_hash_and_caches(tmp_path, http_server, small_weight_fil
 def test_download_with_wrong_hash_leaves_nothing(tmp_path, http_server, small_weight_file, monkeypatch):
     monkeypatch.setitem(W.WEIGHT_FILES, "test", W.WeightFile("small.h5", "unused", "0" * 64))
     folder = tmp_path / "cache"
-    with pytest.raises(UserError, match="downloaded small.h5 has sha256 .* expected 0{64}"):
+    with pytest.raises(CheckpointError, match="downloaded small.h5 has sha256 .* expected 0{64}"):
         W.fetch_weights("test", folder=folder, url=f"{http_server}/small.h5")
     assert not list(folder.glob("*"))
 
@@ -201,7 +201,7 @@ def test_corrupt_cached_file_is_reported(tmp_path, small_weight_file):
     folder = tmp_path / "cache"
     folder.mkdir()
     (folder / "small.h5").write_bytes(b"not the weights")
-    with pytest.raises(UserError, match="small.h5 has sha256 .*expected"):
+    with pytest.raises(CheckpointError, match="small.h5 has sha256 .*expected"):
         W.fetch_weights("test", folder=folder)
 
 
@@ -210,10 +210,10 @@ def test_file_for_another_model_is_one_line_error(tmp_path, small_weight_file):
     keras.utils.set_random_seed(0)
     inputs = keras.layers.Input((4,))
     other = keras.Model(inputs, keras.layers.Dense(3)(inputs), name="other")
-    with pytest.raises(UserError, match="small.h5 does not fit model 'other'"):
+    with pytest.raises(CheckpointError, match="small.h5 does not fit model 'other'"):
         W.load_pretrained_weights(other, "test", folder=source.parent)
 
 
 def test_unknown_weight_file():
-    with pytest.raises(UserError, match="unknown weight file 'vae'"):
+    with pytest.raises(ModelSettingsError, match="unknown weight file 'vae'"):
         W.fetch_weights("vae")

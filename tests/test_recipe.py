@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from Models.diffusion.conditional_diffusion import AdamWithEMA, ema_optimizer, make_optimizer
+from Models.diffusion.optimizer import AdamWithEMA, ema_optimizer, make_optimizer
 from Models.diffusion.schedule import NoiseSchedule, ScheduleError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +123,8 @@ import numpy as np, keras
 assert keras.backend.backend() == "jax"
 from Data.loaders import load_dataset
 from Models.diffusion import checkpoints as ck
-from Models.diffusion.conditional_diffusion import TrainBatches, make_optimizer, ema_optimizer
+from Models.diffusion.optimizer import make_optimizer, ema_optimizer
+from Models.diffusion.trainer import TrainBatches
 from Data.registry import get_spec
 splits = load_dataset("digits")
 model = ck.build_model("tiny", get_spec("digits"), seed=0, recipe={"ema_decay": 0.99, "cond_dropout": 0.1})
@@ -175,7 +176,7 @@ def test_label_dropout_trains_the_unconditional_branch():
     # one that never saw the zero label treats it as some class (measured: its loss rises
     # 1.50 -> 2.6 while the dropout-trained one falls 1.50 -> 0.3).
     from Models.diffusion import checkpoints as ck
-    from Models.diffusion.conditional_diffusion import TrainBatches
+    from Models.diffusion.trainer import TrainBatches
     from Data.registry import get_spec
     from Models.diffusion.presets import get_preset
 

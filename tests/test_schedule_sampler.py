@@ -10,7 +10,7 @@ from Models.diffusion.presets import get_preset
 from Models.diffusion.sampler import DDIMSampler
 from Models.diffusion.schedule import NoiseSchedule
 from Models.diffusion.unet import build_unet, timestep_embedding
-from Utils.cli import UserError
+from Models.errors import ModelSettingsError
 
 
 def test_alphas_cumprod_match_keras_cv_table():
@@ -36,7 +36,7 @@ def test_ddim_timesteps_are_sd_leading_spacing_with_offset_one():
     _, _, _, sigma = schedule.ddim_coefficients(7, eta=1.0)
     assert np.all(sigma > 0)
     for bad in (0, 1000, 2.5):
-        with pytest.raises(UserError):
+        with pytest.raises(ModelSettingsError):
             schedule.ddim_timesteps(bad)
 
 

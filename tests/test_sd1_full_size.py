@@ -14,7 +14,8 @@ import pytest
 from Data.loaders import load_dataset
 from Data.registry import get_spec
 from Models.diffusion import checkpoints as ck
-from Models.diffusion.conditional_diffusion import TrainBatches, make_optimizer
+from Models.diffusion.optimizer import make_optimizer
+from Models.diffusion.trainer import TrainBatches
 
 
 @pytest.mark.slow

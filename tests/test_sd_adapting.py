@@ -1,4 +1,4 @@
-"""SD_adapting.py and ClassConditionalDiffusion's training: what trains, checkpoints, resume, errors."""
+"""SD_adapting.py and DiffusionTrainer's training: what trains, checkpoints, resume, errors."""
 
 import csv
 import dataclasses
@@ -18,9 +18,12 @@ import pytest
 import SD_adapting  # noqa: E402
 from Data.registry import get_spec  # noqa: E402
 from Models.diffusion import checkpoints as ck  # noqa: E402
-from Models.diffusion.conditional_diffusion import ClassConditionalDiffusion, make_optimizer  # noqa: E402
+from Models.diffusion.optimizer import make_optimizer  # noqa: E402
 from Models.diffusion.presets import get_preset  # noqa: E402
+from Models.diffusion.trainer import DiffusionTrainer  # noqa: E402
 from Utils.cli import UserError  # noqa: E402
+from Models.errors import CheckpointError  # noqa: E402
+from Utils.errors import InputError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 ENC = ["--dataset", "digits", "--preset", "tiny", "--train_model", "enc", "--epochs", "3", "--freq", "1",
@@ -58,7 +61,7 @@ def test_each_stage_trains_only_its_part(stage, digits_batch):
     # A "pretrained" tiny preset behaves as sd1/sd2 do: its enc stage leaves the UNet alone.
     pretrained = dataclasses.replace(get_preset("tiny"), pretrained=True)
     keras.utils.set_random_seed(0)
-    model = ClassConditionalDiffusion(pretrained, num_classes=10, image_size=8, stage=stage)
+    model = DiffusionTrainer.from_preset(pretrained, num_classes=10, image_size=8, stage=stage)
     before = {name: [w.numpy().copy() for w in part.weights]
               for name, part in (("unet", model.unet), ("class_encoder", model.class_encoder))}
     _one_eager_step(model, digits_batch)
@@ -73,7 +76,7 @@ def test_tiny_enc_trains_the_unet_and_cond_dropout_one_never_trains_on_labels(di
     import tensorflow as tf
 
     # tiny has no pretrained UNet: its enc stage trains the UNet from scratch too.
-    model = ClassConditionalDiffusion("tiny", num_classes=10, image_size=8, stage="enc")
+    model = DiffusionTrainer.from_preset("tiny", num_classes=10, image_size=8, stage="enc")
     trainable = {id(v) for v in model.trainable_variables}
     assert {id(v) for v in model.unet.weights if v.trainable} <= trainable
     assert set(model.trained_parts()) == {"class_encoder", "unet"}
@@ -134,9 +137,9 @@ def test_enc_killed_resumes_without_redoing_epochs_then_dif(tmp_path, run_script
     # The paper's default: the preset's last encoder epoch (tiny: 15), which this run does not have.
     with pytest.raises(UserError, match=r"no class-encoder checkpoint for epoch 15 .*epochs there: 1, 2, 3"):
         SD_adapting.main(dif)
-    with pytest.raises(UserError, match=r"no class-encoder checkpoint for epoch 7 .*epochs there: 1, 2, 3"):
+    with pytest.raises(CheckpointError, match=r"no class-encoder checkpoint for epoch 7 .*epochs there: 1, 2, 3"):
         SD_adapting.main(dif + ["--enc_epoch", "7"])
-    with pytest.raises(UserError, match="no fine-tuned UNet checkpoint for epoch 4"):
+    with pytest.raises(CheckpointError, match="no fine-tuned UNet checkpoint for epoch 4"):
         SD_adapting.main(dif + ["--enc_epoch", "2", "--dif_epoch", "4"])
     dif_folder = folder.parent / "DiffusionFt"
     assert not dif_folder.exists()
@@ -149,7 +152,7 @@ def test_enc_killed_resumes_without_redoing_epochs_then_dif(tmp_path, run_script
     with h5py.File(ck.weights_path(dif_folder, 1), "r") as f:
         assert set(f.keys()) == {"unet"}
     # Generation refuses a UNet fine-tuned with another class encoder.
-    with pytest.raises(UserError, match="fine-tuned with the class encoder of epoch 2"):
+    with pytest.raises(CheckpointError, match="fine-tuned with the class encoder of epoch 2"):
         ck.resolve_generation_checkpoints("tiny", get_spec("digits"), 0, 3, 1)
 
 
@@ -164,6 +167,6 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, run_script, monkeypa
         (["--enc_epoch", "5"], "no class-encoder checkpoint for epoch 5"),
     ]:
         monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
-        with pytest.raises(UserError, match=re.escape(message)):
+        with pytest.raises(InputError, match=re.escape(message)):
             SD_adapting.main(["--dataset", "digits", "--train_model", "enc", "--preset", "tiny"] + argv)
     assert not (tmp_path / "Checkpoints").exists()

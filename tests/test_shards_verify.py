@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from Data import shards
-from Utils.cli import UserError
+from Data.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE = 8
@@ -60,7 +60,7 @@ def test_shard_from_the_array_jobs_variables(environ, expected):
     ({"SGE_TASK_ID": "3", "SGE_TASK_FIRST": "1", "SGE_TASK_LAST": "5", "SGE_TASK_STEPSIZE": "2"}, "step 2"),
 ])
 def test_arrays_that_would_skip_parts_are_refused(environ, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(DataError, match=message):
         shards.shard_from_environment(environ)
 
 
@@ -101,13 +101,13 @@ def _broken(tmp_path, how):
     ("other_settings", "seed=0 vs 1"),
 ])
 def test_parts_that_are_not_one_data_set_are_refused(tmp_path, how, message):
-    with pytest.raises(UserError, match=message):
+    with pytest.raises(DataError, match=message):
         shards.verify_parts(_broken(tmp_path, how))
 
 
 def test_one_part_alone_is_incomplete_for_the_cas_stage(tmp_path):
     part = _write_part(tmp_path / "part0", 0, 2)
-    with pytest.raises(UserError, match="not a complete generated data set.*generate_dataset.py --verify"):
+    with pytest.raises(DataError, match="not a complete generated data set.*generate_dataset.py --verify"):
         shards.require_complete(part)
     shards.require_complete(tmp_path)  # another implementation's folder (no manifest): not judged here
 

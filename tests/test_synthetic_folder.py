@@ -8,7 +8,7 @@ from PIL import Image
 
 from Data.registry import get_spec
 from Data.synthetic import format_report, load_image_folder
-from Utils.cli import UserError
+from Data.errors import DataError, DatasetNotFoundError
 
 DIGITS = get_spec("digits")  # 8 px, 10 classes
 CIFAR10 = get_spec("cifar10")  # 32 px, 10 classes
@@ -118,25 +118,25 @@ def test_other_names_fall_back_to_sorted_order_with_a_warning(tmp_path):
 
 
 def test_bad_layouts_are_user_errors(tmp_path):
-    with pytest.raises(UserError, match="does not exist"):
+    with pytest.raises(DatasetNotFoundError, match="does not exist"):
         load_image_folder(tmp_path / "nope", DIGITS)
     (tmp_path / "flat.png").write_bytes(b"")
-    with pytest.raises(UserError, match="no class sub-folders"):
+    with pytest.raises(DataError, match="no class sub-folders"):
         load_image_folder(tmp_path, DIGITS)
     (tmp_path / "class_00").mkdir()
     (tmp_path / "class_00" / "readme.txt").write_text("x")
-    with pytest.raises(UserError, match="no image files"):
+    with pytest.raises(DataError, match="no image files"):
         load_image_folder(tmp_path, DIGITS)
     (tmp_path / "class_00" / "junk.png").write_bytes(b"junk")
-    with pytest.raises(UserError, match="no readable image .*1 unreadable"):
+    with pytest.raises(DataError, match="no readable image .*1 unreadable"):
         load_image_folder(tmp_path, DIGITS)
     (tmp_path / "class_12").mkdir()
-    with pytest.raises(UserError, match="class_12 out of range for digits's 10 classes"):
+    with pytest.raises(DataError, match="class_12 out of range for digits's 10 classes"):
         load_image_folder(tmp_path, DIGITS)
     many = tmp_path / "many"
     for i in range(11):
         (many / f"folder{i:02d}").mkdir(parents=True)
-    with pytest.raises(UserError, match="11 class folders but digits has 10 classes"):
+    with pytest.raises(DataError, match="11 class folders but digits has 10 classes"):
         load_image_folder(many, DIGITS)
 
 
@@ -161,13 +161,13 @@ def test_take_is_balanced_seeded_and_random(tmp_path):
 
 def test_take_more_than_a_class_has(tmp_path):
     _write_class_folders(tmp_path, [5, 5, 5, 2, 5, 5, 5, 5, 5, 5])
-    with pytest.raises(UserError) as e:
+    with pytest.raises(DataError) as e:
         load_image_folder(tmp_path, DIGITS, take=40)
     assert str(e.value).startswith("class 3 (3) has 2 readable images in")
     assert "take=40 needs 4 of this class" in str(e.value)
     missing = tmp_path / "missing"
     _write_class_folders(missing, [3] * 9)
-    with pytest.raises(UserError, match=r"class 9 \(9\) has no folder in .* needs 2"):
+    with pytest.raises(DataError, match=r"class 9 \(9\) has no folder in .* needs 2"):
         load_image_folder(missing, DIGITS, take=20)
 
 
@@ -178,5 +178,5 @@ def test_take_replaces_unreadable_picks_and_reports_them(tmp_path):
     x, y, report = load_image_folder(tmp_path, DIGITS, take=40, seed=0)
     assert np.bincount(y).tolist() == [4] * 10  # class 0 still gets 4 readable images
     assert len(report["unreadable_files"]) == 3  # all junk had to be tried to find 4 good
-    with pytest.raises(UserError, match=r"class 0 \(0\) has 4 readable images"):
+    with pytest.raises(DataError, match=r"class 0 \(0\) has 4 readable images"):
         load_image_folder(tmp_path, DIGITS, take=50)

@@ -10,7 +10,7 @@ from keras import ops
 from Models.diffusion import layers as L
 from Models.diffusion.presets import PRESETS, get_preset
 from Models.diffusion.unet import build_unet, timestep_embedding
-from Utils.cli import UserError
+from Models.errors import ModelSettingsError
 
 TINY = get_preset("tiny")
 
@@ -66,7 +66,7 @@ def test_presets_have_the_papers_settings():
 
 
 def test_unknown_preset_is_one_line_user_error():
-    with pytest.raises(UserError, match="unknown diffusion preset 'sd3'.*sd1, sd2, tiny, small"):
+    with pytest.raises(ModelSettingsError, match="unknown diffusion preset 'sd3'.*sd1, sd2, tiny, small"):
         get_preset("sd3")
 
 
@@ -117,9 +117,9 @@ def test_tiny_unet_depends_on_context_and_timestep(tiny_unet8):
 
 
 def test_image_size_must_halve_through_every_level():
-    with pytest.raises(UserError, match="multiple of 2"):
+    with pytest.raises(ModelSettingsError, match="multiple of 2"):
         build_unet(TINY, 7)
-    with pytest.raises(UserError, match="multiple of 64"):
+    with pytest.raises(ModelSettingsError, match="multiple of 64"):
         build_unet(get_preset("sd1"), 100)
 
 

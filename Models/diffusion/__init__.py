@@ -5,4 +5,9 @@ layers.py       UNet and autoencoder blocks (keras-cv's weight order)
 unet.py         timestep_embedding, build_unet
 autoencoder.py  build_image_encoder, build_image_decoder (sd presets)
 weights.py      keras-cv's published weight files: download, cache, load
+backbone.py     ClassConditionalBackbone: class encoder + UNet (+ autoencoder), how each is called
+generator.py    ClassConditionalGenerator: class labels -> uint8 images (DDIM, guidance, seeded noise)
+trainer.py      DiffusionTrainer: fit with the diffusion loss, stages, the weight average; TrainBatches
+optimizer.py    make_optimizer, AdamWithEMA, ema_optimizer
+checkpoints.py  stage checkpoints; build_model (a trainer), load_generation_model (a generator)
 """

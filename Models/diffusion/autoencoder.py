@@ -18,7 +18,7 @@ import keras
 from Models.diffusion.layers import (
     LATENT_SCALE, LatentScale, PaddedConv2D, VAEAttentionBlock, VAEResBlock, _group_norm,
 )
-from Utils.cli import UserError
+from Models.errors import ModelSettingsError
 
 DOWNSAMPLE = 8
 
@@ -27,8 +27,8 @@ def _latent_size(image_size):
     if image_size is None:
         return None
     if image_size <= 0 or image_size % DOWNSAMPLE:
-        raise UserError(f"image size {image_size} does not fit the autoencoder: "
-                        f"it must be a positive multiple of {DOWNSAMPLE}")
+        raise ModelSettingsError(f"image size {image_size} does not fit the autoencoder: "
+                                 f"it must be a positive multiple of {DOWNSAMPLE}")
     return image_size // DOWNSAMPLE
 
 

@@ -24,18 +24,22 @@ the order of `layer.weights` (attribute `path` = the Keras variable path), so
 they can be read without this code.
 
 Example:
-    >>> model, used = load_generation_model("tiny", get_spec("digits"), exp=0, enc_epoch=20, dif_epoch=10)
-    >>> images = model.generate(labels, num_steps=25, guidance_scale=3.0, seed=0)
+    >>> generator, used = load_generation_model("tiny", get_spec("digits"), exp=0, enc_epoch=20, dif_epoch=10)
+    >>> images = generator.generate(labels, num_steps=25, guidance_scale=3.0, seed=0)
+    >>> trainer = build_model("tiny", get_spec("digits"), stage="enc")     # a DiffusionTrainer, for fit
 """
 
+import dataclasses
 import re
 
 import h5py
 import keras
 
-from Models.diffusion.conditional_diffusion import ClassConditionalDiffusion
+from Models.diffusion.backbone import ClassConditionalBackbone
+from Models.diffusion.generator import ClassConditionalGenerator, schedule_for
 from Models.diffusion.presets import get_preset
-from Utils.cli import UserError
+from Models.diffusion.trainer import DiffusionTrainer
+from Models.errors import CheckpointError, ModelSettingsError
 from Utils.io import atomic_path, read_json
 from Utils.paths import diffusion_checkpoint_dir
 
@@ -106,21 +110,21 @@ def save_parts(path, parts, attrs=None):
 
 
 def load_parts(path, parts):
-    """Loads `parts` ({name: layer}) from a `save_parts` file; a mismatch is a UserError."""
+    """Loads `parts` ({name: layer}) from a `save_parts` file; a mismatch is a CheckpointError."""
     try:
         with h5py.File(path, "r") as f:
             for name, layer in parts.items():
                 if name not in f:
-                    raise UserError(f"{path} holds no weights for the {name} "
-                                    f"(it has: {', '.join(f.keys()) or 'nothing'})")
+                    raise CheckpointError(f"{path} holds no weights for the {name} "
+                                          f"(it has: {', '.join(f.keys()) or 'nothing'})")
                 values = _read_values(f[name])
                 expected = [tuple(v.shape) for v in layer.weights]
                 if [v.shape for v in values] != expected:
-                    raise UserError(f"the {name} weights in {path} do not fit this model "
-                                    f"(different preset, dataset or image size?)")
+                    raise CheckpointError(f"the {name} weights in {path} do not fit this model "
+                                          f"(different preset, dataset or image size?)")
                 layer.set_weights(values)
     except OSError as e:
-        raise UserError(f"cannot read checkpoint {path}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
 
 
 def save_optimizer(path, optimizer, epoch, trained_parts=None):
@@ -142,12 +146,12 @@ def load_optimizer(path, optimizer, trained_parts=None):
         with h5py.File(path, "r") as f:
             values = _read_values(f)
             if [v.shape for v in values] != [tuple(v.shape) for v in optimizer.variables]:
-                raise UserError(f"optimizer state {path} does not fit this model")
+                raise CheckpointError(f"optimizer state {path} does not fit this model")
             for variable, value in zip(optimizer.variables, values):
                 variable.assign(value)
             epoch = int(f.attrs["epoch"])
     except OSError as e:
-        raise UserError(f"cannot read optimizer state {path}: {e}") from None
+        raise CheckpointError(f"cannot read optimizer state {path}: {e}") from None
     if trained_parts:
         with h5py.File(path, "r") as f:
             has_trained = TRAINED_GROUP in f
@@ -181,45 +185,41 @@ def read_settings(folder):
 
 
 def check_settings(folder, expected, keys=None):
-    """Compares settings.json in `folder` with `expected` on `keys`; a difference is a UserError."""
+    """Compares settings.json in `folder` with `expected` on `keys`; a difference is a CheckpointError."""
     stored = read_settings(folder)
     if stored is None:
         return None
     for key in keys or expected.keys():
         if stored.get(key) != expected.get(key):
-            raise UserError(f"{folder} holds checkpoints made with {key}={stored.get(key)!r}, not "
-                            f"{expected.get(key)!r}; use another --exp or the same settings")
+            raise CheckpointError(f"{folder} holds checkpoints made with {key}={stored.get(key)!r}, not "
+                                  f"{expected.get(key)!r}; use another --exp or the same settings")
     return stored
 
 
 def require_checkpoint(folder, epoch, what):
-    """The weights file of `epoch` in `folder`; a missing one is a UserError listing what exists."""
+    """The weights file of `epoch` in `folder`; a missing one is a CheckpointError listing what exists."""
     path = weights_path(folder, epoch)
     if not path.exists() or read_settings(folder) is None:
         have = saved_epochs(folder) if read_settings(folder) is not None else []
         listing = ", ".join(map(str, have)) if have else "none"
-        raise UserError(f"no {what} checkpoint for epoch {epoch} in {folder} (epochs there: {listing})")
+        raise CheckpointError(f"no {what} checkpoint for epoch {epoch} in {folder} (epochs there: {listing})")
     return path
 
 
 # ----- building and loading models ---------------------------------------------------------
-def build_model(preset, spec, stage="enc", random_init=False, init_seed=0, seed=0, with_autoencoder=True,
-                recipe=None):
-    """A ClassConditionalDiffusion for `spec`, initialised as the pipeline does.
+def build_backbone(preset, spec, random_init=False, init_seed=0, with_autoencoder=True):
+    """A ClassConditionalBackbone for `spec`, initialised as the pipeline does.
 
     The parts are built in a fixed order right after seeding with `init_seed`,
     so random weights (pixel presets, or `random_init`) are the same in every script.
     For sd presets without `random_init`, keras-cv's published UNet and
     autoencoder weights are loaded (Models/diffusion/weights.py; offline and
-    missing: a one-line UserError). `recipe` overrides the preset's training recipe
-    (`DiffusionPreset.recipe()` keys: schedule, prediction type, cond_dropout, snr_gamma).
+    missing: a one-line CheckpointError).
     """
     from Models.diffusion.class_encoder import ClassEncoder
-    from Models.diffusion.conditional_diffusion import schedule_for
     from Models.diffusion.unet import build_unet
 
     preset = get_preset(preset)
-    recipe = {**preset.recipe(), **(recipe or {})}
     size = image_size_for(preset, spec)
     keras.utils.set_random_seed(int(init_seed))
     unet = build_unet(preset, size, preset.context_length, image_channels=spec.channels)
@@ -239,20 +239,53 @@ def build_model(preset, spec, stage="enc", random_init=False, init_seed=0, seed=
         if image_encoder is not None:
             load_pretrained_weights(image_encoder, "encoder")
             load_pretrained_weights(image_decoder, "decoder")
+    return ClassConditionalBackbone(preset, spec.num_classes, size, image_channels=spec.channels, unet=unet,
+                                    class_encoder=encoder, image_encoder=image_encoder,
+                                    image_decoder=image_decoder)
+
+
+def build_model(preset, spec, stage="enc", random_init=False, init_seed=0, seed=0, with_autoencoder=True,
+                recipe=None):
+    """A DiffusionTrainer of `stage` over `build_backbone(preset, spec, random_init, init_seed)`.
+
+    `seed` seeds the training draws (noise, timesteps, label dropout) and, afterwards, Keras'
+    global generator. `recipe` overrides the preset's training recipe (`DiffusionPreset.recipe()`
+    keys: schedule, prediction type, cond_dropout, snr_gamma). The trainer also generates
+    (`trainer.generate`, through its `generator`).
+    """
+    preset = get_preset(preset)
+    recipe = {**preset.recipe(), **(recipe or {})}
+    backbone = build_backbone(preset, spec, random_init=random_init, init_seed=init_seed,
+                              with_autoencoder=with_autoencoder)
     keras.utils.set_random_seed(int(seed))
-    return ClassConditionalDiffusion(preset, spec.num_classes, size, stage=stage,
-                                     cond_dropout=recipe["cond_dropout"], snr_gamma=recipe["snr_gamma"],
-                                     schedule=schedule_for(recipe), image_channels=spec.channels,
-                                     seed=seed, unet=unet, class_encoder=encoder,
-                                     image_encoder=image_encoder, image_decoder=image_decoder)
+    return DiffusionTrainer(backbone, stage=stage, cond_dropout=recipe["cond_dropout"],
+                            snr_gamma=recipe["snr_gamma"], schedule=schedule_for(recipe), seed=seed)
 
 
 def enc_parts(model):
-    """What an "enc" checkpoint holds: the class encoder, + the UNet when it trained from scratch."""
-    parts = {"class_encoder": model.class_encoder}
-    if not model.preset.pretrained:
-        parts["unet"] = model.unet
+    """What an "enc" checkpoint holds: the class encoder, + the UNet when it trained from scratch.
+
+    `model`: a ClassConditionalBackbone, or anything holding one as `.backbone` (trainer, generator).
+    """
+    backbone = getattr(model, "backbone", model)
+    parts = {"class_encoder": backbone.class_encoder}
+    if not backbone.preset.pretrained:
+        parts["unet"] = backbone.unet
     return parts
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsOrigin:
+    """Where a generator's weights came from: `ClassConditionalGenerator.origin`, set by the loaders here.
+
+    init: the enc stage's (random_init, init_seed, schedule settings), which fix the UNet's
+        initialisation and the noise schedule.
+    unet: the checkpoint file the UNet was loaded from, or "init" (sd presets' un-fine-tuned,
+        pretrained UNet, in no checkpoint file).
+    """
+
+    init: tuple
+    unet: str
 
 
 def resolve_generation_checkpoints(preset, spec, exp, enc_epoch, dif_epoch):
@@ -271,8 +304,8 @@ def resolve_generation_checkpoints(preset, spec, exp, enc_epoch, dif_epoch):
         check_settings(dif_dir, identity, IDENTITY_KEYS)
         trained_with = read_settings(dif_dir).get("enc_epoch")
         if trained_with != enc_epoch:
-            raise UserError(f"the UNet in {dif_dir} was fine-tuned with the class encoder of epoch "
-                            f"{trained_with}, not --enc_epoch {enc_epoch}")
+            raise CheckpointError(f"the UNet in {dif_dir} was fine-tuned with the class encoder of epoch "
+                                  f"{trained_with}, not --enc_epoch {enc_epoch}")
         used["dif"] = str(dif_path)
     return enc_settings, used
 
@@ -283,15 +316,27 @@ def load_generation_model(preset, spec, exp, enc_epoch, dif_epoch=0):
     dif_epoch 0 = the UNet without fine-tuning (sd: keras-cv's pretrained one;
     tiny: the one trained in the enc stage). The UNet's initialisation
     (pretrained or random, and its seed) follows the enc stage's settings.json.
-    Returns (model, {"enc": path, "dif": path or None}).
+    Returns (ClassConditionalGenerator, {"enc": path, "dif": path or None}).
     """
     enc_settings, used = resolve_generation_checkpoints(preset, spec, exp, enc_epoch, dif_epoch)
-    model = build_model(preset, spec, random_init=enc_settings["random_init"],
-                        init_seed=enc_settings.get("init_seed", 0), recipe=schedule_settings(enc_settings))
-    load_parts(used["enc"], enc_parts(model))
+    backbone = build_backbone(preset, spec, random_init=enc_settings["random_init"],
+                              init_seed=enc_settings.get("init_seed", 0))
+    _load_generation_parts(backbone, used)
+    generator = ClassConditionalGenerator(backbone, schedule_for(schedule_settings(enc_settings)),
+                                          origin=_origin(backbone.preset, enc_settings, used))
+    return generator, used
+
+
+def _load_generation_parts(backbone, used):
+    load_parts(used["enc"], enc_parts(backbone))
     if used["dif"]:
-        load_parts(used["dif"], {"unet": model.unet})
-    return model, used
+        load_parts(used["dif"], {"unet": backbone.unet})
+
+
+def _origin(preset, enc_settings, used):
+    init = (bool(enc_settings.get("random_init")), int(enc_settings.get("init_seed", 0)),
+            tuple(schedule_settings(enc_settings).items()))
+    return WeightsOrigin(init, used["dif"] or ("init" if preset.pretrained else used["enc"]))
 
 
 # ----- the tuning stage's entry points ------------------------------------------------------
@@ -313,8 +358,8 @@ def load_for_generation(exp, dataset, preset, stage, epoch, enc_epoch=None, mode
     stage "enc": class-encoder checkpoint `epoch`, UNet without fine-tuning.
     stage "dif": fine-tuned UNet checkpoint `epoch` with the class encoder of `enc_epoch`
     (None: the one recorded beside the UNet checkpoints).
-    `model`: a model returned by an earlier call; its parts are reloaded in place
-    when they can be (no rebuild, no recompilation of the sampler).
+    `model`: a generator returned by an earlier call; its parts are reloaded in place
+    when they can be (no rebuild, no recompilation of the sampler). Returns a ClassConditionalGenerator.
     """
     from Data.registry import get_spec
 
@@ -324,27 +369,21 @@ def load_for_generation(exp, dataset, preset, stage, epoch, enc_epoch=None, mode
     elif stage == "dif":
         enc = recorded_enc_epoch(exp, spec.name) if enc_epoch is None else int(enc_epoch)
         if enc is None:
-            raise UserError(f"no fine-tuned UNet checkpoints in {diffusion_checkpoint_dir(exp, spec.name, 'dif')}")
+            raise CheckpointError(f"no fine-tuned UNet checkpoints in {diffusion_checkpoint_dir(exp, spec.name, 'dif')}")
         dif = int(epoch)
     else:
-        raise UserError(f"stage must be enc or dif, got {stage!r}")
+        raise ModelSettingsError(f"stage must be enc or dif, got {stage!r}")
     enc_settings, used = resolve_generation_checkpoints(preset, spec, exp, enc, dif)
-    reusable = (model is not None and model.preset.name == get_preset(preset).name
-                and model.num_classes == spec.num_classes
-                and getattr(model, "_init_key", None) == _init_key(enc_settings)
+    origin = _origin(get_preset(preset), enc_settings, used)
+    previous = getattr(model, "origin", None)
+    reusable = (isinstance(model, ClassConditionalGenerator) and previous is not None
+                and model.preset.name == get_preset(preset).name and model.num_classes == spec.num_classes
+                and previous.init == origin.init
                 # the un-fine-tuned UNet of sd presets is not in any checkpoint file
-                and (used["dif"] or not model.preset.pretrained or getattr(model, "_unet_source", None) == "init"))
+                and (used["dif"] or not model.preset.pretrained or previous.unet == "init"))
     if not reusable:
         model, used = load_generation_model(preset, spec, exp, enc, dif)
     else:
-        load_parts(used["enc"], enc_parts(model))
-        if used["dif"]:
-            load_parts(used["dif"], {"unet": model.unet})
-    model._init_key = _init_key(enc_settings)
-    model._unet_source = used["dif"] or ("init" if model.preset.pretrained else used["enc"])
+        _load_generation_parts(model.backbone, used)
+        model.origin = origin
     return model
-
-
-def _init_key(enc_settings):
-    return (bool(enc_settings.get("random_init")), int(enc_settings.get("init_seed", 0)),
-            tuple(schedule_settings(enc_settings).items()))

@@ -30,7 +30,7 @@ The mapping is a plan: every weight-owning block of our model paired with its di
 name prefix, built from the preset with the same loops as `build_unet` (and the
 autoencoder builders). Loading checks every tensor first and assigns nothing unless all
 are present with the right shapes; missing, unexpected and mismatched tensors are named
-in one `UserError` line.
+in one `ModelSettingsError` line.
 
 Example:
     >>> config, tensors = read_diffusers_model("sd15/unet")
@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from Models.diffusion.presets import PRESETS, get_preset
-from Utils.cli import UserError
+from Models.errors import CheckpointError, ModelSettingsError
 from Utils.io import atomic_path, atomic_write_json
 
 DIFFUSERS_VERSION = "0.42.1"  # written into exported configs; any recent diffusers reads them
@@ -69,11 +69,11 @@ def read_diffusers_model(folder):
     folder = Path(folder)
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise UserError(f"{folder} is not a diffusers model folder: {config_path} is missing")
+        raise CheckpointError(f"{folder} is not a diffusers model folder: {config_path} is missing")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"corrupt diffusers config {config_path}: {e}") from None
+        raise CheckpointError(f"corrupt diffusers config {config_path}: {e}") from None
     tensors = _read_tensors(folder)
     return config, {name: _to_float32(name, value) for name, value in tensors.items()}
 
@@ -95,10 +95,10 @@ def _read_tensors(folder):
                 tensors.update(load_file(folder / shard))
             return tensors
     except (SafetensorError, OSError, KeyError, ValueError, TypeError) as e:
-        raise UserError(f"cannot read the weights in {folder}: {e}") from None
+        raise CheckpointError(f"cannot read the weights in {folder}: {e}") from None
     if legacy.is_file():
         return _read_torch_bin(legacy)
-    raise UserError(f"no weights in {folder}: expected {single.name} (or {index.name}, {legacy.name})")
+    raise CheckpointError(f"no weights in {folder}: expected {single.name} (or {index.name}, {legacy.name})")
 
 
 def _read_torch_bin(path):
@@ -106,19 +106,19 @@ def _read_torch_bin(path):
     try:
         import torch
     except ImportError:
-        raise UserError(f"{path} is a PyTorch .bin file and torch is not installed: "
-                        "pip install torch, or convert it to .safetensors") from None
+        raise CheckpointError(f"{path} is a PyTorch .bin file and torch is not installed: "
+                              "pip install torch, or convert it to .safetensors") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad pickle
-        raise UserError(f"cannot read {path}: {e}") from None
+        raise CheckpointError(f"cannot read {path}: {e}") from None
     return {name: value.float().numpy() for name, value in state.items()}
 
 
 def _to_float32(name, value):
     value = np.asarray(value)
     if value.dtype.kind != "f":
-        raise UserError(f"tensor {name} has dtype {value.dtype}; expected floating point weights")
+        raise CheckpointError(f"tensor {name} has dtype {value.dtype}; expected floating point weights")
     return value.astype(np.float32, copy=False)
 
 
@@ -190,8 +190,8 @@ def _per_level(config, key, levels, default):
     value = config.get(key, default)
     if isinstance(value, (list, tuple)):
         if len(value) != levels:
-            raise UserError(f"unsupported diffusers UNet config: {key}={value} does not have "
-                            f"one entry per level ({levels})")
+            raise ModelSettingsError(f"unsupported diffusers UNet config: {key}={value} does not have "
+                                     f"one entry per level ({levels})")
         return tuple(value)
     return (value,) * levels
 
@@ -205,9 +205,9 @@ def unet_config_channels(config):
     """(in_channels, out_channels) of a diffusers UNet config: equal, 4 (latent) or 1 / 3 (pixels)."""
     in_channels, out_channels = config.get("in_channels", 4), config.get("out_channels", 4)
     if in_channels != out_channels or in_channels not in (LATENT_CHANNELS, *PIXEL_CHANNELS):
-        raise UserError(f"unsupported diffusers UNet config: in_channels={in_channels}, "
-                        f"out_channels={out_channels} (expected 4 latent, or 1 grey / 3 RGB pixel "
-                        "channels, the same in and out)")
+        raise ModelSettingsError(f"unsupported diffusers UNet config: in_channels={in_channels}, "
+                                 f"out_channels={out_channels} (expected 4 latent, or 1 grey / 3 RGB pixel "
+                                 "channels, the same in and out)")
     return in_channels, out_channels
 
 
@@ -224,12 +224,12 @@ def unet_preset_from_config(config, base=None):
     architecture matches (sd1, sd2, tiny, small: `presets_with_architecture`) is used, else sd1's (latent UNets) or
     tiny's (pixel-space UNets) defaults under the name "diffusers".
 
-    Raises UserError naming the first unsupported option, or the fields that differ
+    Raises ModelSettingsError naming the first unsupported option, or the fields that differ
     from `base`.
     """
     name = config.get("_class_name", "UNet2DConditionModel")
     if name != "UNet2DConditionModel":
-        raise UserError(f"expected a diffusers UNet2DConditionModel config, got {name}")
+        raise ModelSettingsError(f"expected a diffusers UNet2DConditionModel config, got {name}")
     for key, off in _UNET_FIXED.items():
         value = config.get(key, off)
         if key == "transformer_layers_per_block" and isinstance(value, (list, tuple)) \
@@ -243,7 +243,7 @@ def unet_preset_from_config(config, base=None):
             if value is not None and abs(float(value) - off) < 1e-12:
                 continue
         if value != off:
-            raise UserError(f"unsupported diffusers UNet config: {key}={value!r} (only {off!r} is implemented)")
+            raise ModelSettingsError(f"unsupported diffusers UNet config: {key}={value!r} (only {off!r} is implemented)")
 
     channels = tuple(int(c) for c in config.get("block_out_channels", (320, 640, 1280, 1280)))
     levels = len(channels)
@@ -251,32 +251,32 @@ def unet_preset_from_config(config, base=None):
     up = tuple(config.get("up_block_types", ()))
     down_kinds = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}
     if len(down) != levels or any(block not in down_kinds for block in down):
-        raise UserError(f"unsupported diffusers UNet config: down_block_types={list(down)} "
-                        f"(expected {levels} of {', '.join(down_kinds)})")
+        raise ModelSettingsError(f"unsupported diffusers UNet config: down_block_types={list(down)} "
+                                 f"(expected {levels} of {', '.join(down_kinds)})")
     attention = tuple(down_kinds[block] for block in down)
     expected_up = tuple(("CrossAttnUpBlock2D" if a else "UpBlock2D") for a in reversed(attention))
     if up != expected_up:
-        raise UserError(f"unsupported diffusers UNet config: up_block_types={list(up)} "
-                        f"does not mirror down_block_types (expected {list(expected_up)})")
+        raise ModelSettingsError(f"unsupported diffusers UNet config: up_block_types={list(up)} "
+                                 f"does not mirror down_block_types (expected {list(expected_up)})")
     layers = set(_per_level(config, "layers_per_block", levels, 2))
     if len(layers) != 1:
-        raise UserError(f"unsupported diffusers UNet config: layers_per_block={config['layers_per_block']} "
-                        "differs between levels")
+        raise ModelSettingsError(f"unsupported diffusers UNet config: layers_per_block={config['layers_per_block']} "
+                                 "differs between levels")
     heads = _per_level(config, "attention_head_dim", levels, 8)
     if not all(isinstance(h, int) and h > 0 for h in heads):
-        raise UserError(f"unsupported diffusers UNet config: attention_head_dim={config.get('attention_head_dim')!r}")
+        raise ModelSettingsError(f"unsupported diffusers UNet config: attention_head_dim={config.get('attention_head_dim')!r}")
     context_dims = set(_per_level(config, "cross_attention_dim", levels, 1280))
     if len(context_dims) != 1:
-        raise UserError(f"unsupported diffusers UNet config: cross_attention_dim="
-                        f"{config['cross_attention_dim']} differs between levels")
+        raise ModelSettingsError(f"unsupported diffusers UNet config: cross_attention_dim="
+                                 f"{config['cross_attention_dim']} differs between levels")
     in_channels, _ = unet_config_channels(config)
     time_dim = config.get("time_embedding_dim")
     if time_dim not in (None, 4 * channels[0]):
-        raise UserError(f"unsupported diffusers UNet config: time_embedding_dim={time_dim} "
-                        f"(only 4 x block_out_channels[0] = {4 * channels[0]} is implemented)")
+        raise ModelSettingsError(f"unsupported diffusers UNet config: time_embedding_dim={time_dim} "
+                                 f"(only 4 x block_out_channels[0] = {4 * channels[0]} is implemented)")
     groups = config.get("norm_num_groups", 32)
     if groups is None:
-        raise UserError("unsupported diffusers UNet config: norm_num_groups=None")
+        raise ModelSettingsError("unsupported diffusers UNet config: norm_num_groups=None")
     architecture = dict(
         level_channels=channels,
         level_attention=attention,
@@ -292,8 +292,8 @@ def unet_preset_from_config(config, base=None):
     )
     for level_width, level_heads in zip(channels, heads):
         if level_width % level_heads or level_width % architecture["norm_groups"]:
-            raise UserError(f"unsupported diffusers UNet config: {level_width} channels not divisible "
-                            f"by {level_heads} heads and {groups} groups")
+            raise ModelSettingsError(f"unsupported diffusers UNet config: {level_width} channels not divisible "
+                                     f"by {level_heads} heads and {groups} groups")
 
     if base is not None:
         base = get_preset(base)
@@ -301,7 +301,7 @@ def unet_preset_from_config(config, base=None):
                   for key in UNET_ARCHITECTURE_FIELDS
                   if key != "gelu_approximate" and architecture[key] != getattr(base, key)]
         if differ:
-            raise UserError(f"the diffusers UNet does not have the {base.name} architecture: " + "; ".join(differ))
+            raise ModelSettingsError(f"the diffusers UNet does not have the {base.name} architecture: " + "; ".join(differ))
         return dataclasses.replace(base, **architecture)
     matching = presets_with_architecture(architecture)
     if matching:
@@ -328,14 +328,14 @@ def diffusers_unet_config(preset, sample_size=None, image_channels=None):
 
     `image_channels` is the dataset's (1 grey, 3 RGB), as given to `build_unet`: a
     pixel-space UNet has that many input/output channels (None: 3); latent ones always 4.
-    Raises UserError if the preset cannot be expressed in diffusers (its sinusoidal
+    Raises ModelSettingsError if the preset cannot be expressed in diffusers (its sinusoidal
     timestep embedding must be `level_channels[0]` wide, as diffusers ties the two).
     """
     preset = get_preset(preset)
     if preset.timestep_embedding_dim != preset.level_channels[0]:
-        raise UserError(f"preset {preset.name} cannot be written for diffusers: its timestep embedding "
-                        f"is {preset.timestep_embedding_dim} wide, diffusers requires "
-                        f"block_out_channels[0] = {preset.level_channels[0]}")
+        raise ModelSettingsError(f"preset {preset.name} cannot be written for diffusers: its timestep embedding "
+                                 f"is {preset.timestep_embedding_dim} wide, diffusers requires "
+                                 f"block_out_channels[0] = {preset.level_channels[0]}")
     down = ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in preset.level_attention]
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(preset.level_attention)]
     size = sample_size or (preset.image_size // preset.downsample if preset.image_size else 32)
@@ -530,7 +530,7 @@ def _load_entries(entries, tensors, what):
             more = f" and {len(names) - _MAX_NAMED} more" if len(names) > _MAX_NAMED else ""
             problems.append(f"{label} {len(names)}: {shown}{more}")
     if problems:
-        raise UserError(f"the {what} tensors do not fit our model: " + "; ".join(problems))
+        raise CheckpointError(f"the {what} tensors do not fit our model: " + "; ".join(problems))
     for variable, array in arrays:
         variable.assign(array)
 
@@ -599,10 +599,10 @@ _LEGACY_VAE_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn
 
 
 def check_autoencoder_config(config):
-    """Raises UserError unless `config` is Stable Diffusion's AutoencoderKL (SD 1.x and 2.x share it)."""
+    """Raises ModelSettingsError unless `config` is Stable Diffusion's AutoencoderKL (SD 1.x and 2.x share it)."""
     name = config.get("_class_name", "AutoencoderKL")
     if name != "AutoencoderKL":
-        raise UserError(f"expected a diffusers AutoencoderKL config, got {name}")
+        raise ModelSettingsError(f"expected a diffusers AutoencoderKL config, got {name}")
     for key, expected in VAE_CONFIG.items():
         value = config.get(key, expected)
         if isinstance(value, tuple):
@@ -610,8 +610,8 @@ def check_autoencoder_config(config):
         if key == "scaling_factor" and value is not None and abs(value - expected) < 1e-9:
             continue
         if value != expected:
-            raise UserError(f"unsupported diffusers AutoencoderKL config: {key}={value!r} "
-                            f"(our autoencoder is Stable Diffusion's: {expected!r})")
+            raise ModelSettingsError(f"unsupported diffusers AutoencoderKL config: {key}={value!r} "
+                                     f"(our autoencoder is Stable Diffusion's: {expected!r})")
 
 
 def build_diffusers_autoencoder(image_size=None):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from Models.diffusion import diffusers_convert as dc
 from Models.diffusion.presets import PRESETS, DiffusionPreset, get_preset
-from Utils.cli import UserError
+from Models.errors import CheckpointError, ModelSettingsError
 from Utils.io import atomic_path, atomic_write_json, read_json
 
 UNET_WEIGHTS = "unet.weights.h5"
@@ -33,18 +33,18 @@ DECODER_WEIGHTS = "image_decoder.weights.h5"
 def _model_folders(source):
     """{'unet': folder, 'vae': folder} found in `source` (a pipeline or a single model folder)."""
     if not source.is_dir():
-        raise UserError(f"{source} is not a folder")
+        raise CheckpointError(f"{source} is not a folder")
     if (source / "config.json").is_file():
         config = read_json(source / "config.json")
         kinds = {"UNet2DConditionModel": "unet", "AutoencoderKL": "vae"}
         kind = kinds.get(config.get("_class_name"))
         if kind is None:
-            raise UserError(f"{source / 'config.json'} is a {config.get('_class_name')!r}, "
+            raise CheckpointError(f"{source / 'config.json'} is a {config.get('_class_name')!r}, "
                             "expected a UNet2DConditionModel or AutoencoderKL")
         return {kind: source}
     folders = {kind: source / kind for kind in ("unet", "vae") if (source / kind / "config.json").is_file()}
     if not folders:
-        raise UserError(f"{source} holds no diffusers UNet or VAE: expected config.json, or unet/ and vae/ "
+        raise CheckpointError(f"{source} holds no diffusers UNet or VAE: expected config.json, or unet/ and vae/ "
                         "sub-folders with config.json")
     return folders
 
@@ -66,7 +66,7 @@ def convert_to_keras(source, out, preset_name=None):
         built[UNET_WEIGHTS] = unet
         del tensors
     elif preset_name is not None:
-        raise UserError(f"--preset checks a UNet, and {source} has none")
+        raise ModelSettingsError(f"--preset checks a UNet, and {source} has none")
     if "vae" in folders:
         config, tensors = dc.read_diffusers_model(folders["vae"])
         dc.check_autoencoder_config(config)
@@ -106,19 +106,19 @@ def install_unet_checkpoint(source, dataset, exp, enc_epoch, dif_epoch, preset_n
     from Utils.paths import diffusion_checkpoint_dir
 
     if out is not None:
-        raise UserError("--out and --dataset are exclusive: run to-keras twice for both")
+        raise ModelSettingsError("--out and --dataset are exclusive: run to-keras twice for both")
     if enc_epoch is None:
-        raise UserError("--dataset needs --enc_epoch: the class-encoder checkpoint the UNet pairs with")
+        raise ModelSettingsError("--dataset needs --enc_epoch: the class-encoder checkpoint the UNet pairs with")
     spec = get_spec(dataset)
     folders = _model_folders(source)
     if "unet" not in folders:
-        raise UserError(f"{source} holds no diffusers UNet")
+        raise CheckpointError(f"{source} holds no diffusers UNet")
     enc_dir = diffusion_checkpoint_dir(exp, spec.name, "enc")
     ck.require_checkpoint(enc_dir, enc_epoch, "class-encoder")
     enc_settings = ck.read_settings(enc_dir)
     preset = get_preset(enc_settings["preset"])
     if preset_name is not None and preset_name != preset.name:
-        raise UserError(f"--preset {preset_name}, but the class encoder in {enc_dir} is for {preset.name}")
+        raise CheckpointError(f"--preset {preset_name}, but the class encoder in {enc_dir} is for {preset.name}")
     identity = ck.model_identity(preset, spec, enc_settings.get("random_init"), enc_settings.get("init_seed", 0),
                                  ck.schedule_settings(enc_settings))
     ck.check_settings(enc_dir, identity, ck.IDENTITY_KEYS)
@@ -129,14 +129,14 @@ def install_unet_checkpoint(source, dataset, exp, enc_epoch, dif_epoch, preset_n
     ck.check_settings(dif_dir, settings, [*ck.IDENTITY_KEYS, "enc_epoch", "source"])
     target = ck.weights_path(dif_dir, dif_epoch)
     if target.exists():
-        raise UserError(f"{target} exists; choose another --dif_epoch or --exp")
+        raise CheckpointError(f"{target} exists; choose another --dif_epoch or --exp")
 
     config, tensors = dc.read_diffusers_model(folders["unet"])
     converted = dc.unet_preset_from_config(config, base=preset)
     channels, _ = dc.unet_config_channels(config)
     expected = preset.unet_channels(spec.channels)
     if channels != expected:
-        raise UserError(f"the diffusers UNet has {channels} input channels, the {preset.name} UNet for "
+        raise CheckpointError(f"the diffusers UNet has {channels} input channels, the {preset.name} UNet for "
                         f"{spec.name} ({spec.channels}-channel images) needs {expected}")
     unet = build_unet(preset, image_size=None, context_length=preset.context_length, image_channels=channels)
     dc.load_unet_weights(unet, preset, tensors)
@@ -154,7 +154,7 @@ def install_unet_checkpoint(source, dataset, exp, enc_epoch, dif_epoch, preset_n
 def convert_to_diffusers(preset_text, unet_weights, out, sample_size=None, image_channels=None):
     preset = resolve_preset(preset_text)
     if not unet_weights.is_file():
-        raise UserError(f"--unet_weights {unet_weights} does not exist")
+        raise CheckpointError(f"--unet_weights {unet_weights} does not exist")
     if image_channels is None:
         image_channels = preset_file_channels(preset_text)
     if preset.latent:
@@ -184,7 +184,7 @@ def _load_keras_unet(preset, unet_weights, channel_candidates):
             first_error = first_error or e
     first_line = (str(first_error).strip().splitlines() or [type(first_error).__name__])[0]
     tried = " or ".join(map(str, channel_candidates))
-    raise UserError(f"{unet_weights} does not fit the {preset.name} UNet ({tried} channels): {first_line}")
+    raise CheckpointError(f"{unet_weights} does not fit the {preset.name} UNet ({tried} channels): {first_line}")
 
 
 def preset_to_dict(preset):
@@ -209,11 +209,11 @@ def resolve_preset(text):
         return get_preset(text)
     path = Path(text)
     if not path.is_file():
-        raise UserError(f"--preset {text!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
+        raise ModelSettingsError(f"--preset {text!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
         fields = {field.name for field in dataclasses.fields(DiffusionPreset)}
         return DiffusionPreset(**{key: tuple(value) if isinstance(value, list) else value
                                   for key, value in values.items() if key in fields})
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError, AttributeError) as e:
-        raise UserError(f"{path} is not a preset file written by convert_diffusers.py: {e}") from None
+        raise CheckpointError(f"{path} is not a preset file written by convert_diffusers.py: {e}") from None

@@ -28,7 +28,7 @@ Example:
 
 from dataclasses import dataclass, replace
 
-from Utils.cli import UserError
+from Models.errors import ModelSettingsError
 
 # The names diffusers gives these settings (`Models/diffusion/schedule.py` implements them).
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
@@ -220,4 +220,4 @@ def get_preset(name):
     try:
         return PRESETS[name]
     except KeyError:
-        raise UserError(f"unknown diffusion preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+        raise ModelSettingsError(f"unknown diffusion preset {name!r}; choose one of {', '.join(PRESETS)}") from None

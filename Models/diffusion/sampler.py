@@ -154,7 +154,7 @@ class DDIMSampler:
             eta: DDIM eta; 0 is deterministic.
             step_noise: callable(step_index) -> (B, S, S, C) standard normal noise for eta > 0,
                 called for the steps in order (default: NumPy noise seeded by the step index;
-                `ClassConditionalDiffusion` ties it to each image instead).
+                `ClassConditionalGenerator` ties it to each image instead).
         """
         latent = np.asarray(noise, dtype="float32")
         batch = latent.shape[0]

@@ -46,7 +46,7 @@ import numpy as np
 from keras import ops
 
 from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS
-from Utils.cli import UserError
+from Models.errors import ModelSettingsError
 
 NUM_TRAIN_TIMESTEPS = 1000
 BETA_START = 0.00085
@@ -195,7 +195,7 @@ class NoiseSchedule:
         (DDIM eq. 16; eta=0 is deterministic DDIM, eta=1 DDPM-like).
         """
         if not eta >= 0 or not np.isfinite(eta):
-            raise UserError(f"eta must be a finite non-negative number, got {eta}")
+            raise ModelSettingsError(f"eta must be a finite non-negative number, got {eta}")
         timesteps = self.ddim_timesteps(num_steps)
         step_ratio = self.num_train_timesteps // len(timesteps)
         alpha_t = self.alphas_cumprod[timesteps]
@@ -218,6 +218,6 @@ def split_prediction(prediction_type, model_output, x_t, alpha_bar):
 
 def check_inference_steps(num_steps):
     if isinstance(num_steps, bool) or int(num_steps) != num_steps or not 1 <= num_steps <= MAX_INFERENCE_STEPS:
-        raise UserError(f"the number of inference steps must be an integer in [1, {MAX_INFERENCE_STEPS}], "
-                        f"got {num_steps}")
+        raise ModelSettingsError(f"the number of inference steps must be an integer in [1, {MAX_INFERENCE_STEPS}], "
+                                 f"got {num_steps}")
     return int(num_steps)

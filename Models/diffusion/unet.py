@@ -30,7 +30,7 @@ from keras import ops
 
 from Models.diffusion.layers import PaddedConv2D, SpatialTransformer, UNetResBlock, Upsample, _group_norm
 from Models.diffusion.presets import get_preset
-from Utils.cli import UserError
+from Models.errors import ModelSettingsError
 
 
 def timestep_embedding(timesteps, dim=320, max_period=10000):
@@ -66,8 +66,8 @@ def build_unet(preset, image_size, context_length=None, name="unet", image_chann
         size = None
     else:
         if image_size <= 0 or image_size % preset.min_image_size:
-            raise UserError(f"image size {image_size} does not fit the {preset.name} UNet: "
-                            f"it must be a positive multiple of {preset.min_image_size}")
+            raise ModelSettingsError(f"image size {image_size} does not fit the {preset.name} UNet: "
+                                     f"it must be a positive multiple of {preset.min_image_size}")
         size = image_size // preset.downsample
     groups = preset.norm_groups
     channels_io = preset.unet_channels(image_channels) if image_channels else preset.latent_channels

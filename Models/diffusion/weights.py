@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from Utils.cli import UserError
+from Models.errors import CheckpointError, ModelSettingsError
 from Utils.io import atomic_path
 
 
@@ -80,7 +80,7 @@ def unet_weights_key(preset):
     """The WEIGHT_FILES key of a preset's UNet: 'unet_sd1' / 'unet_sd2'."""
     key = f"unet_{preset.name}"
     if not preset.pretrained or key not in WEIGHT_FILES:
-        raise UserError(f"preset {preset.name!r} has no published weights; train it from scratch")
+        raise ModelSettingsError(f"preset {preset.name!r} has no published weights; train it from scratch")
     return key
 
 
@@ -88,7 +88,7 @@ def _spec(which):
     try:
         return WEIGHT_FILES[which]
     except KeyError:
-        raise UserError(f"unknown weight file {which!r}; choose one of {', '.join(WEIGHT_FILES)}") from None
+        raise ModelSettingsError(f"unknown weight file {which!r}; choose one of {', '.join(WEIGHT_FILES)}") from None
 
 
 def _sha256(path):
@@ -117,15 +117,15 @@ def _download(spec, path, url, timeout):
                 bar.update(len(chunk))
         if digest.hexdigest() != spec.sha256:
             # Raising inside atomic_path removes the temporary file: nothing half-written stays.
-            raise UserError(f"downloaded {spec.filename} has sha256 {digest.hexdigest()}, expected "
-                            f"{spec.sha256}; {_place_hint(spec, path.parent, url)}")
+            raise CheckpointError(f"downloaded {spec.filename} has sha256 {digest.hexdigest()}, expected "
+                                  f"{spec.sha256}; {_place_hint(spec, path.parent, url)}")
 
 
 def fetch_weights(which, folder=None, url=None, timeout=DOWNLOAD_TIMEOUT):
     """Local path of the checked weight file `which` (a WEIGHT_FILES key), downloading it if missing.
 
     folder / url override `weights_dir()` / the published address. Offline, or on a hash
-    mismatch, raises UserError in one line naming the file, its hash, the folder and the URL.
+    mismatch, raises CheckpointError in one line naming the file, its hash, the folder and the URL.
     """
     spec = _spec(which)
     folder = Path(folder) if folder is not None else weights_dir()
@@ -134,17 +134,19 @@ def fetch_weights(which, folder=None, url=None, timeout=DOWNLOAD_TIMEOUT):
     if not path.exists():
         try:
             _download(spec, path, url, timeout)
+        except CheckpointError:
+            raise
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", None) or e
-            raise UserError(f"cannot download {spec.filename} ({reason}); "
-                            f"{_place_hint(spec, folder, url)}") from None
+            raise CheckpointError(f"cannot download {spec.filename} ({reason}); "
+                                  f"{_place_hint(spec, folder, url)}") from None
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _verified:
         found = _sha256(path)
         if found != spec.sha256:
-            raise UserError(f"{path} has sha256 {found}, expected {spec.sha256}; "
-                            f"replace it with the file from {url}")
+            raise CheckpointError(f"{path} has sha256 {found}, expected {spec.sha256}; "
+                                  f"replace it with the file from {url}")
         _verified[key] = True
     return path
 
@@ -160,5 +162,5 @@ def load_pretrained_weights(model, which, folder=None, url=None, timeout=DOWNLOA
         model.load_weights(path)
     except ValueError as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path.name} does not fit model {model.name!r}: {first_line}") from None
+        raise CheckpointError(f"{path.name} does not fit model {model.name!r}: {first_line}") from None
     return path
