@@ -24,7 +24,6 @@ from Models.diffusion import diffusers_convert as dc
 from Models.diffusion.presets import get_preset
 from Models.diffusion.unet import build_unet, timestep_embedding
 from Models.errors import CheckpointError, ModelSettingsError
-from Utils.cli import UserError
 
 TINY = get_preset("tiny")
 # Three levels, attention at the lowest only (a candidate layout of `small`).
@@ -300,7 +299,7 @@ def test_command_line_round_trip_of_a_grey_unet(tmp_path):
         written = load_file(tmp_path / back / "diffusion_pytorch_model.safetensors")
         assert sorted(written) == sorted(original)
         assert all(np.array_equal(original[name], written[name]) for name in original)
-    with pytest.raises(UserError, match=r"does not fit the tiny UNet \(3 channels\)"):
+    with pytest.raises(CheckpointError, match=r"does not fit the tiny UNet \(3 channels\)"):
         convert_diffusers.main(["to-diffusers", "--preset", "tiny", "--image_channels", "3", "--unet_weights",
                                 str(out / "unet.weights.h5"), "--out", str(tmp_path / "rgb")])
     assert not (tmp_path / "rgb").exists()
@@ -324,10 +323,10 @@ def test_command_line_errors_are_one_line_and_write_nothing(tmp_path, tiny_folde
         convert_diffusers.main(["to-keras", str(tiny_folder), "--out", str(tmp_path / "out"), "--preset", "sd1"])
     weights = tmp_path / "w.weights.h5"
     build_unet(dataclasses.replace(TINY, num_res_blocks=1), None).save_weights(weights)
-    with pytest.raises(UserError, match="does not fit the tiny UNet"):
+    with pytest.raises(CheckpointError, match="does not fit the tiny UNet"):
         convert_diffusers.main(["to-diffusers", "--preset", "tiny", "--unet_weights", str(weights),
                                 "--out", str(tmp_path / "out")])
-    with pytest.raises(UserError, match="neither a preset"):
+    with pytest.raises(ModelSettingsError, match="neither a preset"):
         convert_diffusers.main(["to-diffusers", "--preset", "sd9", "--unet_weights", str(weights),
                                 "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
@@ -362,7 +361,7 @@ def test_install_as_a_fine_tuned_unet_checkpoint(tmp_path, monkeypatch, tiny_fol
     ck.save_parts(ck.weights_path(enc_dir, 3), {"class_encoder": encoder, "unet": tiny_unet})
 
     dif_dir = diffusion_checkpoint_dir(0, "digits", "dif")
-    with pytest.raises(UserError, match=r"^the diffusers UNet has 3 input channels, the tiny UNet for digits "
+    with pytest.raises(CheckpointError, match=r"^the diffusers UNet has 3 input channels, the tiny UNet for digits "
                                         r"\(1-channel images\) needs 1$"):
         convert_diffusers.main(["to-keras", str(tiny_folder), *args[2:]])
     assert not dif_dir.exists()
@@ -377,9 +376,9 @@ def test_install_as_a_fine_tuned_unet_checkpoint(tmp_path, monkeypatch, tiny_fol
     _, used = ck.resolve_generation_checkpoints(TINY, spec, 0, enc_epoch=3, dif_epoch=2)
     assert used["dif"] == str(ck.weights_path(dif_dir, 2))
 
-    with pytest.raises(UserError, match="exists; choose another --dif_epoch"):
+    with pytest.raises(CheckpointError, match="exists; choose another --dif_epoch"):
         convert_diffusers.main(args)
-    with pytest.raises(UserError, match="class encoder .* is for tiny"):
+    with pytest.raises(CheckpointError, match="class encoder .* is for tiny"):
         convert_diffusers.main(args[:-2] + ["--dif_epoch", "5", "--preset", "sd1"])
     # never beside a real fine-tuning (settings.json without this source)
     settings["source"] = None

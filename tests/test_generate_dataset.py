@@ -20,7 +20,7 @@ from PIL import Image
 import generate_dataset  # noqa: E402
 from Data.registry import get_spec  # noqa: E402
 from Models.diffusion import checkpoints as ck  # noqa: E402
-from Utils.cli import UserError  # noqa: E402
+from Data.errors import DataError  # noqa: E402
 from Utils.errors import InputError  # noqa: E402
 from Utils.io import atomic_write_json  # noqa: E402
 
@@ -109,7 +109,7 @@ def test_shards_and_classes_fill_one_folder_with_the_same_data_set(root, referen
 
 
 def test_fine_tuned_unet_and_other_settings_into_the_same_folder(root, reference):
-    with pytest.raises(UserError, match="other settings"):
+    with pytest.raises(DataError, match="other settings"):
         generate_dataset.main(COMMON + ["--out_dir", str(reference), "--dif_epoch", "1"])
     tuned = root / "tuned"
     assert generate_dataset.main(COMMON + ["--out_dir", str(tuned), "--dif_epoch", "1",
