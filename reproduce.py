@@ -21,24 +21,24 @@ from dataclasses import dataclass
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from Models.diffusion.presets import preset_help  # noqa: E402
+from Pipeline.common_settings import data_dir_setting, dataset_setting, experiment_setting, preset_setting  # noqa: E402
 from Pipeline.stages import BUDGETS, DEFAULT_PRESET  # noqa: E402
-from Utils.cli import experiment_id, folder, non_negative_int, positive_int, run_cli  # noqa: E402
+from Utils.cli import non_negative_int, positive_int, run_cli  # noqa: E402
 from Utils.runtime import RuntimeSettings  # noqa: E402
-from Utils.settings import setting  # noqa: E402
+from Utils.settings import ADDED, setting  # noqa: E402
 
 OVERRIDES = "budget overrides (default: the budget's)"
 
 
 @dataclass(frozen=True, kw_only=True)
 class ReproduceSettings(RuntimeSettings):
-    dataset: str = setting("digits", help="a registered dataset (embedded: digits)")
-    preset: str = setting(DEFAULT_PRESET, help=preset_help(DEFAULT_PRESET))
+    dataset: str = dataset_setting("digits", group=ADDED)
+    preset: str = preset_setting(DEFAULT_PRESET)
     budget: str = setting("quick", choices=tuple(sorted(BUDGETS)),
                           help="quick (two trials per study, short training, x1..x2) or paper "
                                "(50 + 40 trials of 4,000 images, 100-epoch classifiers, x1..x10)")
-    exp: str = setting("0", type=experiment_id, help="experiment identifier: the Exp_{exp} folders")
-    data_dir: str = setting(None, type=folder, help="folder with the real dataset files")
+    exp: str = experiment_setting(group=ADDED)
+    data_dir: str = data_dir_setting()
     seed: int = setting(0, type=non_negative_int, help="seed of every stage")
     storage: str = setting(None, help="Optuna storage URL for both studies (default: sqlite file in the "
                                       "experiment folder)")

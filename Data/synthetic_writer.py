@@ -22,7 +22,6 @@ Example:
     >>> on_disk, complete = writer.finish("shard 0/1, class all", 43, checkpoints, grid_per_class=8, title="...")
 """
 
-import platform
 import time
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from Data.images import RESIZE_METHOD, resize_images
 from Data.shards import MANIFEST, image_path, is_complete_png
 from Data.errors import DataError
 from Utils.io import atomic_path, merge_json, read_json
+from Utils.runtime import software_versions
 
 # A temporary image file older than this is a leftover of a killed run.
 STALE_SECONDS = 600
@@ -50,23 +50,6 @@ def same_settings(stored, expected):
         return {**settings, "exp": str(settings["exp"])} if isinstance(settings, dict) and "exp" in settings \
             else settings
     return plain(stored) == plain(expected)
-
-
-def versions():
-    """The versions a manifest records (python, keras and its backend, numpy, pillow, tensorflow)."""
-    import keras
-    import numpy
-    import PIL
-
-    found = {"python": platform.python_version(), "keras": keras.__version__, "numpy": numpy.__version__,
-             "pillow": PIL.__version__, "keras_backend": keras.backend.backend()}
-    try:
-        import tensorflow
-
-        found["tensorflow"] = tensorflow.__version__
-    except ImportError:
-        pass
-    return found
 
 
 def write_png(path, image, channels=3):
@@ -156,7 +139,7 @@ class SyntheticWriter:
 
     def begin(self, checkpoints):
         """Marks the data set as being written (complete: false) before the first image."""
-        merge_json(self.manifest_path, {**self._header(checkpoints), "versions": versions(), "complete": False})
+        merge_json(self.manifest_path, {**self._header(checkpoints), "versions": software_versions(), "complete": False})
 
     def write(self, images, labels, indices):
         """Writes images (uint8, at the model's size) at the native size, and at the model's when kept."""

@@ -26,14 +26,14 @@ presets as in the paper), and dif_epoch plays the continuing role.
 from dataclasses import dataclass
 from pathlib import Path
 
-from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, preset_help
-from Utils.cli import (UserError, decay_rate, experiment_id, folder, non_negative_float, non_negative_int,
-                       positive_float, positive_int, probability)
+from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, STAGES, TIMESTEP_SPACINGS
+from Utils.cli import (UserError, decay_rate, non_negative_float, non_negative_int, positive_float, positive_int,
+                       probability)
+from Pipeline.common_settings import data_dir_setting, dataset_setting, experiment_setting, preset_setting
 from Utils.runtime import RuntimeSettings
 from Utils.settings import ADDED, PAPER, setting
 
 SCRIPT = "SD_adapting.py"
-STAGES = ("enc", "dif")
 RECIPE = "training recipe (diffusers' names; default: the preset's, Models/diffusion/presets.py: the paper's for sd1/sd2)"
 
 
@@ -41,7 +41,7 @@ RECIPE = "training recipe (diffusers' names; default: the preset's, Models/diffu
 class AdaptSettings(RuntimeSettings):
     """Every flag of SD_adapting.py, declared once."""
 
-    dataset: str = setting("cifar10", group=PAPER, help="a registered dataset (Data/registry.py)")
+    dataset: str = dataset_setting()
     train_model: str = setting("enc", choices=STAGES, group=PAPER,
                                help="enc: the class encoder (stage 1); dif: fine-tune the UNet (stage 3)")
     enc_epoch: int = setting(None, type=non_negative_int, group=PAPER,
@@ -49,13 +49,11 @@ class AdaptSettings(RuntimeSettings):
                                   "last encoder epoch, 50 for sd1/sd2); enc: the checkpoint to continue from")
     dif_epoch: int = setting(None, type=non_negative_int, group=PAPER,
                              help="dif: the fine-tuned UNet checkpoint to continue from")
-    exp: str = setting("0", type=experiment_id, group=PAPER,
-                       help="experiment identifier, kept as written: the Exp_{exp} folders")
+    exp: str = experiment_setting()
     freq: int = setting(1, type=positive_int, group=PAPER,
                         help="save a checkpoint every FREQ epochs (and at the last one)")
-    preset: str = setting("sd1", group=ADDED, help=preset_help("sd1"))
-    data_dir: str = setting(None, type=folder, group=ADDED,
-                            help="folder with the real dataset files (default: the data cache)")
+    preset: str = preset_setting()
+    data_dir: str = data_dir_setting()
     epochs: int = setting(None, type=positive_int, group=ADDED, help="epochs (default: the preset's for the stage)")
     batch_size: int = setting(None, type=positive_int, group=ADDED, help="batch size (default: the preset's)")
     lr: float = setting(None, type=positive_float, group=ADDED, help="peak learning rate (default: the preset's)")
@@ -117,7 +115,7 @@ def plan(settings):
     """Checks every setting and the checkpoint folders; returns the run's plan. Writes nothing."""
     from Data.registry import get_spec
     from Models.diffusion import checkpoints as ck
-    from Models.diffusion.conditional_diffusion import schedule_for
+    from Models.diffusion.generator import schedule_for
     from Models.diffusion.presets import get_preset
     from Utils.paths import diffusion_checkpoint_dir
 
@@ -190,7 +188,8 @@ def run(settings, log=print):
     from Data.loaders import load_dataset
     from Models.diffusion import checkpoints as ck
     from Models.diffusion.callbacks import Checkpointer, EpochLog, EpochSeeds, TensorBoardScalars
-    from Models.diffusion.conditional_diffusion import TrainBatches, make_optimizer
+    from Models.diffusion.optimizer import make_optimizer
+    from Models.diffusion.trainer import TrainBatches
     from Utils.io import atomic_write_json
     from Utils.runtime import configure_runtime, distribution_scope
 

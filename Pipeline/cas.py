@@ -24,7 +24,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from Utils.cli import UserError, existing_folder, experiment_id, folder, non_negative_int, positive_int
+from Utils.cli import UserError, existing_folder, non_negative_int, positive_int
+from Pipeline.common_settings import data_dir_setting, dataset_setting, experiment_setting
 from Utils.runtime import RuntimeSettings
 from Utils.settings import PAPER, setting
 
@@ -35,7 +36,7 @@ SCRIPT = "classifier_training.py"
 class CASSettings(RuntimeSettings):
     """Every flag of classifier_training.py."""
 
-    dataset: str = setting("cifar10", group=PAPER, help="a registered dataset (Data/registry.py)")
+    dataset: str = dataset_setting()
     synthetic: bool = setting(True, group=PAPER,
                               help="train on synthetic images (ours: Data/Synthetic/Exp_{exp}/{dataset}/, or "
                                    "--synthetic_dir); False: on the real training split")
@@ -45,8 +46,7 @@ class CASSettings(RuntimeSettings):
     train: bool = setting(True, group=PAPER,
                           help="train (resuming a killed run); False: load the finished run's checkpoint")
     test: bool = setting(True, group=PAPER, help="test on the real test split and record the CAS result")
-    exp: str = setting("0", type=experiment_id, group=PAPER,
-                       help="experiment identifier, kept as written (0001 -> Exp_0001)")
+    exp: str = experiment_setting()
     batch_size: int = setting(256, type=positive_int, group=PAPER, help="classifier batch (the paper's 256)")
     epochs: int = setting(100, type=positive_int, group=PAPER,
                           help="maximum epochs, early stopping may end sooner (the paper's 100)")
@@ -57,8 +57,7 @@ class CASSettings(RuntimeSettings):
     classifier: str = setting("resnet20", choices=("resnet20",), help="the classifier")
     initial_filters: int = setting(64, type=positive_int,
                                    help="ResNet20 first-stage width (the paper's 64; the usual ResNet20 has 16)")
-    data_dir: str = setting(None, type=folder,
-                            help="folder with the real dataset files (default $SDDG_DATA_DIR or the cache)")
+    data_dir: str = data_dir_setting()
     seed: int = setting(0, type=non_negative_int, help="initial weights, batch order and synthetic subset")
 
     def __post_init__(self):

@@ -18,8 +18,9 @@ from pathlib import Path
 from Metrics.features import FEATURE_EXTRACTORS
 from Metrics.memorization import MEMORIZATION_THRESHOLD
 from Metrics.quality import DEFAULT_NUM_SAMPLES, KID_SUBSET_SIZE, KID_SUBSETS, PRDC_K, REFERENCE_SPLITS
-from Utils.cli import experiment_id, folder, non_negative_float, non_negative_int, positive_int
-from Utils.settings import REQUIRED, Settings, setting
+from Utils.cli import folder, non_negative_float, non_negative_int, positive_int
+from Pipeline.common_settings import data_dir_setting, experiment_setting
+from Utils.settings import ADDED, REQUIRED, Settings, setting
 
 SCRIPT = "evaluate_dataset.py"
 _EXTRACTOR = "the resnet20 extractor's training (default: the fast config of Metrics/features.py)"
@@ -33,10 +34,8 @@ class EvaluateSettings(Settings):
     synthetic_dir: str = setting(None, type=folder,
                                  help="a folder of class sub-folders of images (default: ours, "
                                       "Data/Synthetic/Exp_{exp}/{dataset})")
-    exp: str = setting("0", type=experiment_id,
-                       help="experiment identifier: results file and extractor cache, kept as written")
-    data_dir: str = setting(None, type=folder,
-                            help="where the real data lives (default: $SDDG_DATA_DIR or the cache)")
+    exp: str = experiment_setting(group=ADDED)
+    data_dir: str = data_dir_setting()
     features: str = setting("resnet20", choices=FEATURE_EXTRACTORS,
                             help="embedding network: resnet20 (trained on the real train split; offline; "
                                  "MedMNIST) or inception (InceptionV3, ImageNet weights)")

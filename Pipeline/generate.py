@@ -30,15 +30,14 @@ from pathlib import Path
 
 from Data.balance import per_class_counts
 from Data.shards import parse_shard, shard_from_environment
-from Models.diffusion.presets import preset_help
-from Utils.cli import (UserError, existing_folder, experiment_id, folder, non_negative_float, non_negative_int,
-                       positive_int)
+from Utils.cli import UserError, existing_folder, folder, non_negative_float, non_negative_int, positive_int
+from Pipeline.common_settings import data_dir_setting, dataset_setting, experiment_setting, preset_setting
+from Models.diffusion.presets import GENERATION_BATCH_SIZE
 from Utils.runtime import RuntimeSettings
 from Utils.settings import PAPER, setting
 
 SCRIPT = "generate_dataset.py"
 # Images per sampler call (the paper's); it does not change the images.
-GENERATION_BATCH_SIZE = 250
 # The manifest's settings that come straight from the flags (the others follow from the checkpoints).
 _FLAG_KEYS = ("dataset", "preset", "img_total", "exp", "enc_epoch", "dif_epoch", "inf_steps", "ugs", "eta",
               "seed", "mixed_precision")
@@ -48,7 +47,7 @@ _FLAG_KEYS = ("dataset", "preset", "img_total", "exp", "enc_epoch", "dif_epoch",
 class GenerateSettings(RuntimeSettings):
     """Every flag of generate_dataset.py (`resolved()` fills in the preset's and the data's defaults)."""
 
-    dataset: str = setting("cifar10", group=PAPER, help="a registered dataset (Data/registry.py)")
+    dataset: str = dataset_setting()
     img_class: int = setting(None, type=positive_int, group=PAPER,
                              help="images per class (the paper's); or --img_total; neither: as many as the "
                                   "real training split (x1, needs the real data)")
@@ -66,9 +65,8 @@ class GenerateSettings(RuntimeSettings):
                              help="DDIM steps (default: the preset's, sd: 50)")
     ugs: float = setting(None, type=non_negative_float, group=PAPER,
                          help="unconditional guidance scale (default: the preset's, sd: 7.5)")
-    exp: str = setting("0", type=experiment_id, group=PAPER,
-                       help="experiment identifier, kept as written (0001 -> Exp_0001)")
-    preset: str = setting("sd1", help=preset_help("sd1"))
+    exp: str = experiment_setting()
+    preset: str = preset_setting()
     seed: int = setting(0, type=non_negative_int, help="seed of the images' noise")
     eta: float = setting(0.0, type=non_negative_float, help="DDIM eta (0: deterministic)")
     only_class: int = setting(None, type=non_negative_int,
@@ -83,8 +81,8 @@ class GenerateSettings(RuntimeSettings):
     keep_generation_size: bool = setting(False, help="also keep the images at the model's size in the "
                                                      "sibling folder {out_dir}_{S}px")
     grid_per_class: int = setting(8, type=non_negative_int, help="images per class in samples.png")
-    data_dir: str = setting(None, type=folder,
-                            help="the real data, read only to size the default data set (x1) when neither "
+    data_dir: str = data_dir_setting(
+        help="the real data, read only to size the default data set (x1) when neither "
                                  "--img_class nor --img_total is given (default $SDDG_DATA_DIR or the cache)")
 
     def __post_init__(self):

@@ -25,16 +25,15 @@ Example:
 """
 
 import datetime
-import platform
 import shutil
-import subprocess
 
 from pathlib import Path
 
 import numpy as np
 
 from Utils.io import atomic_path, atomic_write_text, read_json
-from Utils.paths import (PUBLISHED_CAS_JSON, REPO_ROOT, cas_results_json, experiment_dir,
+from Utils.runtime import software_versions
+from Utils.paths import (PUBLISHED_CAS_JSON, cas_results_json, experiment_dir,
                          pipeline_results_json, quality_results_json, synthetic_dir)
 
 REPORT_FILE = "REPORT.md"
@@ -326,45 +325,6 @@ def quality_section(exp, dataset):
     return lines + [""]
 
 
-def versions():
-    """{package: version} of what ran, plus Python, platform and the git commit."""
-    from importlib import metadata
-
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("tensorflow", "tensorflow-cpu", "keras", "keras-cv", "optuna", "numpy", "scipy",
-                    "scikit-learn", "pillow", "matplotlib"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    try:
-        import keras
-
-        out["keras backend"] = keras.backend.backend()
-    except ImportError:
-        pass
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"],
-                               capture_output=True, text=True, timeout=10)
-        if commit.returncode == 0:
-            out["git commit"] = commit.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        import os
-
-        out["cpu cores"] = str(os.cpu_count())
-        import tensorflow as tf
-
-        gpus = tf.config.list_physical_devices("GPU")
-        out["GPUs"] = ", ".join(g.name for g in gpus) if gpus else "none"
-    except ImportError:
-        pass
-    return out
-
-
 def commands_section(command, stage_log):
     lines = ["## How this was made", "", "The whole pipeline:", "", "```", command, "```", "",
              "Each stage ran the equivalent of (in order; a stage whose outputs existed was skipped):", "",
@@ -375,7 +335,7 @@ def commands_section(command, stage_log):
     lines += ["", "```"]
     lines += [entry["command"] for entry in stage_log.values() if entry.get("command")]
     lines += ["```", "", "| software | version |", "| --- | --- |"]
-    lines += [f"| {k} | {v} |" for k, v in versions().items()]
+    lines += [f"| {k} | {v} |" for k, v in software_versions().items()]
     return lines + [""]
 
 

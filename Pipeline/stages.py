@@ -46,6 +46,7 @@ import gc
 import time
 from dataclasses import dataclass, replace
 
+from Models.diffusion.presets import GENERATION_BATCH_SIZE
 from Pipeline import adapt, cas, evaluate, generate, tune, tuning
 from Pipeline.report import write_report
 from Utils.cli import UserError
@@ -92,7 +93,7 @@ class Budget:
     classifier_batch_size: int
     max_multiple: int
     max_steps: object
-    generation_batch_size: int = 250
+    generation_batch_size: int = GENERATION_BATCH_SIZE
     prune_after: object = 1
     enqueue_defaults: bool = False
     grid_freq: int = 1

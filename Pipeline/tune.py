@@ -26,13 +26,13 @@ storage, workers, the trial loop, results, plots).
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from Models.diffusion.presets import preset_help
 from Pipeline.tuning.images import GENERATION_BATCH_SIZE
 from Pipeline.tuning.objective import OBJECTIVES
 from Pipeline.tuning.results import STAGE_KEYS, cell_key, cell_matches, read_cell, winner_settings
 from Pipeline.tuning.space import CHECKPOINT_PARAM, STAGES, STEPS_PARAM, UGS_PARAM
 from Pipeline.tuning.storage import default_storage_path, default_storage_url, open_storage
-from Utils.cli import UserError, experiment_id, folder, non_negative_float, non_negative_int, positive_int
+from Utils.cli import UserError, non_negative_float, non_negative_int, positive_int
+from Pipeline.common_settings import data_dir_setting, dataset_setting, experiment_setting, preset_setting
 from Utils.runtime import RuntimeSettings
 from Utils.settings import ADDED, PAPER, setting
 
@@ -48,12 +48,11 @@ __all__ = ["SCRIPT", "DEFAULT_N_TRIALS", "TuneSettings", "TuneResult", "TunePlan
 class TuneSettings(RuntimeSettings):
     """Every flag of hyp_opt.py, declared once; the defaults are the paper's."""
 
-    dataset: str = setting("cifar10", group=PAPER, help="a registered dataset (Data/registry.py)")
+    dataset: str = dataset_setting()
     train_model: str = setting("enc", choices=STAGES, group=PAPER,
                                help="tune the class-encoder checkpoints (enc, study #1) or the fine-tuned "
                                     "UNet's (dif, study #2)")
-    exp: str = setting("0", type=experiment_id, group=PAPER,
-                       help="experiment identifier, kept as written: the Exp_{exp} folders and results files")
+    exp: str = experiment_setting()
     optimize: bool = setting(True, group=PAPER,
                              help="run the study; False scores the preset's default steps and UGS with the "
                                   "last checkpoint (the stage table's no_opt row)")
@@ -73,8 +72,8 @@ class TuneSettings(RuntimeSettings):
     save_plots: bool = setting(False, group=PAPER,
                                help="write the Optuna plots (history, contours, importances, slices, timeline) "
                                     "as PNG")
-    preset: str = setting("sd1", group=ADDED, help=preset_help("sd1"))
-    data_dir: str = setting(None, type=folder, group=ADDED, help="folder with the real dataset files")
+    preset: str = preset_setting()
+    data_dir: str = data_dir_setting()
     n_trials: int = setting(None, type=positive_int, group=ADDED,
                             help=f"TOTAL finished trials wanted, counting earlier runs "
                                  f"(default {DEFAULT_N_TRIALS['enc']} enc, {DEFAULT_N_TRIALS['dif']} dif)")

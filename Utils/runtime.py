@@ -8,6 +8,8 @@ Example:
 
 import contextlib
 import os
+import platform
+import subprocess
 from dataclasses import dataclass
 
 from Utils.settings import RUNTIME, Settings, setting
@@ -95,3 +97,42 @@ def distribution_scope(multi_gpu=False):
         yield
     else:
         raise ValueError(f"--multi_gpu is not supported on the {backend} backend")
+
+
+def software_versions():
+    """{package: version} of what ran, plus Python, platform and the git commit."""
+    from importlib import metadata
+
+    from Utils.paths import REPO_ROOT
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("tensorflow", "tensorflow-cpu", "keras", "keras-cv", "optuna", "numpy", "scipy",
+                    "scikit-learn", "pillow", "matplotlib"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    try:
+        import keras
+
+        out["keras backend"] = keras.backend.backend()
+    except ImportError:
+        pass
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain"],
+                               capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            out["git commit"] = commit.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:
+        out["cpu cores"] = str(os.cpu_count())
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")
+        out["GPUs"] = ", ".join(g.name for g in gpus) if gpus else "none"
+    except ImportError:
+        pass
+    return out

@@ -82,7 +82,8 @@ def main():
     from Metrics.speckle import speckle_share
     from Models.classifier import ClassifierConfig, evaluate_classifier, train_classifier
     from Models.diffusion import checkpoints as ck
-    from Models.diffusion.conditional_diffusion import TrainBatches, make_optimizer
+    from Models.diffusion.optimizer import make_optimizer
+    from Models.diffusion.trainer import TrainBatches
     from Models.diffusion.presets import get_preset
 
     preset = get_preset(args.preset)

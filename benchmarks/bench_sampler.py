@@ -34,7 +34,7 @@ from keras import ops  # noqa: E402
 from benchmarks.timing import best_of_alternating  # noqa: E402
 from Models.diffusion import layers  # noqa: E402
 from Models.diffusion.class_encoder import ClassEncoder  # noqa: E402
-from Models.diffusion.conditional_diffusion import ClassConditionalDiffusion  # noqa: E402
+from Models.diffusion.trainer import DiffusionTrainer  # noqa: E402
 from Models.diffusion.presets import get_preset  # noqa: E402
 from Models.diffusion.sampler import DDIMSampler  # noqa: E402
 from Models.diffusion.schedule import NoiseSchedule  # noqa: E402
@@ -78,7 +78,7 @@ def bench_sd1(batch, steps, guidance, repeats, xla, conv2d_only=False):
     decoder = build_image_decoder(size)
     copy_weights(kc_decoder, decoder)
     encoder = ClassEncoder(10, length, preset.context_dim, name="class_encoder")
-    model = ClassConditionalDiffusion(preset, 10, size, unet=unet, class_encoder=encoder, image_decoder=decoder)
+    model = DiffusionTrainer.from_preset(preset, 10, size, unet=unet, class_encoder=encoder, image_decoder=decoder)
 
     labels = np.arange(batch) % 10
     context, uncond = model.contexts(labels)

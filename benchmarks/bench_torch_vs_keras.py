@@ -54,7 +54,7 @@ import diffusers  # noqa: E402
 from keras import ops  # noqa: E402
 
 from Models.diffusion import diffusers_convert as dc  # noqa: E402
-from Models.diffusion.conditional_diffusion import schedule_for  # noqa: E402
+from Models.diffusion.generator import schedule_for  # noqa: E402
 from Models.diffusion.presets import get_preset  # noqa: E402
 from Models.diffusion.sampler import DDIMSampler  # noqa: E402
 from Models.diffusion.unet import build_unet, timestep_embedding  # noqa: E402

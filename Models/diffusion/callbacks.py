@@ -1,7 +1,7 @@
 """Keras callbacks of the diffusion training (Pipeline/adapt.py): seeds, log, TensorBoard, checkpoints.
 
 Each is a plain `keras.callbacks.Callback` over the trainable model of
-`Models/diffusion/conditional_diffusion.py`:
+`Models/diffusion/trainer.py`:
 
     model.fit(batches, initial_epoch=start, epochs=epochs, callbacks=[
         EpochSeeds(model, seed), EpochLog(folder / "log.csv", keep_through=start),
@@ -18,7 +18,7 @@ import numpy as np
 
 from Data.images import save_image_grid
 from Models.diffusion import checkpoints as ck
-from Models.diffusion.conditional_diffusion import ema_optimizer
+from Models.diffusion.optimizer import ema_optimizer
 from Utils.io import atomic_write_text
 
 CSV_FIELDS = ("epoch", "loss", "learning_rate", "seconds")

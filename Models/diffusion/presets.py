@@ -30,6 +30,11 @@ from dataclasses import dataclass, replace
 
 from Models.errors import ModelSettingsError
 
+# The two training stages (PAPER.md stages 1 and 3): the class encoder, then the UNet fine-tuning.
+STAGES = ("enc", "dif")
+# The paper's generation batch: images per sampler call (generation and tuning trials).
+GENERATION_BATCH_SIZE = 250
+
 # The names diffusers gives these settings (`Models/diffusion/schedule.py` implements them).
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")

@@ -48,8 +48,8 @@ from keras import ops
 from Models.diffusion.backbone import ClassConditionalBackbone
 from Models.diffusion.generator import ClassConditionalGenerator, schedule_for
 from Models.diffusion.optimizer import ema_optimizer
+from Models.diffusion.presets import STAGES
 
-STAGES = ("enc", "dif")
 
 
 class DiffusionTrainer(keras.Model):

@@ -12,10 +12,10 @@ Example:
 
 from Data.balance import balanced_labels
 from Pipeline.tuning.space import CHECKPOINT_PARAM, STEPS_PARAM, UGS_PARAM
+from Models.diffusion.presets import GENERATION_BATCH_SIZE
 from Utils.cli import UserError
 
 # The paper's generation batch: images per sampler call (it does not change the images).
-GENERATION_BATCH_SIZE = 250
 
 
 def trial_labels(num_images, num_classes):
@@ -63,7 +63,7 @@ class DiffusionImageSource:
         return self._checkpoints.available_epochs(self.exp, self.spec.name, self.stage)
 
     def model_for(self, epoch):
-        """The ClassConditionalDiffusion holding checkpoint `epoch` (loaded once per epoch)."""
+        """The generator holding checkpoint `epoch` (loaded once per epoch)."""
         key = (self.stage, int(epoch), self.enc_epoch)
         if self._loaded != key:
             self._model = self._checkpoints.load_for_generation(

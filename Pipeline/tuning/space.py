@@ -23,9 +23,9 @@ Example:
 
 from dataclasses import dataclass
 
+from Models.diffusion.presets import STAGES
 from Utils.cli import UserError
 
-STAGES = ("enc", "dif")
 # The paper's ranges (PAPER.md stages 2 and 4); dif's upper bounds come from study #1's winner.
 PAPER_STEPS = {"enc": (5, 50), "dif": (5, None)}
 PAPER_UGS_MAX = 7.5

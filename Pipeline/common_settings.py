@@ -1,0 +1,35 @@
+"""The settings several stages share, declared once (each stage's settings class uses these).
+
+    @dataclass(frozen=True, kw_only=True)
+    class CASSettings(RuntimeSettings):
+        dataset: str = dataset_setting()
+        exp: str = experiment_setting()
+        data_dir: str = data_dir_setting()
+
+The defaults are the paper's (`--dataset cifar10`, `--exp 0`, Stable Diffusion
+v1 as `--preset sd1`); `reproduce.py` gives its own (the embedded digits and
+the from-scratch preset).
+"""
+
+from Utils.cli import experiment_id, folder
+from Utils.settings import ADDED, PAPER, setting
+
+PRESET_HELP = ("diffusion preset: sd1 (the paper: Stable Diffusion v1, GPU), sd2, small (trained from "
+               "scratch on a CPU), tiny (the test model); Models/diffusion/presets.py")
+
+
+def dataset_setting(default="cifar10", group=PAPER):
+    return setting(default, group=group, help="a registered dataset (Data/registry.py)")
+
+
+def experiment_setting(group=PAPER):
+    return setting("0", type=experiment_id, group=group,
+                   help="experiment identifier, kept as written (0001 -> the Exp_0001 folders and results files)")
+
+
+def preset_setting(default="sd1"):
+    return setting(default, group=ADDED, help=PRESET_HELP)
+
+
+def data_dir_setting(help="folder with the real dataset files (default $SDDG_DATA_DIR or the data cache)"):
+    return setting(None, type=folder, group=ADDED, help=help)
