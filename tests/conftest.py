@@ -148,7 +148,7 @@ def postgres_url():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-# The longest test files, longest first (pytest --durations, session 2): run them first so the
+# The longest test files, longest first (pytest --durations): run them first so the
 # two xdist workers (pytest.ini) end together instead of one finishing a long file alone.
 LONGEST_FILES_FIRST = ("test_reproduce.py", "test_multi_worker_storage.py", "test_hyp_opt.py",
                        "test_keras_cv_parity.py", "test_sd_adapting.py", "test_classifier_training.py", "test_learns_digits.py",

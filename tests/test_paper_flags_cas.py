@@ -1,4 +1,4 @@
-"""classifier_training.py keeps the paper's flags: names, meanings and defaults (issue 12).
+"""classifier_training.py keeps the paper's flags: names, meanings and defaults.
 
 The paper's README runs `python classifier_training.py --dataset bloodmnist
 --synthetic True --take 4 --test False`; `--synthetic` defaults to True, `--take`

@@ -1,4 +1,4 @@
-"""generate_dataset.py keeps the paper's flags: names, meanings and defaults (issue 12).
+"""generate_dataset.py keeps the paper's flags: names, meanings and defaults.
 
 The paper: `--img_class` is the number of images per class, `--img_total` the
 alternative total; `--enc_epoch 50`, `--dif_epoch 10`, `--inf_steps 50`,
