@@ -22,14 +22,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Pipeline.adapt import AdaptSettings, run  # noqa: E402
 from Utils.cli import run_cli  # noqa: E402
+from Utils.settings import command_line  # noqa: E402
 
-parser = AdaptSettings.parser(description=__doc__)
-
-
-def main(argv=None):
-    run(AdaptSettings.from_namespace(parser.parse_args(argv)))
-    return 0
-
+parser, main = command_line(AdaptSettings, run, __doc__)
 
 if __name__ == "__main__":
     run_cli(main)

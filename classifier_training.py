@@ -35,15 +35,9 @@ The stage itself is Pipeline/cas.py (`CASSettings`, `run`, `is_done`).
 
 from Pipeline.cas import CASSettings, run
 from Utils.cli import run_cli
+from Utils.settings import command_line
 
-parser = CASSettings.parser(description=__doc__)
-
-
-def main(argv=None):
-    settings = CASSettings.from_namespace(parser.parse_args(argv))
-    run(settings)
-    return 0
-
+parser, main = command_line(CASSettings, run, __doc__)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -26,15 +26,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Pipeline.evaluate import EvaluateSettings, run  # noqa: E402
 from Utils.cli import run_cli  # noqa: E402
+from Utils.settings import command_line  # noqa: E402
 
-parser = EvaluateSettings.parser(description=__doc__)
-
-
-def main(argv=None):
-    settings = EvaluateSettings.from_namespace(parser.parse_args(argv))
-    run(settings)
-    return 0
-
+parser, main = command_line(EvaluateSettings, run, __doc__)
 
 if __name__ == "__main__":
     run_cli(main)

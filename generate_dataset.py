@@ -47,15 +47,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Pipeline.generate import GenerateSettings, run  # noqa: E402
 from Utils.cli import run_cli  # noqa: E402
+from Utils.settings import command_line  # noqa: E402
 
-parser = GenerateSettings.parser(description=__doc__)
-
-
-def main(argv=None):
-    settings = GenerateSettings.from_namespace(parser.parse_args(argv))
-    run(settings)
-    return 0
-
+parser, main = command_line(GenerateSettings, run, __doc__)
 
 if __name__ == "__main__":
     run_cli(main)

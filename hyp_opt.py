@@ -30,15 +30,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Pipeline.tune import TuneSettings, run  # noqa: E402
 from Utils.cli import run_cli  # noqa: E402
+from Utils.settings import command_line  # noqa: E402
 
-parser = TuneSettings.parser(description=__doc__.split("\n\n")[0], epilog="\n\n".join(__doc__.split("\n\n")[2:]))
-
-
-def main(argv=None):
-    settings = TuneSettings.from_namespace(parser.parse_args(argv))
-    run(settings)
-    return 0
-
+parser, main = command_line(TuneSettings, run, __doc__)
 
 if __name__ == "__main__":
     run_cli(main)

@@ -227,3 +227,19 @@ def _shown(value):
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def command_line(settings_class, run, description):
+    """(parser, main) of a thin script: parse the flags into `settings_class`, call `run(settings)`.
+
+        parser, main = command_line(CASSettings, run, __doc__)
+        if __name__ == "__main__":
+            run_cli(main)
+    """
+    parser = settings_class.parser(description=description)
+
+    def main(argv=None):
+        run(settings_class.from_namespace(parser.parse_args(argv)))
+        return 0
+
+    return parser, main
