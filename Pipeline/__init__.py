@@ -1,11 +1,17 @@
-"""The paper's pipeline as a library: Optuna tuning, the chained stages of `reproduce.py`, the report.
+"""The paper's pipeline as a library: one module per stage, the chain of `reproduce.py`, the report.
 
-| module | what |
-| --- | --- |
-| `tune.py` | the tune stage (PAPER.md stages 2 and 4): `TuneSettings` (hyp_opt.py's flags), `is_done`, `run`, `winner_settings` |
-| `tuning/` | its machinery, one file per concern: search space, images, objective, storage, workers (heartbeat), study (resume, several workers), results (winner, stage table JSON), plots |
-| `stages.py` | class encoder -> tuning #1 -> UNet fine-tuning -> tuning #2 -> generation -> CAS -> report, each skipped when its outputs exist; the `quick` and `paper` budgets |
-| `report.py` | `REPORT.md` with its PNG figures: CAS table and curve beside the paper's, tuning history, chosen settings, samples, quality metrics, commands and versions |
+Every stage has the same shape: `XSettings` (its script's flags, declared once,
+frozen, `to_argv()` for the command line back), `is_done(settings)`,
+`run(settings) -> XResult`, and `SCRIPT`, the root script that is its command line.
 
-The scripts `hyp_opt.py` and `reproduce.py` are thin command lines over these.
+| module | stage | script |
+| --- | --- | --- |
+| `adapt.py` | class encoder / UNet fine-tuning (PAPER.md stages 1, 3) | `SD_adapting.py` |
+| `tune.py` (machinery in `tuning/`) | Bayesian optimisation #1, #2 (stages 2, 4) | `hyp_opt.py` |
+| `generate.py` | generation of a synthetic training set (stage 5) | `generate_dataset.py` |
+| `cas.py` | the classification accuracy score | `classifier_training.py` |
+| `evaluate.py` | quality metrics of a generated set | `evaluate_dataset.py` |
+| `stages.py` | all of them chained, resumable; the `quick` and `paper` budgets | `reproduce.py` |
+| `report.py` | `REPORT.md` with its figures | (`reproduce.py`) |
+| `common_settings.py` | the flags several stages share, with the paper's defaults | |
 """

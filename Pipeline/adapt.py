@@ -116,6 +116,7 @@ def plan(settings):
     from Data.registry import get_spec
     from Models.diffusion import checkpoints as ck
     from Models.diffusion.generator import schedule_for
+    from Models.errors import CheckpointError
     from Models.diffusion.presets import get_preset
     from Utils.paths import diffusion_checkpoint_dir
 
@@ -135,7 +136,13 @@ def plan(settings):
         # The UNet keeps the schedule and prediction type it was trained with in the enc stage.
         enc_epoch = preset.enc_epochs if s.enc_epoch is None else s.enc_epoch
         enc_dir = diffusion_checkpoint_dir(s.exp, spec.name, "enc")
-        enc_path = ck.require_checkpoint(enc_dir, enc_epoch, "class-encoder")
+        try:
+            enc_path = ck.require_checkpoint(enc_dir, enc_epoch, "class-encoder")
+        except CheckpointError as e:
+            if s.enc_epoch is not None:
+                raise
+            raise CheckpointError(f"{e}; --enc_epoch defaults to the {preset.name} preset's last encoder "
+                                  f"epoch, {enc_epoch}: give the one to fine-tune with") from None
         trained_with = ck.schedule_settings(ck.read_settings(enc_dir))
         for key, value in trained_with.items():
             if asked_recipe.get(key, value) != value:

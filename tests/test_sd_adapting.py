@@ -21,7 +21,6 @@ from Models.diffusion import checkpoints as ck  # noqa: E402
 from Models.diffusion.optimizer import make_optimizer  # noqa: E402
 from Models.diffusion.presets import get_preset  # noqa: E402
 from Models.diffusion.trainer import DiffusionTrainer  # noqa: E402
-from Utils.cli import UserError  # noqa: E402
 from Models.errors import CheckpointError  # noqa: E402
 from Utils.errors import InputError  # noqa: E402
 
@@ -135,7 +134,8 @@ def test_enc_killed_resumes_without_redoing_epochs_then_dif(tmp_path, run_script
     dif = ["--dataset", "digits", "--preset", "tiny", "--train_model", "dif", "--epochs", "3",
            "--batch_size", "256", "--grid_per_class", "1", "--grid_freq", "2", "--verbose", "0"]
     # The paper's default: the preset's last encoder epoch (tiny: 15), which this run does not have.
-    with pytest.raises(UserError, match=r"no class-encoder checkpoint for epoch 15 .*epochs there: 1, 2, 3"):
+    with pytest.raises(CheckpointError, match=r"no class-encoder checkpoint for epoch 15 .*epochs there: 1, 2, 3\); "
+                                              r"--enc_epoch defaults to the tiny preset's last encoder epoch, 15"):
         SD_adapting.main(dif)
     with pytest.raises(CheckpointError, match=r"no class-encoder checkpoint for epoch 7 .*epochs there: 1, 2, 3"):
         SD_adapting.main(dif + ["--enc_epoch", "7"])
