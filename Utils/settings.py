@@ -23,7 +23,7 @@ Example:
     >>> s.synthetic, s.take
     (False, 4)
     >>> s.to_argv()
-    ['--dataset', 'bloodmnist', '--no-synthetic', '--take', '4']
+    ['--dataset', 'bloodmnist', '--synthetic', 'False', '--take', '4']
 """
 
 import argparse
@@ -205,7 +205,7 @@ class Settings:
                 continue
             flag = self._flag(f)
             if self._is_bool(f):
-                argv.append(flag if value else "--no-" + flag[2:])
+                argv += [flag] if value else [flag, "False"]  # the paper's spelling
             elif f.metadata.get("nargs"):
                 argv += [flag, *map(str, value)]
             else:

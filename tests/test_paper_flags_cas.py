@@ -50,7 +50,7 @@ def test_test_and_train_are_booleans(words, flag):
 
 def test_exp_is_kept_as_written(tmp_path, monkeypatch):
     s = parse("--exp", "0001", "--synthetic", "False")
-    assert s.exp == "0001" and s.command(SCRIPT) == "python classifier_training.py --no-synthetic --exp 0001"
+    assert s.exp == "0001" and s.command(SCRIPT) == "python classifier_training.py --synthetic False --exp 0001"
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
     assert s.train_folder() is None
     assert parse("--exp", "0001").train_folder().parts[-2:] == ("Exp_0001", "cifar10")

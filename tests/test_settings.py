@@ -58,7 +58,7 @@ def test_to_argv_rebuilds_the_object_and_only_says_what_differs():
     s = Example(dataset="d", exp="0001", synthetic=False, take=4, ugs=1.25, multiples=(3,), xla=True,
                 internal=5)
     argv = s.to_argv()
-    assert argv == ["--xla", "--dataset", "d", "--exp", "0001", "--no-synthetic", "--take", "4",
+    assert argv == ["--xla", "--dataset", "d", "--exp", "0001", "--synthetic", "False", "--take", "4",
                     "--ugs", "1.25", "--multiples", "3"]
     assert Example.from_argv(argv, internal=5) == s
     assert Example(dataset="d").to_argv() == ["--dataset", "d"]
