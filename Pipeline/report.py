@@ -369,13 +369,3 @@ def write_report(exp, dataset, preset, budget, stage_log, command, storage_url=N
     path = out_dir / REPORT_FILE
     atomic_write_text(path, "\n".join(lines))
     return path
-
-
-def python_command(argv):
-    """A shell-pasteable command line for `python <argv>`."""
-    import shlex
-
-    return " ".join(["python", *map(shlex.quote, map(str, argv))])
-
-
-

@@ -73,11 +73,6 @@ class RuntimeSettings(Settings):
         return RuntimeSettings(mixed_precision=self.mixed_precision, xla=self.xla, multi_gpu=self.multi_gpu)
 
 
-def add_runtime_flags(parser):
-    """The GPU flags, for a parser not built from a settings class."""
-    return RuntimeSettings.add_arguments(parser)
-
-
 @contextlib.contextmanager
 def distribution_scope(multi_gpu=False):
     """Builds and trains models data-parallel over all local GPUs when asked."""

@@ -10,7 +10,6 @@ it lands and update the hashes in the same change.
 """
 
 import hashlib
-import os
 
 import numpy as np
 import pytest
@@ -18,7 +17,6 @@ import pytest
 import generate_dataset
 from Data.registry import get_spec
 from Models.diffusion import checkpoints as ck
-from Utils.io import atomic_write_json
 
 LABELS = np.array([0, 1, 2, 3, 9, 9])
 
@@ -38,14 +36,9 @@ def test_generate_is_pinned(preset, eta, expected):
     assert digest(images) == expected
 
 
-def test_generate_dataset_pngs_are_pinned(tmp_path, monkeypatch):
-    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
-    spec = get_spec("digits")
-    model = ck.build_model("tiny", spec, init_seed=0)
-    identity = ck.model_identity("tiny", spec, True, 0)
-    enc_dir = ck.diffusion_checkpoint_dir(0, "digits", "enc")
-    atomic_write_json(enc_dir / ck.SETTINGS_FILE, {**identity, "stage": "enc"})
-    ck.save_parts(ck.weights_path(enc_dir, 1), ck.enc_parts(model))
+def test_generate_dataset_pngs_are_pinned(tiny_checkpoints, tmp_path, monkeypatch):
+    """From conftest's tiny class-encoder checkpoint (random weights of init seed 0, as SD_adapting.py saves)."""
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tiny_checkpoints))
     out = tmp_path / "out"
     assert generate_dataset.main(["--dataset", "digits", "--preset", "tiny", "--enc_epoch", "1", "--dif_epoch", "0",
                                   "--inf_steps", "5", "--ugs", "1.5", "--batch_size", "4", "--seed", "2",
