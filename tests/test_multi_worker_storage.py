@@ -90,14 +90,17 @@ WINNER = re.compile(r"best of \d+ trial\(s\) .*: trial (\d+) (\{.*?\}) ->")
 
 
 def test_three_workers_one_killed_reach_exactly_the_target(tiny_checkpoints, storage_url):
+    """Three workers as on three machines (each names its own, SDDG_WORKER_HOST): none can look
+    up another's process, so the killed worker's trial is failed by its silent heartbeat."""
     root, n_trials = tiny_checkpoints, 4
-    env = dict(os.environ, SDDG_OUTPUT_ROOT=str(root), PYTHONUNBUFFERED="1", **FAST_HEARTBEAT)
     name = tuning.tuning_study_name("digits", 0, "enc")
     command = [sys.executable, str(REPO / "hyp_opt.py"), *TINY_TUNING, "--storage", storage_url,
                "--n_trials", str(n_trials)]
     logs = [root / f"worker_{i}_{storage_url.split(':')[0]}.log" for i in range(3)]
-    workers = [subprocess.Popen(command, cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-               for log in logs]
+    workers = [subprocess.Popen(command, cwd=root, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                env=dict(os.environ, SDDG_OUTPUT_ROOT=str(root), PYTHONUNBUFFERED="1",
+                                         SDDG_WORKER_HOST=f"machine-{i}", **FAST_HEARTBEAT))
+               for i, log in enumerate(logs)]
     try:
         storage = tuning.open_storage(storage_url)
         victim, killed_trial = workers[0], None
@@ -122,6 +125,10 @@ def test_three_workers_one_killed_reach_exactly_the_target(tiny_checkpoints, sto
     study = optuna.load_study(study_name=name, storage=tuning.open_storage(storage_url))
     states = {t.number: t.state.name for t in study.trials}
     assert states[killed_trial.number] == "FAIL"
+    # Failed by the heartbeat: not before the grace period after its last beat.
+    failed = study.trials[killed_trial.number]
+    silent_for = failed.datetime_complete.timestamp() - failed.user_attrs["heartbeat"]
+    assert silent_for >= int(FAST_HEARTBEAT["SDDG_GRACE_PERIOD_S"]) - 1, silent_for
     assert sum(s in ("COMPLETE", "PRUNED") for s in states.values()) == n_trials, states
     assert "RUNNING" not in states.values()
     # Every surviving worker waited for the whole study and read the same winner.

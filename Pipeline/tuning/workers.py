@@ -8,7 +8,10 @@ heartbeat (the "heartbeat" user attribute, refreshed every
 HEARTBEAT_INTERVAL_S on every storage, the journal file included) is older
 than GRACE_PERIOD_S. The environment (SDDG_HEARTBEAT_INTERVAL_S,
 SDDG_GRACE_PERIOD_S) overrides both for clusters whose workers may stall
-longer, and for tests that cannot wait minutes.
+longer, and for tests that cannot wait minutes. SDDG_WORKER_HOST names the
+machine a worker records (default: the hostname): set it where containers on
+different machines share one hostname, or a worker would take another
+machine's live process for a dead one of its own.
 
 Example:
     >>> with trial_heartbeat(trial):
@@ -40,9 +43,14 @@ def process_start_ticks(pid):
         return ""
 
 
+def machine_name():
+    """The machine this worker records: $SDDG_WORKER_HOST, else the hostname."""
+    return os.environ.get("SDDG_WORKER_HOST") or socket.gethostname()
+
+
 def worker_id():
     """host:pid:start-ticks of this process, stored on each trial it runs."""
-    return f"{socket.gethostname()}:{os.getpid()}:{process_start_ticks(os.getpid())}"
+    return f"{machine_name()}:{os.getpid()}:{process_start_ticks(os.getpid())}"
 
 
 def _worker_alive(worker):
@@ -52,7 +60,7 @@ def _worker_alive(worker):
         pid = int(pid)
     except (ValueError, AttributeError):
         return None
-    if host != socket.gethostname():
+    if host != machine_name():
         return None
     try:
         os.kill(pid, 0)
