@@ -14,8 +14,6 @@ v1 as `--preset sd1`); `reproduce.py` gives its own (the embedded digits and
 the from-scratch preset).
 """
 
-import argparse
-
 from Utils.cli import experiment_id, folder, positive_int
 from Utils.settings import ADDED, PAPER, setting
 
@@ -23,20 +21,8 @@ PRESET_HELP = ("diffusion preset: sd1 (the paper: Stable Diffusion v1, GPU), sd2
                "scratch on a CPU), tiny (the test model); Models/diffusion/presets.py")
 
 
-def dataset_name(text):
-    """A registered name, folder:PATH or tfds:NAME (syntax only: the data is read by the stage)."""
-    from Data.errors import DataError
-    from Data.own_datasets import canonical_name, is_own_dataset
-    from Data.registry import get_spec
-
-    try:
-        return canonical_name(text) if is_own_dataset(text) else get_spec(text).name
-    except DataError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def dataset_setting(default="cifar10", group=PAPER):
-    return setting(default, type=dataset_name, group=group,
+    return setting(default, group=group,
                    help="a registered dataset (Data/registry.py), folder:PATH (an image folder: PATH/train/<class>/, "
                         "optional val/ and test/) or tfds:NAME (a prepared TensorFlow Datasets builder)")
 
