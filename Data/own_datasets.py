@@ -50,6 +50,7 @@ Example:
     ('daisy', 'rose', 'tulip')
 """
 
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -98,21 +99,73 @@ def own_spec(name, image_size=None, data_dir=None):
 
 
 def read_own_dataset(spec):
-    """({x_train, y_train, x_val, ...} arrays, one-line description) of a folder: / tfds: spec."""
+    """({x_train, y_train, x_val, ...} arrays, one-line description) of a folder: / tfds: spec.
+
+    The decoded arrays are kept in the data cache (`Utils.paths.dataset_cache_dir`), under a
+    fingerprint of the source (every file's path, size and time; the TFDS folder's
+    dataset_info.json) and the size: the next stage reads them back instead of decoding again.
+    """
     if spec.source == "folder":
         files = _folder_files(Path(spec.location), spec.label_names)
-        raw = {split: (_decode_files([f for f, _ in items], spec.image_size),
-                       np.array([label for _, label in items], np.int64))
-               for split, items in files.items()}
+        stamp = [(str(f), label, *_stat(f)) for items in files.values() for f, label in items]
         what = f"image folder {spec.location}"
     else:
-        raw = _read_tfds(spec)
+        files = None
+        stamp = [spec.location, *_stat(Path(spec.location) / "dataset_info.json")]
         what = f"TFDS {spec.name[len(TFDS_PREFIX):]} from {spec.location}"
-    splits, made = _complete_splits(raw, spec.num_classes)
-    arrays = {f"{kind}_{split}": value for split, (x, y) in splits.items() for kind, value in (("x", x), ("y", y))}
-    sizes = ", ".join(f"{s} {len(splits[s][1])}" for s in ("train", "val", "test"))
+    cache = _cache_file(spec, stamp)
+    arrays, made = _read_cache(cache)
+    if arrays is None:
+        if files is not None:
+            raw = {split: (_decode_files([f for f, _ in items], spec.image_size),
+                           np.array([label for _, label in items], np.int64))
+                   for split, items in files.items()}
+        else:
+            raw = _read_tfds(spec)
+        splits, made = _complete_splits(raw, spec.num_classes)
+        arrays = {f"{kind}_{split}": value for split, (x, y) in splits.items()
+                  for kind, value in (("x", x), ("y", y))}
+        _write_cache(cache, arrays, made)
+    sizes = ", ".join(f"{s} {len(arrays['y_' + s])}" for s in ("train", "val", "test"))
     note = f"; {' and '.join(made)} drawn from train (stratified, seed {FOLDER_SPLIT_SEED})" if made else ""
     return arrays, f"{what}: {sizes}{note}"
+
+
+def _stat(path):
+    info = Path(path).stat()
+    return info.st_size, info.st_mtime_ns
+
+
+def _cache_file(spec, stamp):
+    import hashlib
+
+    from Utils.paths import dataset_cache_dir
+
+    key = json.dumps([spec.name, spec.image_size, spec.label_names, FOLDER_SPLIT_SEED, FOLDER_SPLIT_FRACTION,
+                      stamp])
+    return dataset_cache_dir(spec.name) / f"splits_{spec.image_size}px_{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
+
+
+def _read_cache(path):
+    """(arrays, drawn splits) from the cache, or (None, None) when absent or unreadable."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files if key != "drawn"}
+            made = [str(s) for s in npz["drawn"]]
+        return arrays, made
+    except (OSError, ValueError, KeyError, EOFError):
+        return None, None
+
+
+def _write_cache(path, arrays, made):
+    """Best effort: a read-only or full data folder costs only the next decode."""
+    from Utils.io import atomic_path
+
+    try:
+        with atomic_path(path) as tmp:
+            np.savez(tmp, drawn=np.array(made, dtype="U8"), **arrays)
+    except OSError:
+        pass
 
 
 # ------------------------------------------------------------- folders ----

@@ -54,6 +54,11 @@ def dataset_folder(dataset):
     return "tfds-" + re.sub(r"[^A-Za-z0-9_.-]+", "-", rest)
 
 
+def dataset_cache_dir(dataset):
+    """The data cache's folder for one dataset's decoded arrays (folder: and tfds: datasets)."""
+    return default_data_dir() / dataset_folder(dataset)
+
+
 def diffusion_checkpoint_dir(exp, dataset, stage):
     """stage: 'enc' (class encoder, MyEmbedding) or 'dif' (fine-tuned UNet, DiffusionFt)."""
     folder = {"enc": "MyEmbedding", "dif": "DiffusionFt"}[stage]

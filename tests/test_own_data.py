@@ -26,6 +26,13 @@ DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 FORMATS = (".png", ".jpg", ".bmp", ".gif", ".webp")
 
 
+@pytest.fixture(autouse=True)
+def data_cache(tmp_path, monkeypatch):
+    """The data cache in tmp_path: decoded folder: / tfds: arrays are kept there."""
+    monkeypatch.setenv("SDDG_DATA_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
 def _image(label, size, seed, mode="RGB"):
     """A class-coloured image with noise: the class is visible at any size."""
     rng = np.random.default_rng(seed)
@@ -115,6 +122,22 @@ def test_folder_problems_are_one_line_naming_the_file(tmp_path):
         get_spec(f"folder:{root}")
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         get_spec(f"folder:{tmp_path / 'nowhere'}")
+
+
+def test_decoded_folder_is_cached_under_its_safe_name_and_refreshed_on_change(tmp_path, data_cache):
+    root = _make_folder(tmp_path / "cached", ["a", "b"], [3, 3], sizes=((10, 10),))
+    first = load_dataset(f"folder:{root}")
+    cached = list((data_cache / dataset_folder(f"folder:{root}")).glob("splits_10px_*.npz"))
+    assert len(cached) == 1
+    again = load_dataset(f"folder:{root}")
+    assert np.array_equal(again.x_train, first.x_train) and again.verification == first.verification
+    image = root / "train" / "a" / "img_0.png"
+    _image(2, (10, 10), 99).save(image)  # new content: new size or time, a new cache entry
+    os.utime(image, ns=(time.time_ns(), time.time_ns() + 10**9))
+    changed = load_dataset(f"folder:{root}")
+    every = lambda splits: np.concatenate([splits.x_train, splits.x_val, splits.x_test])  # noqa: E731
+    assert not np.array_equal(every(changed), every(first))
+    assert len(list(cached[0].parent.glob("splits_10px_*.npz"))) == 2
 
 
 def test_folder_names_are_safe_and_distinct(tmp_path):
