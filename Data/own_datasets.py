@@ -30,9 +30,12 @@ tfds:NAME
 been prepared (`tfds build NAME` or `builder.download_and_prepare()`):
 `--data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets. The prepared
 folder is opened with `tfds.builder_from_directory`, which reads only the
-files there: no download, no GCS look-up (`tfds.builder(name)` could fall
-back to both). Missing, it is one line within seconds naming what to prepare
-and where. The builder's image feature and `ClassLabel` (its supervised keys,
+files there. The usual `tfds.load(name)` would not stay offline: its
+`download_and_prepare` asks GCS whether the dataset is hosted there
+(`DownloadConfig.try_download_gcs` defaults to True in tfds 4.9, even with
+`try_gcs=False`) and then downloads the source files, each with retries. A
+missing dataset is therefore found here, from the folder layout alone: one
+line within seconds naming what to prepare and where. The builder's image feature and `ClassLabel` (its supervised keys,
 else its only Image and ClassLabel features) give the images and
 `ClassLabel.names`; its splits `train`, `validation`/`val`, `test` are used.
 
