@@ -43,6 +43,7 @@ class Verification:
         (no digest recorded: keys, shapes, dtypes, sizes and labels checked),
         "unverified" (structure matches, digest differs, accepted by the user),
         "own" (a folder: or tfds: dataset: the user's own data, no reference),
+        "embedded" (shipped inside a package: scikit-learn's digits),
         "off" (checks switched off, hand-made test files).
     detail: one line saying what was compared.
     """

@@ -465,7 +465,11 @@ def load_digits_splits(spec=None):
     train, val = train_test_split(rest, test_size=val_fraction / (1.0 - test_fraction),
                                   stratify=y[rest], random_state=DIGITS_SPLIT_SEED)
     train, val, test = np.sort(train), np.sort(val), np.sort(test)
-    return Splits(spec, x[train], y[train], x[val], y[val], x[test], y[test])
+    import sklearn
+
+    shipped = Verification("embedded", f"digits: scikit-learn {sklearn.__version__} load_digits, shipped "
+                                       f"with the package")
+    return Splits(spec, x[train], y[train], x[val], y[val], x[test], y[test], verification=shipped)
 
 
 def _three_channels(images):

@@ -205,7 +205,7 @@ def run(settings, log=print):
             metadata = {"source": f"real {spec.name} train split"}
         metadata.update({"dataset": spec.name, "exp": r.exp, "run_key": run_key, "take": r.take,
                          "label_names": list(spec.label_names),
-                         "data_verification": splits.verification.as_dict()})
+                         "data_verification": splits.verification and splits.verification.as_dict()})
         config = ClassifierConfig(classifier=r.classifier, epochs=r.epochs, batch_size=r.batch_size,
                                   initial_filters=r.initial_filters, jit_compile=True if r.xla else "auto")
         configure_runtime(seed=r.seed, mixed_precision=r.mixed_precision, xla=r.xla)
