@@ -156,7 +156,7 @@ def get_spec(name, image_size=None, data_dir=None):
 
     `folder:PATH` and `tfds:NAME` are read from the data (Data/own_datasets.py):
     `image_size` resizes them (needed when their images differ in size),
-    `data_dir` is the TFDS data folder. Both are ignored for registered names.
+    `data_dir` is the TFDS data folder. A registered name takes no other size and ignores `data_dir`.
     """
     from Data.own_datasets import canonical_name, is_own_dataset, own_spec
 
@@ -173,7 +173,11 @@ def get_spec(name, image_size=None, data_dir=None):
         return spec
     key = str(name).strip().lower()
     if key in REGISTRY:
-        return REGISTRY[key]
+        spec = REGISTRY[key]
+        if image_size is not None and int(image_size) != spec.image_size:
+            raise DataError(f"--image_size applies to folder: and tfds: datasets; {spec.name} is "
+                            f"{spec.image_size}x{spec.image_size} (drop --image_size)")
+        return spec
     if key in UNSUPPORTED:
         raise DataError(f"dataset '{name}' is not supported: {UNSUPPORTED[key]}")
     raise DataError(f"unknown dataset '{name}'; choose from: {', '.join(dataset_names())}, "

@@ -150,6 +150,12 @@ def test_folder_names_are_safe_and_distinct(tmp_path):
     assert dataset_folder("retinamnist") == "retinamnist"
 
 
+def test_image_size_is_for_own_data_only():
+    assert get_spec("digits", image_size=8).image_size == 8
+    with pytest.raises(DataError, match="--image_size applies to folder: and tfds: datasets; digits is 8x8"):
+        get_spec("digits", image_size=32)
+
+
 # ---------------------------------------------------------------- tfds ----
 
 _BUILDER = None
@@ -375,3 +381,26 @@ def test_generate_dataset_for_an_image_folder(tmp_path, monkeypatch):
     assert manifest["label_names"] == ["x", "y"] and manifest["complete"] is True
     with Image.open(folder / "class_01" / "img_1.png") as image:
         assert image.size == (8, 8) and image.mode == "L"
+
+
+def test_reproduce_passes_the_data_flags_to_every_stage(tmp_path, monkeypatch):
+    """Each stage of the chained pipeline on an image folder gets --image_size (and the accept flag)
+    on its command line, and the line parses back into the same settings."""
+    import importlib
+
+    from Pipeline.stages import BUDGETS, Pipeline
+
+    data = _make_folder(tmp_path / "mixed", ["a", "b"], [5, 5], sizes=((10, 10), (13, 11)))
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path / "out"))
+    pipeline = Pipeline(f"folder:{data}", "tiny", BUDGETS["quick"], image_size=12, accept_unverified_data=True)
+    winners = {"enc": {"enc_epoch": 1, "inf_steps": 5, "ugs": 2.0}, "dif": {"dif_epoch": 1, "inf_steps": 5, "ugs": 2.0}}
+    monkeypatch.setattr(pipeline, "winner", winners.__getitem__)
+    assert pipeline.train_size() == 6  # 10 images: 2 to val, 2 to test
+    for stage in pipeline.stages():
+        settings = stage.settings()
+        argv = settings.to_argv()
+        assert argv[argv.index("--dataset") + 1] == f"folder:{data}"
+        assert argv[argv.index("--image_size") + 1] == "12", (stage.name, argv)
+        script = importlib.import_module(Path(stage.script).stem)
+        assert type(settings).from_namespace(script.parser.parse_args(argv)) == settings
+    assert "--accept_unverified_data" in pipeline.stages()[-1].settings().to_argv()
