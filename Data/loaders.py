@@ -365,13 +365,15 @@ def idx_files(spec, data_dir=None):
     """{key: path} of a dataset's four idx files (.gz or decompressed), downloading them when missing.
 
     Looked for in `<data_dir>/<name>/`, then `data_dir` itself (--data_dir
-    pointing at a folder of the four files), then the system folder of a Debian
-    package (fashion_mnist: /usr/share/datasets/fashion-mnist); else downloaded
-    into `<data_dir>/<name>/`, each file checked against its official MD5.
+    pointing at a folder of the four files; only for a dataset with recorded
+    content digests, since MNIST and Fashion-MNIST share file names and
+    structure), then the system folder of a Debian package (fashion_mnist:
+    /usr/share/datasets/fashion-mnist); else downloaded into
+    `<data_dir>/<name>/`, each file checked against its official MD5.
     """
     entry = IDX_FILES[spec.name]
     base = Path(data_dir) if data_dir is not None else default_data_dir()
-    candidates = [base / spec.name, base]
+    candidates = [base / spec.name] + ([base] if spec.content_digests else [])
     if entry.get("system_dir"):
         candidates.append(Path(entry["system_dir"]))
     for folder in candidates:

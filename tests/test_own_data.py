@@ -404,3 +404,17 @@ def test_reproduce_passes_the_data_flags_to_every_stage(tmp_path, monkeypatch):
         script = importlib.import_module(Path(stage.script).stem)
         assert type(settings).from_namespace(script.parser.parse_args(argv)) == settings
     assert "--accept_unverified_data" in pipeline.stages()[-1].settings().to_argv()
+
+
+def test_fashion_files_in_a_bare_data_dir_are_not_taken_for_mnist(tmp_path, monkeypatch):
+    if not (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"{DEBIAN_FASHION} is missing")
+    monkeypatch.setenv("SDDG_DATA_MIRROR", "file:///nonexistent-mirror")
+    bare = tmp_path / "bare"  # a --data_dir holding the four files themselves, as Debian's folder does
+    bare.mkdir()
+    for file in DEBIAN_FASHION.glob("*.gz"):
+        (bare / file.name).symlink_to(file)
+    # Right for fashion_mnist (its digest says so), never read as mnist (same names, same structure).
+    assert load_dataset("fashion_mnist", data_dir=bare).verification.status == "digest"
+    with pytest.raises(DatasetNotFoundError, match="mnist: the four idx files"):
+        load_dataset("mnist", data_dir=bare)
