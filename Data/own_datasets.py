@@ -20,7 +20,8 @@ folder: nothing is dropped silently.
 
 Size and channels: the native size when every image has the same square size,
 else `--image_size` (required then; it also resizes uniform folders), with the
-one antialiased resize (`Data/images.py`). Channels: 1 when every image is
+one antialiased resize (`Data/images.py`; a non-square image is stretched to
+the square, not cropped: nothing of it is lost). Channels: 1 when every image is
 grey (modes 1, L, LA, I, I;16, F), else 3; loaders return 3 channels either way.
 
 tfds:NAME
@@ -372,8 +373,8 @@ def _tfds_spec(name, image_size, data_dir):
     height, width, channels = builder.info.features[image_key].shape
     if image_size is None:
         if height is None or height != width:
-            raise DataError(f"TFDS dataset {name[len(TFDS_PREFIX):]} has images of {height}x{width}: "
-                            f"give --image_size")
+            shown = "varying sizes" if height is None or width is None else f"{height}x{width}"
+            raise DataError(f"TFDS dataset {name[len(TFDS_PREFIX):]} has images of {shown}: give --image_size")
         image_size = height
     if "train" not in builder.info.splits:
         raise DataError(f"TFDS dataset at {location} has no train split (splits: {', '.join(builder.info.splits)})")

@@ -190,12 +190,32 @@ def _tiny_builder_class():
                     image[i % 12, :, 0] = 255
                     yield i, {"image": image, "label": i % 3}
 
-        _BUILDER = SddgTinyShapes
+        class SddgTinyPhotos(tfds.core.GeneratorBasedBuilder):
+            """RGB photos of varying sizes, a train split only, labels under other feature names."""
+
+            VERSION = tfds.core.Version("2.0.0")
+            pkg_dir_path = epath.Path(__file__).parent
+
+            def _info(self):
+                return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+                    "photo": tfds.features.Image(shape=(None, None, 3)),
+                    "kind": tfds.features.ClassLabel(names=["day", "night"])}))
+
+            def _split_generators(self, dl_manager):
+                return {"train": self._generate_examples()}
+
+            def _generate_examples(self):
+                for i in range(10):
+                    side = 6 + i
+                    yield i, {"photo": np.full((side, side + 1, 3), 200 if i % 2 == 0 else 20, np.uint8),
+                              "kind": i % 2}
+
+        _BUILDER = (SddgTinyShapes, SddgTinyPhotos)
     return _BUILDER
 
 
 def test_tfds_builder_prepared_here_is_read_back_by_name(tmp_path):
-    _tiny_builder_class()(data_dir=str(tmp_path)).download_and_prepare()
+    _tiny_builder_class()[0](data_dir=str(tmp_path)).download_and_prepare()
     splits = load_dataset("tfds:sddg_tiny_shapes", data_dir=tmp_path)
     assert splits.spec.label_names == ("circle", "square", "triangle")
     assert (splits.spec.image_size, splits.spec.channels, splits.spec.source) == (12, 1, "tfds")
@@ -207,6 +227,18 @@ def test_tfds_builder_prepared_here_is_read_back_by_name(tmp_path):
     assert dataset_folder(splits.spec.name) == "tfds-sddg_tiny_shapes"
     resized = load_dataset("tfds:sddg_tiny_shapes:1.0.0", data_dir=tmp_path, image_size=20)
     assert resized.x_train.shape[1:] == (20, 20, 3)
+
+
+def test_tfds_varying_sizes_need_image_size_and_one_split_is_split(tmp_path, monkeypatch):
+    _tiny_builder_class()[1](data_dir=str(tmp_path)).download_and_prepare()
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # found through TFDS's own variable
+    with pytest.raises(DataError, match="has images of varying sizes: give --image_size"):
+        get_spec("tfds:sddg_tiny_photos")
+    splits = load_dataset("tfds:sddg_tiny_photos", image_size=8)
+    assert splits.spec.label_names == ("day", "night") and splits.spec.channels == 3
+    assert splits.sizes() == {"train": 6, "val": 2, "test": 2}  # 5 per class: 1 to val, 1 to test
+    assert splits.x_train.shape[1:] == (8, 8, 3)
+    assert {int(y): int(x.mean()) for x, y in zip(splits.x_test, splits.y_test)} == {0: 200, 1: 20}
 
 
 def test_tfds_missing_is_one_fast_line_without_network(tmp_path, monkeypatch):
