@@ -450,3 +450,26 @@ def test_fashion_files_in_a_bare_data_dir_are_not_taken_for_mnist(tmp_path, monk
     assert load_dataset("fashion_mnist", data_dir=bare).verification.status == "digest"
     with pytest.raises(DatasetNotFoundError, match="mnist: the four idx files"):
         load_dataset("mnist", data_dir=bare)
+
+
+def test_accepting_unverified_data_is_recorded_in_the_results(run_script, tmp_path, retinamnist_dir):
+    with np.load(retinamnist_dir / "retinamnist.npz") as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    arrays["train_images"] = arrays["train_images"].copy()
+    arrays["train_images"][0] //= 2  # another release, same structure
+    data = tmp_path / "data"
+    data.mkdir()
+    np.savez(data / "retinamnist.npz", **arrays)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["--dataset", "retinamnist", "--synthetic", "False", "--data_dir", data, "--epochs", "1",
+            "--initial_filters", "8"]
+    refused = run_script("classifier_training.py", *args, cwd=out)
+    assert refused.returncode == 2 and "not its official content (train images differ" in refused.stderr
+    assert not list(out.iterdir())
+    done = run_script("classifier_training.py", *args, "--accept_unverified_data", cwd=out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = _cas(out, "retinamnist", "real")
+    assert record["data_verification"]["status"] == "unverified"
+    run = json.loads((out / "Checkpoints" / "Classifiers" / "Exp_0" / "retinamnist" / "real" / "run.json").read_text())
+    assert "--accept_unverified_data" in json.dumps(run)
