@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 # ------------------------------------------------------------ real data ----
 
 def test_retinamnist_real_file(retinamnist_dir):
-    splits = load_dataset("retinamnist", data_dir=retinamnist_dir)  # MD5 checked
+    splits = load_dataset("retinamnist", data_dir=retinamnist_dir)  # content digest checked
+    assert splits.verification.status == "digest"
     assert splits.spec.name == "retinamnist"
     for split, n in (("train", 1080), ("val", 120), ("test", 400)):
         x, y = getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}")
