@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from Pipeline.common_settings import data_dir_setting, dataset_setting, experiment_setting, preset_setting  # noqa: E402
+from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting,  # noqa: E402
+                                      experiment_setting, image_size_setting, preset_setting)
 from Pipeline.stages import BUDGETS, DEFAULT_PRESET  # noqa: E402
 from Utils.cli import non_negative_int, positive_int, run_cli  # noqa: E402
 from Utils.runtime import RuntimeSettings  # noqa: E402
@@ -39,6 +40,8 @@ class ReproduceSettings(RuntimeSettings):
                                "(50 + 40 trials of 4,000 images, 100-epoch classifiers, x1..x10)")
     exp: str = experiment_setting(group=ADDED)
     data_dir: str = data_dir_setting()
+    image_size: int = image_size_setting()
+    accept_unverified_data: bool = accept_unverified_setting()
     seed: int = setting(0, type=non_negative_int, help="seed of every stage")
     storage: str = setting(None, help="Optuna storage URL for both studies (default: sqlite file in the "
                                       "experiment folder)")
@@ -70,16 +73,16 @@ parser = ReproduceSettings.parser(description=__doc__)
 
 def main(argv=None):
     settings = ReproduceSettings.from_namespace(parser.parse_args(argv))
-    from Data.loaders import load_dataset
     from Pipeline.stages import Pipeline, budget_with
 
     budget = budget_with(BUDGETS[settings.budget], **settings.budget_overrides())
     command = " ".join(["python", "reproduce.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     pipeline = Pipeline(settings.dataset, settings.preset, budget, exp=settings.exp, seed=settings.seed,
                         data_dir=settings.data_dir, storage=settings.storage, runtime=settings.runtime(),
-                        command=command, quality=settings.quality)
+                        command=command, quality=settings.quality, image_size=settings.image_size,
+                        accept_unverified_data=settings.accept_unverified_data)
     # The first stage would find missing real data only after the pipeline started its stage log.
-    load_dataset(settings.dataset, data_dir=settings.data_dir)
+    pipeline.real_splits()
     pipeline.run(stop_after=settings.stop_after)
     return 0
 

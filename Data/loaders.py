@@ -15,6 +15,11 @@ Splits
 - MedMNIST (pathmnist, dermamnist, bloodmnist, retinamnist and the other 2D
   single-label sets): the official train / val / test splits of the 28x28
   `<name>.npz` files.
+- mnist, fashion_mnist: the official idx files (60,000 training, 10,000 test
+  images, 28x28 grey); validation = the last fifth of the training file, as
+  for CIFAR: 48,000 / 12,000 / 10,000. Fashion-MNIST is also found where
+  Debian's `dataset-fashion-mnist` installs it.
+- folder:PATH, tfds:NAME: your own data, `Data/own_datasets.py`.
 - digits: scikit-learn's `load_digits` (1,797 images, embedded in
   scikit-learn: no download). Native 8x8 grey, values 0..16 rescaled to
   0..255 (round(v * 255 / 16)), repeated to 3 channels. A stratified split,
@@ -30,8 +35,10 @@ official URL into a temporary file, checked against its official MD5 and only
 then renamed into place. With no network the error comes within seconds
 (`DOWNLOAD_TIMEOUT_S` socket timeout, name look-up bounded as well) as one line
 naming the file, its MD5, the folder to put it in and the URL it comes from.
-A file present with the wrong MD5, or one that cannot be parsed, is one line
-naming the file. $SDDG_DATA_MIRROR, when set, replaces every official URL by
+A present file is judged by its decoded content (`Data/checksums.py`: the
+official content digest where recorded, else keys, shapes, dtypes, split sizes
+and label range), so a recompressed or re-saved copy is accepted; a file that
+cannot be parsed or holds different data is one line naming the file. $SDDG_DATA_MIRROR, when set, replaces every official URL by
 `<mirror>/<file name>` (a local mirror for machines without internet access).
 
 Example:
@@ -58,6 +65,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from Data.checksums import Verification, verify_content
 from Data.errors import DataError, DatasetNotFoundError
 from Data.medmnist_info import MEDMNIST
 from Data.registry import DatasetSpec, get_spec
@@ -88,6 +96,27 @@ CIFAR_FILES = {
 }
 
 
+# The official idx files (gzip). Both datasets use the same four file names, so
+# each lives in its own sub-folder of the data folder: <data_dir>/<name>/.
+IDX_NAMES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+IDX_FILES = {
+    "mnist": {
+        "url": "http://yann.lecun.com/exdb/mnist/",
+        "md5": {"train_images": "f68b3c2dcbeaaa9fbdd348bbdeb94873", "train_labels": "d53e105ee54ea40749a09fcbcd1e9432",
+                "test_images": "9fb629c4189551a2d022fa330f9573f3", "test_labels": "ec29112dd5afa0611ce80d1b7f02629c"},
+    },
+    "fashion_mnist": {
+        "url": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "md5": {"train_images": "8d4fb7e6c68d591d4c3dfef9ec88bf0d", "train_labels": "25c81989df183df01b3e8a0aad5dffbe",
+                "test_images": "bef4ecab320f06d8554ea6380940ec79", "test_labels": "bb300cfdad3c16e7a12a480ee83cd310"},
+        # Debian's dataset-fashion-mnist: the same data, recompressed (other .gz MD5s).
+        "system_dir": "/usr/share/datasets/fashion-mnist",
+        "package": "dataset-fashion-mnist",
+    },
+}
+
+
 @dataclass
 class Splits:
     """A dataset's three splits: images uint8 (N, H, W, 3), labels int64 (N,)."""
@@ -99,6 +128,7 @@ class Splits:
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    verification: Verification = None
 
     def sizes(self):
         return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
@@ -109,31 +139,62 @@ class Splits:
         return np.bincount(labels, minlength=self.spec.num_classes).tolist()
 
 
-def load_dataset(name, data_dir=None, check_md5=True):
-    """The train / val / test splits of the registered dataset `name`.
+def load_dataset(name, data_dir=None, verify=True, image_size=None, accept_unverified=False):
+    """The train / val / test splits of the dataset `name`.
 
     Args:
-        name: a registry name (`Data.registry.dataset_names()`).
+        name: a registry name (`Data.registry.dataset_names()`), `folder:PATH` or `tfds:NAME`.
         data_dir: folder holding (or receiving) the real files; None →
-            `Utils.paths.default_data_dir()`. Unused for digits.
-        check_md5: verify the file's official MD5 before parsing (leave on;
-            off only for hand-made test files).
+            `Utils.paths.default_data_dir()` (tfds: $TFDS_DATA_DIR or ~/tensorflow_datasets).
+            Unused for digits and folder:.
+        verify: check the decoded content (`Data/checksums.py`: digest, else
+            structure) before use (leave on; off only for hand-made test files).
+        image_size: folder: / tfds: only: the square size to resize to (needed when sizes differ).
+        accept_unverified: use a file whose structure matches but whose content
+            digest does not (recorded in `Splits.verification`).
 
     Raises:
-        DataError: unknown dataset, wrong MD5, or an unreadable file; its subclass
+        DataError: unknown dataset, different content, or an unreadable file; its subclass
             DatasetNotFoundError: the file is missing and cannot be downloaded. Always one line.
     """
-    spec = get_spec(name)
+    spec = get_spec(name, image_size=image_size, data_dir=data_dir)
     if spec.source == "sklearn":
         return load_digits_splits(spec)
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
-    source = data_source(spec.name)
-    path = fetch_file(source["file"], source["url"], source["md5"], data_dir, check_md5=check_md5)
-    if spec.source == "cifar":
-        return read_cifar_archive(path, spec)
-    if spec.source == "medmnist":
-        return read_medmnist_npz(path, spec)
-    raise AssertionError(f"no loader for source {spec.source!r}")
+    if spec.source in ("folder", "tfds"):
+        from Data.own_datasets import read_own_dataset
+
+        arrays, detail = read_own_dataset(spec)
+        return Splits(spec, **arrays, verification=Verification("own", detail))
+    if spec.source == "idx":
+        files = idx_files(spec, data_dir)
+        raw = read_idx_splits(files, spec)
+        path = files["train_images"].parent
+    else:
+        data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+        source = data_source(spec.name)
+        # A present file is judged by its decoded content (below), not its bytes.
+        path = fetch_file(source["file"], source["url"], source["md5"], data_dir, check_md5=False)
+        raw = read_cifar_archive(path, spec) if spec.source == "cifar" else read_medmnist_npz(path, spec)
+    if verify:
+        verification = verify_content(spec, path, raw, accept_unverified=accept_unverified)
+    else:
+        _check_labels(path, spec, *(labels for _, labels in raw.values()))
+        verification = Verification("off", f"{path}: content checks switched off")
+    return _to_splits(spec, raw, verification)
+
+
+def _to_splits(spec, raw, verification):
+    """Splits from the file's own splits; without a validation split, the last fifth of train."""
+    arrays = {split: (_three_channels(np.asarray(x)), np.asarray(y).reshape(-1).astype(np.int64))
+              for split, (x, y) in raw.items()}
+    if "val" not in arrays:
+        x_full, y_full = arrays.pop("train")
+        n_train = len(y_full) - int(round(len(y_full) * CIFAR_VAL_FRACTION))
+        # Training = first four fifths, validation = last fifth: disjoint.
+        arrays["train"] = (x_full[:n_train], y_full[:n_train])
+        arrays["val"] = (x_full[n_train:], y_full[n_train:])
+    return Splits(spec, *(np.ascontiguousarray(a) for split in ("train", "val", "test") for a in arrays[split]),
+                  verification=verification)
 
 
 def data_source(name):
@@ -297,20 +358,77 @@ def read_cifar_archive(path, spec):
             KeyError, ValueError, TypeError) as e:
         raise DataError(f"{path} is not a readable {spec.name} archive "
                         f"({type(e).__name__}: {e}); delete it to download it again") from None
-    _check_labels(path, spec, y_full, y_test)
-    n_val = int(round(len(y_full) * CIFAR_VAL_FRACTION))
-    n_train = len(y_full) - n_val
-    # Training = first four fifths, validation = last fifth: disjoint.
-    return Splits(spec,
-                  np.ascontiguousarray(x_full[:n_train]), y_full[:n_train],
-                  np.ascontiguousarray(x_full[n_train:]), y_full[n_train:],
-                  np.ascontiguousarray(x_test), y_test)
+    return {"train": (x_full, y_full), "test": (x_test, y_test)}
+
+
+def idx_files(spec, data_dir=None):
+    """{key: path} of a dataset's four idx files (.gz or decompressed), downloading them when missing.
+
+    Looked for in `<data_dir>/<name>/`, then `data_dir` itself (--data_dir
+    pointing at a folder of the four files; only for a dataset with recorded
+    content digests, since MNIST and Fashion-MNIST share file names and
+    structure), then the system folder of a Debian package (fashion_mnist:
+    /usr/share/datasets/fashion-mnist); else downloaded into
+    `<data_dir>/<name>/`, each file checked against its official MD5.
+    """
+    entry = IDX_FILES[spec.name]
+    base = Path(data_dir) if data_dir is not None else default_data_dir()
+    candidates = [base / spec.name] + ([base] if spec.content_digests else [])
+    if entry.get("system_dir"):
+        candidates.append(Path(entry["system_dir"]))
+    for folder in candidates:
+        found = {key: _idx_path(folder, name) for key, name in IDX_NAMES.items()}
+        if all(found.values()):
+            return found
+    target = base / spec.name
+    url = os.environ.get("SDDG_DATA_MIRROR", "").rstrip("/") or entry["url"].rstrip("/")
+    try:
+        return {key: fetch_file(f"{name}.gz", f"{url}/{name}.gz", entry["md5"][key], target, check_md5=False)
+                for key, name in IDX_NAMES.items()}
+    except DatasetNotFoundError:
+        package = (f" (or `apt-get install {entry['package']}`, which puts them in {entry['system_dir']})"
+                   if entry.get("package") else "")
+        raise DatasetNotFoundError(
+            f"{spec.name}: the four idx files ({', '.join(n + '.gz' for n in IDX_NAMES.values())}) are not in "
+            f"{target} and cannot be downloaded; put them there from {entry['url']}{package}") from None
+
+
+def _idx_path(folder, name):
+    for candidate in (folder / f"{name}.gz", folder / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_idx_splits(files, spec):
+    """{split: (images uint8 (N, H, W), labels uint8 (N,))} from idx files (gzip or plain)."""
+    return {split: (read_idx(files[f"{split}_images"], ndim=3), read_idx(files[f"{split}_labels"], ndim=1))
+            for split in ("train", "test")}
+
+
+def read_idx(path, ndim):
+    """The uint8 array in an idx file: magic 0x0000 08 <ndim>, big-endian int32 sizes, then the data."""
+    import gzip
+
+    try:
+        opener = gzip.open if str(path).endswith(".gz") else open
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is not a readable idx file ({type(e).__name__}: {e})") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08" or data[3] != ndim:
+        raise DataError(f"{path} is not a {ndim}-d uint8 idx file (header {data[:4].hex()})")
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    start = 4 + 4 * ndim
+    if len(data) - start != int(np.prod(shape)):
+        raise DataError(f"{path}: header says {shape} but holds {len(data) - start} bytes (truncated or corrupt)")
+    return np.frombuffer(data, np.uint8, offset=start).reshape(shape)
 
 
 def read_medmnist_npz(path, spec):
-    """Splits from a MedMNIST npz: `{train,val,test}_images` and `{...}_labels` (N, 1)."""
+    """{split: (images, labels)} of a MedMNIST npz, as stored: `{train,val,test}_images` and `_labels`."""
     path = Path(path)
-    arrays = {}
+    raw = {}
     try:
         with np.load(path, allow_pickle=False) as npz:
             needed = [f"{s}_{kind}" for s in ("train", "val", "test") for kind in ("images", "labels")]
@@ -318,21 +436,18 @@ def read_medmnist_npz(path, spec):
             if missing:
                 raise DataError(f"{path} is not a MedMNIST file: {', '.join(missing)} missing")
             for split in ("train", "val", "test"):
-                arrays[f"x_{split}"] = _three_channels(np.asarray(npz[f"{split}_images"]))
-                arrays[f"y_{split}"] = np.asarray(npz[f"{split}_labels"]).reshape(-1).astype(np.int64)
+                raw[split] = (np.asarray(npz[f"{split}_images"]), np.asarray(npz[f"{split}_labels"]))
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"{path} is not a readable MedMNIST npz ({type(e).__name__}: {e}); "
                         f"delete it to download it again") from None
-    for split in ("train", "val", "test"):
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        size = spec.image_size
-        if x.dtype != np.uint8 or x.shape[1:] != (size, size, 3) or len(x) != len(y):
+    size = spec.image_size
+    for split, (x, y) in raw.items():
+        if x.dtype != np.uint8 or x.shape[1:3] != (size, size) or y.size != len(x):
             raise DataError(f"{path}: {split} images have shape {x.shape} ({x.dtype}) for "
-                            f"{len(y)} labels; expected ({len(y)}, {size}, {size}) uint8")
-    _check_labels(path, spec, arrays["y_train"], arrays["y_val"], arrays["y_test"])
-    return Splits(spec, **arrays)
+                            f"{y.size} labels; expected ({y.size}, {size}, {size}) uint8")
+    return raw
 
 
 def load_digits_splits(spec=None):
@@ -352,7 +467,11 @@ def load_digits_splits(spec=None):
     train, val = train_test_split(rest, test_size=val_fraction / (1.0 - test_fraction),
                                   stratify=y[rest], random_state=DIGITS_SPLIT_SEED)
     train, val, test = np.sort(train), np.sort(val), np.sort(test)
-    return Splits(spec, x[train], y[train], x[val], y[val], x[test], y[test])
+    import sklearn
+
+    shipped = Verification("embedded", f"digits: scikit-learn {sklearn.__version__} load_digits, shipped "
+                                       f"with the package")
+    return Splits(spec, x[train], y[train], x[val], y[val], x[test], y[test], verification=shipped)
 
 
 def _three_channels(images):

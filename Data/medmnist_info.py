@@ -1,8 +1,8 @@
 """MedMNIST v2/v3 facts for the 2D classification datasets, as plain data.
 
-Kept here so the pipeline needs neither the `medmnist` package (it pulls in
-PyTorch) nor its code: these are the facts from MedMNIST's own `INFO` table
-(`medmnist/info.py`, release 3.0.2): the 28x28 files on Zenodo record 10519652,
+Kept here so the pipeline does not need the `medmnist` package (it pulls in
+PyTorch): `MEDMNIST_COPY` holds the facts from MedMNIST's own `INFO` table
+(`medmnist/info.py`, release 3.0.2; tests/test_own_data.py compares the two): the 28x28 files on Zenodo record 10519652,
 their MD5 checksums, channels, split sizes and label names IN MEDMNIST'S LABEL
 ORDER. (The paper's original code listed DermaMNIST's and BloodMNIST's names in
 a different order from the labels stored in the files; the names below are
@@ -16,6 +16,10 @@ like the paper we treat the five grades as five classes.
 MedMNIST is released under CC BY 4.0; cite Yang et al., "MedMNIST v2 - A
 large-scale lightweight benchmark for 2D and 3D biomedical image
 classification", Scientific Data 10, 41 (2023).
+
+Where the `medmnist` package is installed, `MEDMNIST` is built from its
+`INFO` instead (its `info.py` alone is read: the package's `__init__` would
+import PyTorch); `MEDMNIST_SOURCE` says which.
 
 Example:
     >>> MEDMNIST["bloodmnist"]["labels"][0]
@@ -42,7 +46,7 @@ def _entry(name, md5, task, channels, n_train, n_val, n_test, labels):
     }
 
 
-MEDMNIST = {
+MEDMNIST_COPY = {
     "pathmnist": _entry(
         "pathmnist", "a8b06965200029087d5bd730944a56c1", "multi-class", 3, 89996, 10004, 7180,
         ["adipose", "background", "debris", "lymphocytes", "mucus", "smooth muscle",
@@ -88,6 +92,48 @@ MEDMNIST = {
          "Glomerular endothelial cells", "Interstitial endothelial cells", "Leukocytes",
          "Podocytes", "Proximal Tubule Segments", "Thick Ascending Limb"]),
 }
+
+def entry_from_info(name, info):
+    """Our entry for `name` from one item of the `medmnist` package's INFO (28x28 files)."""
+    labels = info["label"]
+    return _entry(name, info["MD5"], info["task"], info["n_channels"], info["n_samples"]["train"],
+                  info["n_samples"]["val"], info["n_samples"]["test"],
+                  [labels[str(i)] for i in range(len(labels))]) | {"url": info["url"]}
+
+
+def package_info():
+    """(INFO, version) of the installed `medmnist` package, reading only its info.py; None if absent."""
+    import importlib.util
+    from pathlib import Path
+
+    try:
+        found = importlib.util.find_spec("medmnist")  # finds without importing the package
+        if found is None or not found.submodule_search_locations:
+            return None
+        path = Path(list(found.submodule_search_locations)[0]) / "info.py"
+        spec = importlib.util.spec_from_file_location("_medmnist_info", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.INFO, module.__version__
+    except Exception:  # a broken or unexpected install: our copy is complete on its own
+        return None
+
+
+def _medmnist():
+    found = package_info()
+    if found is None:
+        return MEDMNIST_COPY, f"copy of medmnist {MEDMNIST_VERSION}"
+    info, version = found
+    table = {}
+    for name, copy in MEDMNIST_COPY.items():
+        try:
+            table[name] = entry_from_info(name, info[name])
+        except (KeyError, TypeError, ValueError):
+            table[name] = copy
+    return table, f"medmnist {version} package"
+
+
+MEDMNIST, MEDMNIST_SOURCE = _medmnist()
 
 # MedMNIST 2D datasets we cannot use, with the reason (for a helpful error).
 UNSUPPORTED = {

@@ -34,7 +34,7 @@ from collections import defaultdict
 
 from Metrics.errors import MetricsError
 from Utils.io import atomic_path, atomic_write_json, file_lock, read_json
-from Utils.paths import PUBLISHED_CAS_JSON, cas_results_json, results_dir
+from Utils.paths import PUBLISHED_CAS_JSON, cas_results_json, dataset_folder, results_dir
 
 _MULTIPLE = re.compile(r"^(?:(?P<prefix>.+)_)?x(?P<n>\d+)$")
 
@@ -68,6 +68,8 @@ def cas_record(evaluation, run):
               "classifier": cfg.get("classifier"), "initial_filters": cfg.get("initial_filters"),
               "batch_size": cfg.get("batch_size"), "max_epochs": cfg.get("epochs"),
               "source": run.get("source"), "take": run.get("take")}
+    if "data_verification" in run:
+        record["data_verification"] = run["data_verification"]
     if "resize_method" in run:
         record["resize_method"] = run["resize_method"]
         record["synthetic_report"] = run.get("synthetic_report")
@@ -135,7 +137,7 @@ def plot_cas(exp, dataset, floor=None):
     import matplotlib.pyplot as plt
 
     fig = cas_figure(exp, dataset, floor=floor)
-    path = results_dir() / f"cas_{dataset}_exp{exp}.png"
+    path = results_dir() / f"cas_{dataset_folder(dataset)}_exp{exp}.png"
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, dpi=120, format="png")

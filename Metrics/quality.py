@@ -206,10 +206,10 @@ def folder_key(folder):
 
 def closest_pairs_png(exp, dataset, key, features):
     """Where the grid of the most copy-like pairs goes, beside the results JSON."""
-    from Utils.paths import quality_results_json
+    from Utils.paths import dataset_folder, quality_results_json
 
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("_") or "folder"
-    return quality_results_json(exp).parent / f"quality_exp{exp}" / dataset / f"{slug}__{features}_closest_pairs.png"
+    return quality_results_json(exp).parent / f"quality_exp{exp}" / dataset_folder(dataset) / f"{slug}__{features}_closest_pairs.png"
 
 
 def save_closest_pairs(memo, synthetic_images, train_images, path, count=CLOSEST_PAIRS_IN_GRID):
@@ -229,7 +229,7 @@ def save_closest_pairs(memo, synthetic_images, train_images, path, count=CLOSEST
 
 def evaluate_synthetic(dataset, synthetic_dir, exp=0, data_dir=None, features="resnet20",
                        num_samples=DEFAULT_NUM_SAMPLES, seed=0, reference="test", extractor=None,
-                       extractor_config=None, write=True, grid=True, verbose=True, **metric_options):
+                       extractor_config=None, write=True, grid=True, verbose=True, splits=None, **metric_options):
     """Every metric for a folder of class sub-folders against the real dataset; returns the result dict.
 
     Args:
@@ -246,13 +246,14 @@ def evaluate_synthetic(dataset, synthetic_dir, exp=0, data_dir=None, features="r
         extractor_config: the ResNet20 extractor's `ClassifierConfig` (default: the fast one).
         write: merge the result into `CAS Results/quality_exp{exp}.json`.
         grid: write the PNG of the closest synthetic/train pairs.
+        splits: the already-loaded real `Data.loaders.Splits` (else loaded from `data_dir`).
         **metric_options: k, kid_subsets, kid_subset_size, is_splits, memorization_threshold.
     """
     from Data.loaders import load_dataset
     from Data.registry import get_spec
     from Data.synthetic import format_report, load_image_folder
 
-    spec = get_spec(dataset)
+    spec = splits.spec if splits is not None else get_spec(dataset)
     if reference not in REFERENCE_SPLITS:
         raise MetricsError(f"unknown reference split '{reference}'; choose from: {', '.join(REFERENCE_SPLITS)}")
     if extractor is None and features not in FEATURE_EXTRACTORS:
@@ -264,7 +265,7 @@ def evaluate_synthetic(dataset, synthetic_dir, exp=0, data_dir=None, features="r
         raise MetricsError(f"synthetic data folder {folder} does not exist")
     started = time.perf_counter()
 
-    splits = load_dataset(spec.name, data_dir)
+    splits = splits if splits is not None else load_dataset(spec.name, data_dir)
     take = num_samples if num_samples is not None and _count_image_files(folder) > num_samples else None
     x_syn, y_syn, report = load_image_folder(folder, spec, take=take, seed=seed)
     if verbose:

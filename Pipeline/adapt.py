@@ -29,7 +29,8 @@ from pathlib import Path
 from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, STAGES, TIMESTEP_SPACINGS
 from Utils.cli import (UserError, decay_rate, non_negative_float, non_negative_int, positive_float, positive_int,
                        probability)
-from Pipeline.common_settings import data_dir_setting, dataset_setting, experiment_setting, preset_setting
+from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting, dataset_spec,
+                                      experiment_setting, image_size_setting, load_real, preset_setting)
 from Utils.runtime import RuntimeSettings
 from Utils.settings import ADDED, PAPER, setting
 
@@ -54,6 +55,8 @@ class AdaptSettings(RuntimeSettings):
                         help="save a checkpoint every FREQ epochs (and at the last one)")
     preset: str = preset_setting()
     data_dir: str = data_dir_setting()
+    image_size: int = image_size_setting()
+    accept_unverified_data: bool = accept_unverified_setting()
     epochs: int = setting(None, type=positive_int, group=ADDED, help="epochs (default: the preset's for the stage)")
     batch_size: int = setting(None, type=positive_int, group=ADDED, help="batch size (default: the preset's)")
     lr: float = setting(None, type=positive_float, group=ADDED, help="peak learning rate (default: the preset's)")
@@ -113,7 +116,6 @@ class AdaptResult:
 
 def plan(settings):
     """Checks every setting and the checkpoint folders; returns the run's plan. Writes nothing."""
-    from Data.registry import get_spec
     from Models.diffusion import checkpoints as ck
     from Models.diffusion.generator import schedule_for
     from Models.errors import CheckpointError
@@ -121,7 +123,7 @@ def plan(settings):
     from Utils.paths import diffusion_checkpoint_dir
 
     s = settings
-    spec, preset = get_spec(s.dataset), get_preset(s.preset)
+    spec, preset = dataset_spec(s), get_preset(s.preset)
     stage = s.train_model
     epochs = s.epochs or getattr(preset, f"{stage}_epochs")
     batch_size = s.batch_size or getattr(preset, f"{stage}_batch_size")
@@ -192,7 +194,6 @@ def run(settings, log=print):
 
     import keras
 
-    from Data.loaders import load_dataset
     from Models.diffusion import checkpoints as ck
     from Models.diffusion.callbacks import Checkpointer, EpochLog, EpochSeeds, TensorBoardScalars
     from Models.diffusion.optimizer import make_optimizer
@@ -200,7 +201,7 @@ def run(settings, log=print):
     from Utils.io import atomic_write_json
     from Utils.runtime import configure_runtime, distribution_scope
 
-    splits = load_dataset(p.spec.name, data_dir=s.data_dir)
+    splits = load_real(s)
     jit = configure_runtime(seed=s.seed, mixed_precision=s.mixed_precision, xla=s.xla)
 
     with distribution_scope(s.multi_gpu):

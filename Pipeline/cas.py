@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from Utils.cli import UserError, existing_folder, non_negative_int, positive_int
-from Pipeline.common_settings import data_dir_setting, dataset_setting, experiment_setting
+from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting, dataset_spec,
+                                      experiment_setting, image_size_setting, load_real)
 from Utils.runtime import RuntimeSettings
 from Utils.settings import PAPER, setting
 
@@ -58,6 +59,8 @@ class CASSettings(RuntimeSettings):
     initial_filters: int = setting(64, type=positive_int,
                                    help="ResNet20 first-stage width (the paper's 64; the usual ResNet20 has 16)")
     data_dir: str = data_dir_setting()
+    image_size: int = image_size_setting()
+    accept_unverified_data: bool = accept_unverified_setting()
     seed: int = setting(0, type=non_negative_int, help="initial weights, batch order and synthetic subset")
 
     def __post_init__(self):
@@ -73,12 +76,10 @@ class CASSettings(RuntimeSettings):
 
     def resolved(self):
         """The same settings with the registry's dataset name and the default take (1 for our folder)."""
-        from Data.registry import get_spec
-
         take = self.take
         if take is None and self.synthetic and self.synthetic_dir is None:
             take = 1
-        return self.replace(dataset=get_spec(self.dataset).name, take=take)
+        return self.replace(dataset=dataset_spec(self).name, take=take)
 
     def run_key(self):
         """The results key and checkpoint folder name of this run."""
@@ -158,15 +159,13 @@ def is_done(settings):
 def run(settings, log=print):
     """Trains (or loads) the classifier and tests it; returns a CASResult. Bad input raises before writing."""
     from Data.images import RESIZE_METHOD
-    from Data.loaders import load_dataset
-    from Data.registry import get_spec
     from Data.shards import require_complete
     from Data.synthetic import format_report, load_image_folder
     from Metrics.cas import cas_record, plot_cas, record_cas, short_report
     from Utils.paths import classifier_checkpoint_dir
 
     r = settings.resolved()
-    spec = get_spec(r.dataset)
+    spec = dataset_spec(r)
     folder = r.train_folder()
     if folder is not None:
         if not folder.is_dir():
@@ -176,7 +175,7 @@ def run(settings, log=print):
     run_key = r.run_key()
     checkpoint_dir = classifier_checkpoint_dir(r.exp, spec.name, run_key)
 
-    splits = load_dataset(spec.name, data_dir=r.data_dir)
+    splits = load_real(r)
     log(f"{spec.name}: real train {len(splits.y_train)}, val {len(splits.y_val)}, "
         f"test {len(splits.y_test)}; run '{run_key}' → {checkpoint_dir}")
 
@@ -204,7 +203,9 @@ def run(settings, log=print):
         else:
             x_train, y_train = splits.x_train, splits.y_train
             metadata = {"source": f"real {spec.name} train split"}
-        metadata.update({"dataset": spec.name, "exp": r.exp, "run_key": run_key, "take": r.take})
+        metadata.update({"dataset": spec.name, "exp": r.exp, "run_key": run_key, "take": r.take,
+                         "label_names": list(spec.label_names),
+                         "data_verification": splits.verification and splits.verification.as_dict()})
         config = ClassifierConfig(classifier=r.classifier, epochs=r.epochs, batch_size=r.batch_size,
                                   initial_filters=r.initial_filters, jit_compile=True if r.xla else "auto")
         configure_runtime(seed=r.seed, mixed_precision=r.mixed_precision, xla=r.xla)

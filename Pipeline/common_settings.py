@@ -6,12 +6,15 @@
         exp: str = experiment_setting()
         data_dir: str = data_dir_setting()
 
+`dataset_spec(settings)` and `load_real(settings)` read the dataset with the
+settings' own `--image_size`, `--data_dir` and `--accept_unverified_data`.
+
 The defaults are the paper's (`--dataset cifar10`, `--exp 0`, Stable Diffusion
 v1 as `--preset sd1`); `reproduce.py` gives its own (the embedded digits and
 the from-scratch preset).
 """
 
-from Utils.cli import experiment_id, folder
+from Utils.cli import experiment_id, folder, positive_int
 from Utils.settings import ADDED, PAPER, setting
 
 PRESET_HELP = ("diffusion preset: sd1 (the paper: Stable Diffusion v1, GPU), sd2, small (trained from "
@@ -19,7 +22,38 @@ PRESET_HELP = ("diffusion preset: sd1 (the paper: Stable Diffusion v1, GPU), sd2
 
 
 def dataset_setting(default="cifar10", group=PAPER):
-    return setting(default, group=group, help="a registered dataset (Data/registry.py)")
+    return setting(default, group=group,
+                   help="a registered dataset (Data/registry.py), folder:PATH (an image folder: PATH/train/<class>/, "
+                        "optional val/ and test/) or tfds:NAME (a prepared TensorFlow Datasets builder)")
+
+
+def image_size_setting():
+    return setting(None, type=positive_int, group=ADDED,
+                   help="folder: and tfds: datasets: resize every image to this square size "
+                        "(required when their sizes differ; default: the native size)")
+
+
+def accept_unverified_setting():
+    return setting(False, group=ADDED,
+                   help="use a data file whose structure matches the dataset but whose content digest "
+                        "does not (recorded in results, manifests and reports)")
+
+
+def dataset_spec(settings):
+    """The DatasetSpec of `settings.dataset`, read with the settings' --image_size and --data_dir."""
+    from Data.registry import get_spec
+
+    return get_spec(settings.dataset, image_size=getattr(settings, "image_size", None),
+                    data_dir=getattr(settings, "data_dir", None))
+
+
+def load_real(settings):
+    """The real splits of `settings.dataset` (Data.loaders.load_dataset with the settings' data flags)."""
+    from Data.loaders import load_dataset
+
+    return load_dataset(settings.dataset, data_dir=getattr(settings, "data_dir", None),
+                        image_size=getattr(settings, "image_size", None),
+                        accept_unverified=getattr(settings, "accept_unverified_data", False))
 
 
 def experiment_setting(group=PAPER):

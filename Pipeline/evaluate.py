@@ -19,7 +19,8 @@ from Metrics.features import FEATURE_EXTRACTORS
 from Metrics.memorization import MEMORIZATION_THRESHOLD
 from Metrics.quality import DEFAULT_NUM_SAMPLES, KID_SUBSET_SIZE, KID_SUBSETS, PRDC_K, REFERENCE_SPLITS
 from Utils.cli import folder, non_negative_float, non_negative_int, positive_int
-from Pipeline.common_settings import data_dir_setting, experiment_setting
+from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting, dataset_spec,
+                                      experiment_setting, image_size_setting, load_real)
 from Utils.settings import ADDED, REQUIRED, Settings, setting
 
 SCRIPT = "evaluate_dataset.py"
@@ -30,12 +31,14 @@ _EXTRACTOR = "the resnet20 extractor's training (default: the fast config of Met
 class EvaluateSettings(Settings):
     """Every flag of evaluate_dataset.py."""
 
-    dataset: str = setting(REQUIRED, help="a registered dataset (Data/registry.py)")
+    dataset: str = dataset_setting(REQUIRED, group=ADDED)
     synthetic_dir: str = setting(None, type=folder,
                                  help="a folder of class sub-folders of images (default: ours, "
                                       "Data/Synthetic/Exp_{exp}/{dataset})")
     exp: str = experiment_setting(group=ADDED)
     data_dir: str = data_dir_setting()
+    image_size: int = image_size_setting()
+    accept_unverified_data: bool = accept_unverified_setting()
     features: str = setting("resnet20", choices=FEATURE_EXTRACTORS,
                             help="embedding network: resnet20 (trained on the real train split; offline; "
                                  "MedMNIST) or inception (InceptionV3, ImageNet weights)")
@@ -57,10 +60,9 @@ class EvaluateSettings(Settings):
 
     def measured_folder(self):
         """The folder measured: synthetic_dir, else our generated set Data/Synthetic/Exp_{exp}/{dataset}."""
-        from Data.registry import get_spec
         from Utils.paths import synthetic_dir
 
-        return Path(self.synthetic_dir) if self.synthetic_dir else synthetic_dir(self.exp, get_spec(self.dataset).name)
+        return Path(self.synthetic_dir) if self.synthetic_dir else synthetic_dir(self.exp, dataset_spec(self).name)
 
     def extractor_config(self):
         """The ResNet20 extractor's ClassifierConfig when a flag changes it, else None (the default)."""
@@ -96,14 +98,13 @@ _COMPARED = ("num_samples", "seed", "reference_split", "k", "kid_subsets", "kid_
 
 def is_done(settings):
     """A short reason when this folder's metrics with this extractor and these settings are recorded."""
-    from Data.registry import get_spec
     from Metrics.quality import folder_key
     from Utils.io import read_json
     from Utils.paths import quality_results_json
 
     key = folder_key(settings.measured_folder())
     table = read_json(quality_results_json(settings.exp), default={}) or {}
-    entry = table.get(get_spec(settings.dataset).name, {}).get(key, {}).get(settings.features)
+    entry = table.get(dataset_spec(settings).name, {}).get(key, {}).get(settings.features)
     if not isinstance(entry, dict):
         return None
     stored = entry.get("settings", {})
@@ -125,7 +126,7 @@ def run(settings, log=print):
         features=settings.features, num_samples=settings.num_samples, seed=settings.seed,
         reference=settings.reference, extractor_config=settings.extractor_config(), k=settings.k,
         kid_subsets=settings.kid_subsets, kid_subset_size=settings.kid_subset_size,
-        memorization_threshold=settings.memorization_threshold)
+        memorization_threshold=settings.memorization_threshold, splits=load_real(settings))
     for line in summary_lines(result):
         log(line)
     return EvaluateResult(folder_key=folder_key(settings.measured_folder()), features=settings.features,

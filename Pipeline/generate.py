@@ -31,7 +31,8 @@ from pathlib import Path
 from Data.balance import per_class_counts
 from Data.shards import parse_shard, shard_from_environment
 from Utils.cli import UserError, existing_folder, folder, non_negative_float, non_negative_int, positive_int
-from Pipeline.common_settings import data_dir_setting, dataset_setting, experiment_setting, preset_setting
+from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting, dataset_spec,
+                                      experiment_setting, image_size_setting, load_real, preset_setting)
 from Models.diffusion.presets import GENERATION_BATCH_SIZE
 from Utils.runtime import RuntimeSettings
 from Utils.settings import PAPER, setting
@@ -84,6 +85,8 @@ class GenerateSettings(RuntimeSettings):
     data_dir: str = data_dir_setting(
         help="the real data, read only to size the default data set (x1) when neither "
                                  "--img_class nor --img_total is given (default $SDDG_DATA_DIR or the cache)")
+    image_size: int = image_size_setting()
+    accept_unverified_data: bool = accept_unverified_setting()
 
     def __post_init__(self):
         super().__post_init__()
@@ -92,17 +95,16 @@ class GenerateSettings(RuntimeSettings):
 
     def resolved(self):
         """The same settings with every default filled in: img_total, epochs, steps, guidance, shard."""
-        from Data.registry import get_spec
         from Models.diffusion.presets import get_preset
         from Models.diffusion.schedule import check_inference_steps
 
-        spec, preset = get_spec(self.dataset), get_preset(self.preset)
+        spec, preset = dataset_spec(self), get_preset(self.preset)
         if self.img_total is not None:
             total = self.img_total
         elif self.img_class is not None:
             total = self.img_class * spec.num_classes
         else:
-            total = _real_train_size(spec, self.data_dir)
+            total = _real_train_size(self)
         shard = self.shard
         if shard is None:
             shard = "/".join(map(str, shard_from_environment(os.environ) or (0, 1)))
@@ -117,10 +119,9 @@ class GenerateSettings(RuntimeSettings):
 
     def output_folder(self):
         """Where the data set goes: out_dir, else Data/Synthetic/Exp_{exp}/{dataset}."""
-        from Data.registry import get_spec
         from Utils.paths import synthetic_dir
 
-        return Path(self.out_dir) if self.out_dir else synthetic_dir(self.exp, get_spec(self.dataset).name)
+        return Path(self.out_dir) if self.out_dir else synthetic_dir(self.exp, dataset_spec(self).name)
 
 
 @dataclass(frozen=True)
@@ -152,11 +153,9 @@ class GenerateResult:
     verified: dict = None
 
 
-def _real_train_size(spec, data_dir):
-    from Data.loaders import load_dataset
-
+def _real_train_size(settings):
     try:
-        return len(load_dataset(spec.name, data_dir=data_dir).y_train)
+        return len(load_real(settings).y_train)
     except (UserError, ValueError) as e:  # the loaders' own input errors are ValueErrors
         raise UserError(f"without --img_class or --img_total the data set is as large as the real "
                         f"training split, which needs the real data: {e}") from None
@@ -200,13 +199,12 @@ def _check_default_epoch(given, epoch, exp, dataset, stage, flag, what, preset):
 
 def _plan(settings):
     """Checks every setting and checkpoint; returns what to write. Writes nothing."""
-    from Data.registry import get_spec
     from Data.synthetic_writer import SyntheticWriter
     from Models.diffusion import checkpoints as ck
     from Models.diffusion.presets import get_preset
 
     r = settings.resolved()
-    spec, preset = get_spec(r.dataset), get_preset(r.preset)
+    spec, preset = dataset_spec(r), get_preset(r.preset)
     if r.only_class is not None and not r.only_class < spec.num_classes:
         raise UserError(f"--only_class must be in [0, {spec.num_classes - 1}] for {spec.name}, got {r.only_class}")
     if r.img_total < spec.num_classes:

@@ -76,6 +76,22 @@ def _multiple_keys(runs):
     return sorted(keys, key=lambda k: int(k[1:]))
 
 
+def data_section(splits):
+    """Which real data was used and how it was checked (Data/checksums.py)."""
+    spec, v = splits.spec, splits.verification
+    lines = ["## Real data", "",
+             f"{spec.name}: {spec.num_classes} classes ({', '.join(spec.label_names)}), {spec.image_size}x"
+             f"{spec.image_size}, {'grey' if spec.channels == 1 else 'RGB'}; train {len(splits.y_train)}, "
+             f"val {len(splits.y_val)}, test {len(splits.y_test)}."]
+    if v is not None:
+        lines += ["", f"Checked: **{v.status}** ({v.detail})."]
+        if v.status == "unverified":
+            lines += ["", "**Warning:** the data's content differs from the official release "
+                          "(accepted with `--accept_unverified_data`): these numbers are not comparable "
+                          "with results on the official data."]
+    return lines + [""]
+
+
 def cas_section(exp, dataset, splits, figures_dir):
     from Metrics.cas import load_cas, plot_cas, published_cas
 
@@ -340,14 +356,16 @@ def commands_section(command, stage_log):
 
 
 def write_report(exp, dataset, preset, budget, stage_log, command, storage_url=None, data_dir=None,
-                 manifest=None, wall_seconds=None):
-    """Writes REPORT.md (and figures/) into the experiment folder; returns the report's path."""
+                 manifest=None, wall_seconds=None, splits=None):
+    """Writes REPORT.md (and figures/) into the experiment folder; returns the report's path.
+
+    `splits`: the real data already loaded (else read from `data_dir`)."""
     from Data.loaders import load_dataset
 
     out_dir = experiment_dir(exp, dataset)
     figures_dir = out_dir / FIGURES
     figures_dir.mkdir(parents=True, exist_ok=True)
-    splits = load_dataset(dataset, data_dir=data_dir)
+    splits = splits if splits is not None else load_dataset(dataset, data_dir=data_dir)
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     lines = [f"# Reproduction report: {dataset}, preset `{preset}`, Exp {exp}", "",
              f"Written {now} by `reproduce.py` with the `{budget}` budget"
@@ -359,6 +377,7 @@ def write_report(exp, dataset, preset, budget, stage_log, command, storage_url=N
     if budget != "paper":
         lines += [f"**Note:** the `{budget}` budget uses far fewer trials, images and epochs than the "
                   "paper (see Pipeline/stages.py, BUDGETS); `--budget paper` runs the paper's sizes.", ""]
+    lines += data_section(splits)
     lines += cas_section(exp, dataset, splits, figures_dir)
     lines += pipeline_section(exp, dataset)
     lines += tuning_section(exp, dataset, storage_url, figures_dir)

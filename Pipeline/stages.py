@@ -140,7 +140,7 @@ class Pipeline:
     """The chained stages for one dataset and preset (see the module docstring).
 
     Args:
-        dataset, preset, exp, seed, data_dir: as the scripts' flags.
+        dataset, preset, exp, seed, data_dir, image_size, accept_unverified_data: as the scripts' flags.
         budget: a `Budget`.
         storage: Optuna storage URL for both studies (None: the default SQLite file).
         runtime: `RuntimeSettings` (GPU flags) for the training, generation and classifier stages.
@@ -151,12 +151,14 @@ class Pipeline:
     """
 
     def __init__(self, dataset, preset, budget, exp="0", seed=0, data_dir=None, storage=None,
-                 runtime=RuntimeSettings(), command="python reproduce.py", log=print, quality=False):
+                 runtime=RuntimeSettings(), command="python reproduce.py", log=print, quality=False,
+                 image_size=None, accept_unverified_data=False):
         from Data.registry import get_spec
         from Models.diffusion.presets import get_preset
 
-        self.spec = get_spec(dataset)
+        self.spec = get_spec(dataset, image_size=image_size, data_dir=data_dir)
         self.dataset = self.spec.name
+        self.image_size, self.accept_unverified_data = image_size, bool(accept_unverified_data)
         self.preset = get_preset(preset)
         self.budget = budget
         self.exp, self.seed, self.data_dir, self.storage = str(exp), seed, data_dir, storage
@@ -176,6 +178,10 @@ class Pipeline:
         common = dict(dataset=self.dataset, exp=self.exp, preset=self.preset.name, seed=self.seed)
         if self.data_dir and reads_real_data:
             common["data_dir"] = str(self.data_dir)
+        if self.image_size:
+            common["image_size"] = self.image_size
+        if self.accept_unverified_data and reads_real_data:
+            common["accept_unverified_data"] = True
         fields = {f.name for f in dataclasses.fields(settings_class)}
         return {key: value for key, value in common.items() if key in fields}
 
@@ -185,10 +191,14 @@ class Pipeline:
 
     def train_size(self):
         if self._train_size is None:
-            from Data.loaders import load_dataset
-
-            self._train_size = len(load_dataset(self.dataset, data_dir=self.data_dir).y_train)
+            self._train_size = len(self.real_splits().y_train)
         return self._train_size
+
+    def real_splits(self):
+        from Data.loaders import load_dataset
+
+        return load_dataset(self.dataset, data_dir=self.data_dir, image_size=self.image_size,
+                            accept_unverified=self.accept_unverified_data)
 
     def winner(self, stage):
         """Settings of study `stage`'s winner, from the stage table."""
@@ -310,7 +320,7 @@ class Pipeline:
         path = write_report(self.exp, self.dataset, self.preset.name, self.budget.name,
                             read_stage_log(self.exp, self.dataset), self.command,
                             storage_url=self.storage or tuning.default_storage_url(self.exp, self.dataset),
-                            data_dir=self.data_dir, manifest=manifest,
+                            splits=self.real_splits(), manifest=manifest,
                             wall_seconds=time.perf_counter() - started)
         self.log(f"report: {path}")
         return path

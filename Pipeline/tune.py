@@ -32,7 +32,8 @@ from Pipeline.tuning.results import STAGE_KEYS, cell_key, cell_matches, read_cel
 from Pipeline.tuning.space import CHECKPOINT_PARAM, STAGES, STEPS_PARAM, UGS_PARAM
 from Pipeline.tuning.storage import default_storage_path, default_storage_url, open_storage
 from Utils.cli import UserError, non_negative_float, non_negative_int, positive_int
-from Pipeline.common_settings import data_dir_setting, dataset_setting, experiment_setting, preset_setting
+from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting, dataset_spec,
+                                      experiment_setting, image_size_setting, load_real, preset_setting)
 from Utils.runtime import RuntimeSettings
 from Utils.settings import ADDED, PAPER, setting
 
@@ -74,6 +75,8 @@ class TuneSettings(RuntimeSettings):
                                     "as PNG")
     preset: str = preset_setting()
     data_dir: str = data_dir_setting()
+    image_size: int = image_size_setting()
+    accept_unverified_data: bool = accept_unverified_setting()
     n_trials: int = setting(None, type=positive_int, group=ADDED,
                             help=f"TOTAL finished trials wanted, counting earlier runs "
                                  f"(default {DEFAULT_N_TRIALS['enc']} enc, {DEFAULT_N_TRIALS['dif']} dif)")
@@ -198,11 +201,10 @@ def _protocol(s, spec, preset):
 
 def _check(settings):
     """The checks that need the registry and the preset only: (resolved settings, spec, preset)."""
-    from Data.registry import get_spec
     from Models.diffusion.presets import get_preset
 
     s = settings.resolved()
-    spec, preset = get_spec(s.dataset), get_preset(s.preset)
+    spec, preset = dataset_spec(s), get_preset(s.preset)
     if s.num_imgs < spec.num_classes:
         raise UserError(f"--num_imgs {s.num_imgs} is fewer than {spec.name}'s {spec.num_classes} classes")
     return s, spec, preset
@@ -283,7 +285,6 @@ def run(settings, log=print):
 
     import optuna
 
-    from Data.loaders import load_dataset
     from Models.classifier import ClassifierConfig
     from Pipeline.tuning.images import DiffusionImageSource
     from Pipeline.tuning.objective import GenerationObjective
@@ -295,7 +296,7 @@ def run(settings, log=print):
     spec, stage = p.spec, s.train_model
     source = DiffusionImageSource(s.exp, spec.name, p.preset, stage, enc_epoch=s.enc_epoch,
                                   batch_size=s.generation_batch_size, jit_compile=s.xla)
-    splits = load_dataset(spec.name, data_dir=s.data_dir)
+    splits = load_real(s)
     config = ClassifierConfig(epochs=int(s.classifier_epochs), batch_size=int(s.batch_size))
     if not s.optimize:
         objective = GenerationObjective(source, None, splits, s.num_imgs, config, seed=s.seed)

@@ -344,7 +344,7 @@ def test_script_bad_input_is_one_line_and_writes_nothing(run_script, tmp_path, c
         (data / "retinamnist.npz").write_bytes(b"PK\x03\x04 truncated")
     before = _files_under(tmp_path)
     line = _one_error_line(run_script("classifier_training.py", *args, env=env))
-    expected = {"unknown_dataset": "imagenet", "missing_npz": "retinamnist.npz", "corrupt_npz": "MD5",
+    expected = {"unknown_dataset": "imagenet", "missing_npz": "retinamnist.npz", "corrupt_npz": "not a readable MedMNIST npz",
                 "take_0": "--take", "take_without_synthetic": "--take", "no_train_without_checkpoint": "--train",
                 "missing_synthetic_dir": "nowhere", "nothing_to_do": "nothing to do"}[case]
     assert expected in line

@@ -30,7 +30,8 @@ REPO = Path(__file__).resolve().parent.parent
 # ------------------------------------------------------------ real data ----
 
 def test_retinamnist_real_file(retinamnist_dir):
-    splits = load_dataset("retinamnist", data_dir=retinamnist_dir)  # MD5 checked
+    splits = load_dataset("retinamnist", data_dir=retinamnist_dir)  # content digest checked
+    assert splits.verification.status == "digest"
     assert splits.spec.name == "retinamnist"
     for split, n in (("train", 1080), ("val", 120), ("test", 400)):
         x, y = getattr(splits, f"x_{split}"), getattr(splits, f"y_{split}")
@@ -131,7 +132,7 @@ def _fake_cifar(path, name, per_batch=20, n_test=10):
 def test_cifar_tarball_is_parsed_and_split(tmp_path, name):
     file = loaders.CIFAR_FILES[name]["file"]
     x_full, y_full, x_test, y_test = _fake_cifar(tmp_path / file, name)
-    splits = load_dataset(name, data_dir=tmp_path, check_md5=False)
+    splits = load_dataset(name, data_dir=tmp_path, verify=False)
     n = len(y_full)  # 100 images: train = first 80, val = last 20 (40,000 / 10,000 for the real one)
     assert splits.sizes() == {"train": n * 4 // 5, "val": n // 5, "test": len(y_test)}
     hwc = x_full.transpose(0, 2, 3, 1)
@@ -147,13 +148,14 @@ def test_cifar_tarball_is_parsed_and_split(tmp_path, name):
     assert not set(splits.x_train[:, 0, 0, 0]) & set(splits.x_val[:, 0, 0, 0])
 
 
-def test_cifar_md5_is_checked(tmp_path):
+def test_a_hand_made_cifar_is_refused_by_its_structure(tmp_path):
+    # A present file is judged by what it decodes to: a small hand-made archive has the wrong split sizes.
     _fake_cifar(tmp_path / "cifar-10-python.tar.gz", "cifar10")
     with pytest.raises(DataError) as e:
-        load_dataset("cifar10", data_dir=tmp_path)  # check_md5 defaults to on
+        load_dataset("cifar10", data_dir=tmp_path)  # verify defaults to on
     message = str(e.value)
-    assert "cifar-10-python.tar.gz" in message and "c58f30108f718f92721af3b95e74349a" in message
-    assert "MD5" in message and "\n" not in message
+    assert "cifar-10-python.tar.gz" in message and "split sizes" in message and "'train': 50000" in message
+    assert "\n" not in message
 
 
 def test_truncated_tarball_is_one_line(tmp_path):
@@ -161,7 +163,7 @@ def test_truncated_tarball_is_one_line(tmp_path):
     _fake_cifar(path, "cifar100")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(DataError) as e:
-        load_dataset("cifar100", data_dir=tmp_path, check_md5=False)
+        load_dataset("cifar100", data_dir=tmp_path, verify=False)
     assert str(path) in str(e.value) and "not a readable cifar100 archive" in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -176,14 +178,13 @@ def test_fetch_file_accepts_the_right_md5(tmp_path):
 
 # ------------------------------------------------------------ MedMNIST ----
 
-def test_corrupt_npz_and_wrong_md5_are_one_line(tmp_path):
+def test_corrupt_npz_is_one_line(tmp_path):
     (tmp_path / "bloodmnist.npz").write_bytes(b"this is not a zip file" * 100)
     with pytest.raises(DataError) as e:
         load_dataset("bloodmnist", data_dir=tmp_path)
-    assert "bloodmnist.npz has MD5" in str(e.value) and "7053d0359d879ad8a5505303e11de1dc" in str(e.value)
-    assert "\n" not in str(e.value)
+    assert "bloodmnist.npz is not a readable MedMNIST npz" in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(DataError) as e:
-        load_dataset("bloodmnist", data_dir=tmp_path, check_md5=False)
+        load_dataset("bloodmnist", data_dir=tmp_path, verify=False)
     assert "bloodmnist.npz is not a readable MedMNIST npz" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -191,7 +192,7 @@ def test_truncated_real_npz_is_one_line(tmp_path, retinamnist_dir):
     real = (retinamnist_dir / "retinamnist.npz").read_bytes()
     (tmp_path / "retinamnist.npz").write_bytes(real[: len(real) // 2])
     with pytest.raises(DataError) as e:
-        load_dataset("retinamnist", data_dir=tmp_path, check_md5=False)
+        load_dataset("retinamnist", data_dir=tmp_path, verify=False)
     assert "retinamnist.npz" in str(e.value) and "\n" not in str(e.value)
 
 
@@ -199,12 +200,12 @@ def test_npz_with_wrong_keys_or_labels(tmp_path):
     spec_x = np.zeros((4, 28, 28), np.uint8)
     np.savez(tmp_path / "breastmnist.npz", train_images=spec_x, train_labels=np.zeros((4, 1)))
     with pytest.raises(DataError, match="not a MedMNIST file: val_images, val_labels, test_images, test_labels missing"):
-        load_dataset("breastmnist", data_dir=tmp_path, check_md5=False)
+        load_dataset("breastmnist", data_dir=tmp_path, verify=False)
     arrays = {f"{s}_images": spec_x for s in ("train", "val", "test")}
     arrays |= {f"{s}_labels": np.full((4, 1), 5, np.uint8) for s in ("train", "val", "test")}
     np.savez(tmp_path / "breastmnist.npz", **arrays)
     with pytest.raises(DataError, match="labels 5..5 do not fit breastmnist's 2 classes"):
-        load_dataset("breastmnist", data_dir=tmp_path, check_md5=False)
+        load_dataset("breastmnist", data_dir=tmp_path, verify=False)
 
 
 def test_grey_medmnist_becomes_three_channels(tmp_path):
@@ -214,7 +215,7 @@ def test_grey_medmnist_becomes_three_channels(tmp_path):
         arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
         arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 1), dtype=np.uint8)
     np.savez(tmp_path / "pneumoniamnist.npz", **arrays)
-    splits = load_dataset("pneumoniamnist", data_dir=tmp_path, check_md5=False)
+    splits = load_dataset("pneumoniamnist", data_dir=tmp_path, verify=False)
     assert splits.x_train.shape == (6, 28, 28, 3)
     for c in range(3):
         np.testing.assert_array_equal(splits.x_train[..., c], arrays["train_images"])

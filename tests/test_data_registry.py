@@ -12,7 +12,7 @@ from Data.errors import DataError
 
 def test_every_entry_is_consistent():
     names = dataset_names()
-    assert len(names) == len(set(names)) == 14
+    assert len(names) == len(set(names)) == 16
     for name in names:
         spec = get_spec(name)
         assert isinstance(spec, DatasetSpec) and spec.name == name
@@ -20,7 +20,7 @@ def test_every_entry_is_consistent():
         assert len(set(spec.label_names)) == spec.num_classes, f"{name}: duplicate label names"
         assert all(isinstance(n, str) and n for n in spec.label_names)
         assert spec.channels in (1, 3)
-        assert spec.source in ("cifar", "medmnist", "sklearn")
+        assert spec.source in ("cifar", "medmnist", "sklearn", "idx")
         assert spec.in_paper == (name in PAPER_DATASETS)
         if spec.source == "medmnist":
             info = MEDMNIST[name]
