@@ -225,7 +225,7 @@ def run(settings, log=print):
         atomic_write_json(p.folder / ck.SETTINGS_FILE, p.record)
 
     callbacks = [
-        EpochSeeds(model, s.seed),
+        EpochSeeds(model, s.seed, batches),
         EpochLog(p.folder / "log.csv", keep_through=p.start),
         Checkpointer(model, p.folder, s.freq, p.epochs, p.spec, s.grid_per_class, s.seed, p.start, jit,
                      grid_freq=s.grid_freq),
@@ -234,6 +234,8 @@ def run(settings, log=print):
     n_params = sum(int(keras.ops.size(v)) for v in model.trainable_variables)
     log(f"{p.stage} training of {p.spec.name} with {p.preset.name}: epochs {p.start + 1}..{p.epochs}, "
         f"batch {p.batch_size}, lr {p.lr:g}, {n_params:,} trainable parameters -> {p.folder}")
-    model.fit(batches, initial_epoch=p.start, epochs=p.epochs, callbacks=callbacks, verbose=s.verbose)
+    # shuffle=False: the batches are shuffled by (seed, epoch) already (EpochSeeds).
+    model.fit(batches, initial_epoch=p.start, epochs=p.epochs, shuffle=False, callbacks=callbacks,
+              verbose=s.verbose)
     log(f"done: {p.stage} checkpoints in {p.folder}")
     return AdaptResult(p.folder, p.epochs, trained=True)

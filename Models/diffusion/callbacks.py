@@ -3,8 +3,8 @@
 Each is a plain `keras.callbacks.Callback` over the trainable model of
 `Models/diffusion/trainer.py`:
 
-    model.fit(batches, initial_epoch=start, epochs=epochs, callbacks=[
-        EpochSeeds(model, seed), EpochLog(folder / "log.csv", keep_through=start),
+    model.fit(batches, initial_epoch=start, epochs=epochs, shuffle=False, callbacks=[
+        EpochSeeds(model, seed, batches), EpochLog(folder / "log.csv", keep_through=start),
         Checkpointer(model, folder, freq, epochs, spec, grid_per_class=4, seed=seed, start=start),
         TensorBoardScalars(folder / "logs")])
 """
@@ -25,17 +25,27 @@ CSV_FIELDS = ("epoch", "loss", "learning_rate", "seconds")
 
 
 class EpochSeeds(keras.callbacks.Callback):
-    """Seeds the training noise of epoch e from (seed, e): resumed runs draw what uninterrupted ones do."""
+    """Epoch e draws its training noise from (seed, e) and reads `batches` in their epoch-e order.
 
-    def __init__(self, model, seed):
+    So a run resumed at epoch e trains on what an uninterrupted one does. The order is set
+    here rather than counted by the batches themselves: Keras reads one batch and ends a
+    data epoch before training starts, which would shift a counter. Use with
+    `fit(..., shuffle=False)`: Keras' own shuffle of the batch order draws from the
+    process's global random state, which a resumed process does not share.
+    """
+
+    def __init__(self, model, seed, batches=None):
         super().__init__()
         self._diffusion = model
         self._seed = int(seed)
+        self._batches = batches
 
     def on_epoch_begin(self, epoch, logs=None):
         state = self._diffusion.seed_generator.state
         value = np.random.default_rng([self._seed, epoch]).integers(0, 2 ** 31 - 1)
         state.assign(np.array([value, 0], dtype=state.dtype))
+        if self._batches is not None:
+            self._batches.set_epoch(epoch)
 
 
 class EpochLog(keras.callbacks.Callback):

@@ -231,12 +231,14 @@ class TrainBatches(keras.utils.PyDataset):
     one-element tuple as x alone), since `call` draws the noise and the targets itself.
 
     The order of epoch e is a permutation seeded by (seed, e), so a run resumed
-    at epoch e sees the same batches as an uninterrupted one. Images stay uint8
-    until the model scales them.
+    at epoch e sees the same batches as an uninterrupted one when the epoch is set
+    by `callbacks.EpochSeeds` and `fit` does not reshuffle (`shuffle=False`: Keras
+    would permute the batches with the process's global random state). Images stay
+    uint8 until the model scales them.
 
     Example:
         >>> batches = TrainBatches(x_train, y_train, batch_size=64, image_size=128, seed=0)
-        >>> model.fit(batches, epochs=10)
+        >>> model.fit(batches, epochs=10, shuffle=False, callbacks=[EpochSeeds(model, 0, batches)])
     """
 
     def __init__(self, images, labels, batch_size, image_size, seed=0, epoch=0, **kwargs):
