@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from keras import ops
 
-from Models.diffusion.schedule import check_inference_steps
+from Models.diffusion.schedule import NoiseSchedule, check_inference_steps
 from Models.errors import ModelSettingsError
 
 # diffusers' floor for alpha_bar_T under zero terminal SNR: keeps sigma_T finite.
@@ -88,9 +88,7 @@ class Scheduler:
     # The sigma-space tables diffusers' sigma-based schedulers share.
     def _train_sigmas(self):
         """diffusers' float32 sigma table sqrt((1 - a) / a) over the training timesteps."""
-        alphas_cumprod = self.schedule.alphas_cumprod.astype(np.float32)
-        if self.schedule.rescale_betas_zero_snr:
-            alphas_cumprod[-1] = _ZERO_SNR_ALPHA_BAR
+        alphas_cumprod = _float32_alphas_cumprod(self.schedule)
         return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
 
     def _interpolated_sigmas(self, timesteps):
@@ -98,6 +96,47 @@ class Scheduler:
         train = self._train_sigmas()
         sigmas = np.interp(timesteps, np.arange(len(train)), train)
         return np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+
+def _float32_linspace(start, end, num):
+    """torch.linspace in float32 as its CPU kernel computes it (float32 step, fused multiply-add, from both ends)."""
+    start, end = np.float32(start), np.float32(end)
+    step = np.float64((end - start) / np.float32(num - 1))
+    i = np.arange(num, dtype=np.float64)
+    values = np.where(i < num // 2, np.float64(start) + step * i, np.float64(end) - step * (num - 1 - i))
+    return values.astype(np.float32)
+
+
+def _float32_cumprod(values):
+    """torch.cumprod of a float32 vector on CPU: accumulated in float64, stored in float32."""
+    return np.cumprod(values.astype(np.float64)).astype(np.float32)
+
+
+def _float32_alphas_cumprod(schedule):
+    """alpha_bar as diffusers' schedulers hold it, bit for bit: float32 betas, rescale and cumprod.
+
+    Its roundings matter where 1 - alpha_bar is tiny (sigma_min, so Karras' lower end, and which
+    timestep a Karras sigma maps to): there the float64 table of `NoiseSchedule` and diffusers'
+    float32 one differ by up to 1e-3 relative.
+    """
+    total = schedule.num_train_timesteps
+    if schedule.beta_schedule == "scaled_linear":
+        betas = _float32_linspace(schedule.beta_start ** 0.5, schedule.beta_end ** 0.5, total) ** 2
+    elif schedule.beta_schedule == "linear":
+        betas = _float32_linspace(schedule.beta_start, schedule.beta_end, total)
+    else:  # diffusers computes the cosine betas in float64 too
+        betas = NoiseSchedule(schedule.beta_schedule, num_train_timesteps=total).betas.astype(np.float32)
+    one = np.float32(1.0)
+    if schedule.rescale_betas_zero_snr:  # diffusers' rescale_zero_terminal_snr, in its order of operations
+        root = np.sqrt(_float32_cumprod(one - betas))
+        first, last = root[0].copy(), root[-1].copy()
+        root = (root - last) * (first / (first - last))
+        alphas_bar = root ** 2
+        betas = one - np.concatenate([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    alphas_cumprod = _float32_cumprod(one - betas)
+    if schedule.rescale_betas_zero_snr:
+        alphas_cumprod[-1] = _ZERO_SNR_ALPHA_BAR
+    return alphas_cumprod
 
 
 def _model_alpha(sigmas):
@@ -158,7 +197,7 @@ class EulerAncestral(Scheduler):
     In VP terms: x_next = (x_ve * down / sigma + x0 * (1 - down / sigma) + up * z) / sqrt(1 + sigma_next^2).
     """
     name = "euler_ancestral"
-    coefficient_names = ("sample", "denoised", "noise")
+    coefficient_names = ("sample", "denoised", "noise_scale")
     ancestral = True
 
     def tables(self, num_steps, eta=0.0):
@@ -174,7 +213,7 @@ class EulerAncestral(Scheduler):
             up, down = np.zeros_like(s), s_next
         to_vp = 1.0 / np.sqrt(1.0 + s_next ** 2)
         coefficients = {"sample": np.sqrt(1.0 + s ** 2) * down / s * to_vp,
-                        "denoised": (1.0 - down / s) * to_vp, "noise": up * to_vp}
+                        "denoised": (1.0 - down / s) * to_vp, "noise_scale": up * to_vp}
         if self.schedule.timestep_spacing == "leading":
             initial = 1.0  # init_noise_sigma = sqrt(1 + sigma_max^2): exactly the VP noise
         else:
@@ -184,7 +223,7 @@ class EulerAncestral(Scheduler):
                           initial_scale=float(initial))
 
     def step(self, c, x, x0, eps, state, noise):
-        return c["sample"] * x + c["denoised"] * x0 + c["noise"] * noise, state
+        return c["sample"] * x + c["denoised"] * x0 + c["noise_scale"] * noise, state
 
 
 class Euler(EulerAncestral):
