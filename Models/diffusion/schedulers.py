@@ -32,7 +32,7 @@ The sigma-based schedulers (all but DDIM) build their sigma table in float32 as 
 does, and with `rescale_betas_zero_snr` set alpha_bar_T to 2**-24 (sigma finite), as diffusers.
 
 Example:
-    >>> scheduler = make_scheduler("dpmsolver++", NoiseSchedule())
+    >>> scheduler = make_scheduler("dpmsolver++", NoiseSchedule())   # Models.diffusion.schedule
     >>> tables = scheduler.tables(20)
     >>> tables.timesteps[:3], sorted(tables.coefficients)
 """
@@ -40,10 +40,12 @@ Example:
 from dataclasses import dataclass, field
 
 import numpy as np
-from keras import ops
 
-from Models.diffusion.schedule import NoiseSchedule, check_inference_steps
 from Models.errors import ModelSettingsError
+
+# No keras (nor schedule.py, which needs it) at import time: the settings classes read `SAMPLERS`
+# for --sampler's choices, and the scripts parse their flags before any backend loads. The
+# device-side steps run inside the traced loop, where keras is loaded already.
 
 # diffusers' floor for alpha_bar_T under zero terminal SNR: keeps sigma_T finite.
 _ZERO_SNR_ALPHA_BAR = 2.0 ** -24
@@ -98,6 +100,12 @@ class Scheduler:
         return np.concatenate([sigmas, [0.0]]).astype(np.float32)
 
 
+def _check_steps(num_steps):
+    from Models.diffusion.schedule import check_inference_steps
+
+    return check_inference_steps(num_steps)
+
+
 def _float32_linspace(start, end, num):
     """torch.linspace in float32 as its CPU kernel computes it (float32 step, fused multiply-add, from both ends)."""
     start, end = np.float32(start), np.float32(end)
@@ -125,6 +133,8 @@ def _float32_alphas_cumprod(schedule):
     elif schedule.beta_schedule == "linear":
         betas = _float32_linspace(schedule.beta_start, schedule.beta_end, total)
     else:  # diffusers computes the cosine betas in float64 too
+        from Models.diffusion.schedule import NoiseSchedule
+
         betas = NoiseSchedule(schedule.beta_schedule, num_train_timesteps=total).betas.astype(np.float32)
     one = np.float32(1.0)
     if schedule.rescale_betas_zero_snr:  # diffusers' rescale_zero_terminal_snr, in its order of operations
@@ -186,6 +196,8 @@ class DDIM(Scheduler):
                           stochastic=bool(np.any(sigma > 0)))
 
     def step(self, c, x, x0, eps, state, noise):
+        from keras import ops
+
         alpha_prev, sigma = c["alpha_prev"], c["sigma"]
         direction = ops.sqrt(ops.maximum(1.0 - alpha_prev - sigma ** 2, 0.0)) * eps
         return ops.sqrt(alpha_prev) * x0 + direction + sigma * noise, state
@@ -202,7 +214,7 @@ class EulerAncestral(Scheduler):
 
     def tables(self, num_steps, eta=0.0):
         self._refuse_eta(eta)
-        check_inference_steps(num_steps)
+        _check_steps(num_steps)
         timesteps = _euler_timesteps(self.schedule, num_steps)
         sigmas = self._interpolated_sigmas(timesteps)
         s, s_next = np.float64(sigmas[:-1]), np.float64(sigmas[1:])
@@ -263,7 +275,7 @@ class DPMSolverPlusPlus2M(Scheduler):
 
     def tables(self, num_steps, eta=0.0):
         self._refuse_eta(eta)
-        check_inference_steps(num_steps)
+        _check_steps(num_steps)
         timesteps, sigmas = self._timesteps_and_sigmas(num_steps)
         n = len(timesteps)
         a, b, c = np.zeros(n), np.zeros(n), np.zeros(n)
@@ -344,7 +356,7 @@ class UniPC(Scheduler):
 
     def tables(self, num_steps, eta=0.0):
         self._refuse_eta(eta)
-        check_inference_steps(num_steps)
+        _check_steps(num_steps)
         timesteps = _multistep_timesteps(self.schedule, num_steps)
         sigmas = self._interpolated_sigmas(timesteps)
         n = len(timesteps)
