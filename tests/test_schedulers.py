@@ -225,3 +225,15 @@ def test_generator_ancestral_same_seed_same_images_whatever_the_batch_size():
     np.testing.assert_array_equal(one, two)
     other_seed = model.generate(labels, num_steps=4, guidance_scale=2.0, seed=4, batch_size=5, sampler=name)
     assert not np.array_equal(one, other_seed)
+
+
+def test_the_loop_model_round_trips_its_config():
+    from Models.diffusion.sampler import GuidedSampler
+
+    x, t_emb, context = keras.Input((4, 4, 3)), keras.Input((32,)), keras.Input((2, 5))
+    unet = keras.Model([x, t_emb, context], keras.layers.Conv2D(3, 1)(x))  # built-in layers only: serialisable
+    schedule = NoiseSchedule("squaredcos_cap_v2", "v_prediction", timestep_spacing="trailing")
+    model = DiffusionSampler(unet, schedule, 32, clip_sample=True, sampler="unipc").model
+    clone = GuidedSampler.from_config(model.get_config())
+    assert clone.scheduler.name == "unipc" and clone.scheduler.schedule.config() == schedule.config()
+    assert (clone.clip_sample, clone.prediction_type, clone.timestep_embedding_dim) == (True, "v_prediction", 32)

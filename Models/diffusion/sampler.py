@@ -111,6 +111,18 @@ class GuidedSampler(keras.Model):
         carry = (latent,) + tuple(ops.zeros_like(latent) for _ in range(self.scheduler.state_size))
         return ops.fori_loop(0, ops.cast(inputs["num_steps"][0], "int32"), body, carry)[0]
 
+    def get_config(self):
+        return {"unet": keras.saving.serialize_keras_object(self.unet), "sampler": self.scheduler.name,
+                "schedule": self.scheduler.schedule.config(), "timestep_embedding_dim": self.timestep_embedding_dim,
+                "clip_sample": self.clip_sample, "prediction_type": self.prediction_type, "name": self.name}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        unet = keras.saving.deserialize_keras_object(config.pop("unet"))
+        scheduler = make_scheduler(config.pop("sampler"), NoiseSchedule(**config.pop("schedule")))
+        return cls(unet, scheduler, **config)
+
 
 def _per_image(value):  # (B,) -> (B, 1, 1, 1)
     return ops.reshape(ops.cast(value, "float32"), (-1, 1, 1, 1))
