@@ -207,7 +207,7 @@ def _check_default_epoch(given, epoch, exp, dataset, stage, flag, what, preset):
 def _plan(settings):
     """Checks every setting and checkpoint; returns what to write. Writes nothing."""
     from Data.registry import get_spec
-    from Data.synthetic_writer import SyntheticWriter
+    from Data.synthetic_writer import SyntheticWriter, read_manifest
     from Models.diffusion import checkpoints as ck
     from Models.diffusion.presets import get_preset
 
@@ -230,6 +230,10 @@ def _plan(settings):
         "generation_size": generation_size, "random_init": enc_settings["random_init"],
         "init_seed": enc_settings.get("init_seed", 0), "mixed_precision": r.mixed_precision,
     }
+    stored = (read_manifest(r.output_folder()) or {}).get("settings") or {}
+    for key, default in _MANIFEST_DEFAULTS.items():
+        if stored and key not in stored and manifest_settings[key] == default:
+            del manifest_settings[key]  # a set begun before the key existed: its other parts match it
     counts = per_class_counts(r.img_total, spec.num_classes)
     writer = SyntheticWriter(r.output_folder(), spec, counts, manifest_settings,
                              keep_size=generation_size if r.keep_generation_size else None)

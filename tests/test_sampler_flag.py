@@ -79,10 +79,15 @@ def test_generate_records_the_sampler_and_another_sampler_is_another_data_set(ti
     parse = generate_dataset.parser.parse_args
     assert is_done(GenerateSettings.from_namespace(parse([*args, "--sampler", "dpmsolver++"])))
     assert is_done(GenerateSettings.from_namespace(parse(args))) is None  # DDIM: not this data set
-    # A manifest written before the sampler was recorded is DDIM's.
+    # A manifest written before the sampler was recorded is DDIM's: done, and an unfinished one resumes.
     del manifest["settings"]["sampler"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert is_done(GenerateSettings.from_namespace(parse(args)))
+    (out / "class_00" / "img_0.png").unlink()
+    (out / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    assert generate_dataset.main(args) == 0
+    assert (out / "class_00" / "img_0.png").is_file()
+    assert "sampler" not in json.loads((out / "manifest.json").read_text())["settings"]
 
 
 def test_search_space_with_samplers_is_a_categorical_and_off_by_default():
