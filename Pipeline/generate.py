@@ -34,6 +34,7 @@ from Utils.cli import UserError, existing_folder, folder, non_negative_float, no
 from Pipeline.common_settings import (data_dir_setting, dataset_setting, experiment_setting, preset_setting,
                                      sampler_setting)
 from Models.diffusion.presets import GENERATION_BATCH_SIZE
+from Models.diffusion.schedulers import DDIM
 from Utils.runtime import RuntimeSettings
 from Utils.settings import PAPER, setting
 
@@ -43,7 +44,7 @@ SCRIPT = "generate_dataset.py"
 _FLAG_KEYS = ("dataset", "preset", "img_total", "exp", "enc_epoch", "dif_epoch", "inf_steps", "ugs", "eta",
               "seed", "mixed_precision", "sampler")
 # What a manifest without the key was made with (written before the key existed).
-_MANIFEST_DEFAULTS = {"sampler": "ddim"}
+_MANIFEST_DEFAULTS = {"sampler": DDIM.name}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,7 +94,7 @@ class GenerateSettings(RuntimeSettings):
         super().__post_init__()
         if self.img_class is not None and self.img_total is not None:
             raise UserError("give --img_class (images per class) or --img_total (images in all), not both")
-        if self.eta and self.sampler != "ddim":
+        if self.eta and self.sampler != DDIM.name:
             raise UserError(f"--eta is DDIM's; --sampler {self.sampler} takes no eta")
 
     def resolved(self):
