@@ -19,7 +19,7 @@ Every scheduler follows diffusers 0.42 (same timesteps, sigmas, orders, final st
   the second with `use_karras_sigmas=True` (Karras sigmas map back to timesteps by log-sigma
   interpolation, rounded, except for squaredcos_cap_v2 where diffusers truncates them).
 - `euler`, `euler_ancestral`: `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`.
-- `unipc`: `UniPCMultistepScheduler` (bh2, order 2, predict_x0, corrector on every step).
+- `unipc`: `UniPCMultistepScheduler` (bh2, order 2, predict_x0, a corrector on every step but the first).
 
 The Euler schedulers work in sigma (VE) space in diffusers: x_ve = x_t * sqrt(1 + sigma^2),
 the UNet sees `scale_model_input(x_ve) = x_ve / sqrt(1 + sigma^2)`. The loop here keeps the
