@@ -22,7 +22,9 @@ from dataclasses import dataclass
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting,  # noqa: E402
-                                      experiment_setting, image_size_setting, preset_setting)
+                                      experiment_setting, image_size_setting, preset_setting,
+                                      sampler_setting)
+from Models.diffusion.schedulers import SAMPLERS  # noqa: E402
 from Pipeline.stages import BUDGETS, DEFAULT_PRESET  # noqa: E402
 from Utils.cli import non_negative_int, positive_int, run_cli  # noqa: E402
 from Utils.runtime import RuntimeSettings  # noqa: E402
@@ -48,6 +50,10 @@ class ReproduceSettings(RuntimeSettings):
     stop_after: str = setting(None, help="stop after this stage (names: see Pipeline/stages.py)")
     quality: bool = setting(False, help="also compute the quality metrics of the generated set "
                                         "(evaluate_dataset.py, ResNet20 features) for the report")
+    sampler: str = sampler_setting()
+    search_samplers: tuple = setting(None, choices=tuple(SAMPLERS), nargs="+", metavar="SAMPLER",
+                                     help="the studies also search the sampler among these (hyp_opt.py's flag; "
+                                          "default: not searched); generation uses study #2's winner's")
     enc_epochs: int = setting(None, type=positive_int, group=OVERRIDES, help="class-encoder training epochs")
     dif_epochs: int = setting(None, type=positive_int, group=OVERRIDES, help="UNet fine-tuning epochs")
     n_trials_enc: int = setting(None, type=positive_int, group=OVERRIDES, help="trials of study #1")
@@ -80,7 +86,8 @@ def main(argv=None):
     pipeline = Pipeline(settings.dataset, settings.preset, budget, exp=settings.exp, seed=settings.seed,
                         data_dir=settings.data_dir, storage=settings.storage, runtime=settings.runtime(),
                         command=command, quality=settings.quality, image_size=settings.image_size,
-                        accept_unverified_data=settings.accept_unverified_data)
+                        accept_unverified_data=settings.accept_unverified_data, sampler=settings.sampler,
+                        search_samplers=settings.search_samplers)
     # The first stage would find missing real data only after the pipeline started its stage log.
     pipeline.real_splits()
     pipeline.run(stop_after=settings.stop_after)

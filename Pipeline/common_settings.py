@@ -67,3 +67,11 @@ def preset_setting(default="sd1"):
 
 def data_dir_setting(help="folder with the real dataset files (default $SDDG_DATA_DIR or the data cache)"):
     return setting(None, type=folder, group=ADDED, help=help)
+
+
+def sampler_setting():
+    from Models.diffusion.schedulers import DEFAULT_SAMPLER, SAMPLERS
+
+    return setting(DEFAULT_SAMPLER, choices=tuple(SAMPLERS), group=ADDED,
+                   help=f"the sampler's update rule (default {DEFAULT_SAMPLER}, the paper's; "
+                        f"Models/diffusion/schedulers.py, as diffusers' schedulers of those names)")

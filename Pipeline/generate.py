@@ -32,8 +32,10 @@ from Data.balance import per_class_counts
 from Data.shards import parse_shard, shard_from_environment
 from Utils.cli import UserError, existing_folder, folder, non_negative_float, non_negative_int, positive_int
 from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting, dataset_spec,
-                                      experiment_setting, image_size_setting, load_real, preset_setting)
+                                      experiment_setting, image_size_setting, load_real, preset_setting,
+                                      sampler_setting)
 from Models.diffusion.presets import GENERATION_BATCH_SIZE
+from Models.diffusion.schedulers import DDIM
 from Utils.runtime import RuntimeSettings
 from Utils.settings import PAPER, setting
 
@@ -41,7 +43,9 @@ SCRIPT = "generate_dataset.py"
 # Images per sampler call (the paper's); it does not change the images.
 # The manifest's settings that come straight from the flags (the others follow from the checkpoints).
 _FLAG_KEYS = ("dataset", "preset", "img_total", "exp", "enc_epoch", "dif_epoch", "inf_steps", "ugs", "eta",
-              "seed", "mixed_precision")
+              "seed", "mixed_precision", "sampler")
+# What a manifest without the key was made with (written before the key existed).
+_MANIFEST_DEFAULTS = {"sampler": DDIM.name}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,13 +67,14 @@ class GenerateSettings(RuntimeSettings):
                              help="the fine-tuned UNet checkpoint (default: the preset's dif epochs, sd: 10); "
                                   "0: the UNet without fine-tuning")
     inf_steps: int = setting(None, type=positive_int, group=PAPER,
-                             help="DDIM steps (default: the preset's, sd: 50)")
+                             help="sampling steps (default: the preset's, sd: 50)")
     ugs: float = setting(None, type=non_negative_float, group=PAPER,
                          help="unconditional guidance scale (default: the preset's, sd: 7.5)")
     exp: str = experiment_setting()
     preset: str = preset_setting()
     seed: int = setting(0, type=non_negative_int, help="seed of the images' noise")
     eta: float = setting(0.0, type=non_negative_float, help="DDIM eta (0: deterministic)")
+    sampler: str = sampler_setting()
     only_class: int = setting(None, type=non_negative_int,
                               help="generate only this class's images of the data set (default: every class)")
     shard: str = setting(None, help="K/N: write only images n with n %% N == K (default: the array job's task, "
@@ -92,6 +97,8 @@ class GenerateSettings(RuntimeSettings):
         super().__post_init__()
         if self.img_class is not None and self.img_total is not None:
             raise UserError("give --img_class (images per class) or --img_total (images in all), not both")
+        if self.eta and self.sampler != DDIM.name:
+            raise UserError(f"--eta is DDIM's; --sampler {self.sampler} takes no eta")
 
     def resolved(self):
         """The same settings with every default filled in: img_total, epochs, steps, guidance, shard."""
@@ -172,7 +179,7 @@ def is_done(settings):
     manifest = read_manifest(out_dir)
     if not manifest or not manifest.get("complete") or manifest.get("img_total") != r.img_total:
         return None
-    stored = manifest.get("settings") or {}
+    stored = {**_MANIFEST_DEFAULTS, **(manifest.get("settings") or {})}
     if not same_settings({k: stored.get(k) for k in _FLAG_KEYS}, {k: getattr(r, k) for k in _FLAG_KEYS}):
         return None
     if r.keep_generation_size:
@@ -199,7 +206,7 @@ def _check_default_epoch(given, epoch, exp, dataset, stage, flag, what, preset):
 
 def _plan(settings):
     """Checks every setting and checkpoint; returns what to write. Writes nothing."""
-    from Data.synthetic_writer import SyntheticWriter
+    from Data.synthetic_writer import SyntheticWriter, read_manifest
     from Models.diffusion import checkpoints as ck
     from Models.diffusion.presets import get_preset
 
@@ -218,10 +225,14 @@ def _plan(settings):
     manifest_settings = {
         "dataset": spec.name, "preset": preset.name, "img_total": r.img_total, "exp": r.exp,
         "enc_epoch": r.enc_epoch, "dif_epoch": r.dif_epoch, "inf_steps": r.inf_steps, "ugs": r.ugs,
-        "eta": float(r.eta), "seed": r.seed, "native_size": spec.image_size,
+        "eta": float(r.eta), "sampler": r.sampler, "seed": r.seed, "native_size": spec.image_size,
         "generation_size": generation_size, "random_init": enc_settings["random_init"],
         "init_seed": enc_settings.get("init_seed", 0), "mixed_precision": r.mixed_precision,
     }
+    stored = (read_manifest(r.output_folder()) or {}).get("settings") or {}
+    for key, default in _MANIFEST_DEFAULTS.items():
+        if stored and key not in stored and manifest_settings[key] == default:
+            del manifest_settings[key]  # a set begun before the key existed: its other parts match it
     counts = per_class_counts(r.img_total, spec.num_classes)
     writer = SyntheticWriter(r.output_folder(), spec, counts, manifest_settings,
                              keep_size=generation_size if r.keep_generation_size else None)
@@ -272,7 +283,8 @@ def run(settings, log=print):
         labels = np.array([c for c, _ in todo], np.int64)
         indices = np.array([n for _, n in todo], np.int64)
         batches = model.generate_batches(labels, num_steps=r.inf_steps, guidance_scale=r.ugs, seed=r.seed,
-                                         eta=r.eta, batch_size=r.batch_size, indices=indices, jit_compile=jit)
+                                         eta=r.eta, batch_size=r.batch_size, indices=indices, jit_compile=jit,
+                                         sampler=r.sampler)
         with tqdm(total=len(todo), desc="images", unit="img", file=sys.stdout) as bar:
             for chunk, images in batches:
                 writer.write(images, labels[chunk], indices[chunk])

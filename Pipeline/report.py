@@ -246,8 +246,9 @@ def generation_section(manifest):
         return lines + ["Not generated yet.", ""]
     settings = {**manifest.get("settings", {}), "resize_method": manifest.get("resize_method"),
                 "complete": manifest.get("complete")}
-    shown = {k: settings[k] for k in ("img_total", "enc_epoch", "dif_epoch", "inf_steps", "ugs", "eta", "seed",
-                                      "preset", "generation_size", "native_size", "resize_method", "complete")
+    shown = {k: settings[k] for k in ("img_total", "enc_epoch", "dif_epoch", "inf_steps", "ugs", "sampler", "eta",
+                                      "seed", "preset", "generation_size", "native_size", "resize_method",
+                                      "complete")
              if settings.get(k) is not None}
     lines += ["The settings of tuning #2's winner (class encoder of tuning #1's winner):", "",
               "| setting | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in shown.items()]

@@ -47,8 +47,10 @@ import time
 from dataclasses import dataclass, replace
 
 from Models.diffusion.presets import GENERATION_BATCH_SIZE
+from Models.diffusion.schedulers import DEFAULT_SAMPLER
 from Pipeline import adapt, cas, evaluate, generate, tune, tuning
 from Pipeline.report import write_report
+from Pipeline.tuning.space import SAMPLER_PARAM
 from Utils.cli import UserError
 from Utils.io import merge_json, read_json
 from Utils.paths import experiment_dir, output_root, synthetic_dir
@@ -146,13 +148,16 @@ class Pipeline:
         runtime: `RuntimeSettings` (GPU flags) for the training, generation and classifier stages.
         quality: add the quality-metrics stage (evaluate_dataset.py, ResNet20 features)
             before the report.
+        sampler: the studies' sampler (hyp_opt.py --sampler; DDIM, the paper's).
+        search_samplers: samplers the studies also search (hyp_opt.py --search_samplers; None: not searched).
+            The generate stage samples with study #2's winner's sampler.
         command: the reproduce.py command line, for the report.
         log: where progress lines go.
     """
 
     def __init__(self, dataset, preset, budget, exp="0", seed=0, data_dir=None, storage=None,
                  runtime=RuntimeSettings(), command="python reproduce.py", log=print, quality=False,
-                 image_size=None, accept_unverified_data=False):
+                 image_size=None, accept_unverified_data=False, sampler=DEFAULT_SAMPLER, search_samplers=None):
         from Data.registry import get_spec
         from Models.diffusion.presets import get_preset
 
@@ -164,6 +169,8 @@ class Pipeline:
         self.exp, self.seed, self.data_dir, self.storage = str(exp), seed, data_dir, storage
         self.runtime = runtime
         self.quality = bool(quality)
+        self.sampler = sampler
+        self.search_samplers = tuple(search_samplers) if search_samplers else None
         self.command = command
         self.log = log
         self.enc_epochs = budget.enc_epochs or self.preset.enc_epochs
@@ -226,7 +233,10 @@ class Pipeline:
                           prune_after=(max(1, b.tuning_classifier_epochs // 2) if b.prune_after == "half"
                                        else int(b.prune_after)))
         # Several GPUs serve several workers on one study instead (hyp_opt.py refuses --multi_gpu).
+        if optimize and self.search_samplers:
+            extra |= dict(search_samplers=self.search_samplers)
         return tune.TuneSettings(train_model=stage, optimize=optimize, **self.common(tune.TuneSettings), **extra,
+                                 sampler=self.sampler,
                                  num_imgs=b.num_imgs, classifier_epochs=b.tuning_classifier_epochs,
                                  batch_size=b.classifier_batch_size,
                                  generation_batch_size=b.generation_batch_size,
@@ -237,6 +247,7 @@ class Pipeline:
         return generate.GenerateSettings(img_total=self.generation_target(), **self.common(generate.GenerateSettings, reads_real_data=False),
                                          enc_epoch=enc["enc_epoch"], dif_epoch=dif["dif_epoch"],
                                          inf_steps=dif["inf_steps"], ugs=dif["ugs"],
+                                         sampler=dif.get(SAMPLER_PARAM, DEFAULT_SAMPLER),
                                          batch_size=self.budget.generation_batch_size, **self.runtime_settings())
 
     def cas_settings(self, take=None):

@@ -5,14 +5,17 @@
     settings = TuneSettings(dataset="digits", preset="small", train_model="enc", n_trials=2,
                             num_imgs=250, classifier_epochs=4, batch_size=64)
     if not is_done(settings):
-        result = run(settings)            # result.settings: {"inf_steps", "ugs", "enc_epoch"}
+        result = run(settings)            # result.settings: {"inf_steps", "ugs", "enc_epoch"} (+ "sampler")
     enc = winner_settings("0", "digits", "enc")   # tune enc's winner, for the dif stage's settings
 
 One run tunes (or, with optimize=False, scores the default settings of) one
 stage: "enc" searches the class-encoder checkpoint, the inference steps and
 the guidance scale; "dif" the fine-tuned UNet's checkpoint, with the steps and
 guidance ranges set by study #1's winner (is_1, ugs_1: given, or read from
-the enc study in the same storage). It writes the study into the storage
+the enc study in the same storage). Trials sample with `sampler` (DDIM, the
+paper's), or, with `search_samplers`, the study also chooses among those;
+a sampler other than DDIM is part of the winner's settings (and so of the
+generate stage's, in reproduce.py) and of the protocol a resumed study must match. It writes the study into the storage
 (default: the SQLite file Experiments/Exp_{exp}/{dataset}/optuna.db), one
 cell of the stage table CAS Results/pipeline_optimization_exp{exp}.json
 ("opt", "opt_kid" or "no_opt") and, with save_plots, the Optuna plots.
@@ -29,11 +32,13 @@ from pathlib import Path
 from Pipeline.tuning.images import GENERATION_BATCH_SIZE
 from Pipeline.tuning.objective import OBJECTIVES
 from Pipeline.tuning.results import STAGE_KEYS, cell_key, cell_matches, read_cell, winner_settings
-from Pipeline.tuning.space import CHECKPOINT_PARAM, STAGES, STEPS_PARAM, UGS_PARAM
+from Pipeline.tuning.space import CHECKPOINT_PARAM, SAMPLER_PARAM, STAGES, STEPS_PARAM, UGS_PARAM
 from Pipeline.tuning.storage import default_storage_path, default_storage_url, open_storage
 from Utils.cli import UserError, non_negative_float, non_negative_int, positive_int
 from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting, dataset_spec,
-                                      experiment_setting, image_size_setting, load_real, preset_setting)
+                                      experiment_setting, image_size_setting, load_real, preset_setting,
+                                      sampler_setting)
+from Models.diffusion.schedulers import DEFAULT_SAMPLER, SAMPLERS
 from Utils.runtime import RuntimeSettings
 from Utils.settings import ADDED, PAPER, setting
 
@@ -103,6 +108,11 @@ class TuneSettings(RuntimeSettings):
                                           "the preset's steps and UGS), displaced only by a trial better by more "
                                           "than one standard error of the validation accuracy; for short studies "
                                           "(reproduce.py's quick budget), off in the paper")
+    sampler: str = sampler_setting()
+    search_samplers: tuple = setting(None, choices=tuple(SAMPLERS), nargs="+", metavar="SAMPLER", group=ADDED,
+                                     help="also search the sampler among these, a categorical beside steps and "
+                                          "UGS (default: not searched, every trial uses --sampler; the paper's "
+                                          "space); the first is the default trial's (--enqueue_defaults)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -110,6 +120,9 @@ class TuneSettings(RuntimeSettings):
                                           or self.ugs_1 is not None):
             raise UserError("--enc_epoch, --is_1 and --ugs_1 are for --train_model dif "
                             "(tuning enc searches the class-encoder epoch)")
+        if self.search_samplers and not self.optimize:
+            raise UserError("--search_samplers needs a study (--optimize True); --sampler sets the sampler "
+                            "of the default settings")
         if self.multi_gpu:
             raise UserError(f"--multi_gpu is not used by {SCRIPT}: run one worker per GPU "
                             "(CUDA_VISIBLE_DEVICES) on one shared --storage instead")
@@ -133,7 +146,8 @@ class TuneResult:
     Attributes:
         stage: "enc" or "dif".
         key: the cell, "opt", "opt_kid" or "no_opt".
-        settings: {"inf_steps", "ugs", "enc_epoch" | "dif_epoch"} (generate_dataset.py's flags).
+        settings: {"inf_steps", "ugs", "enc_epoch" | "dif_epoch"} (generate_dataset.py's flags), and
+            "sampler" unless it is DDIM.
         val_accuracy: best validation top-1 of the classifier trained on these settings' images.
         top1, top5: its real test accuracy (recorded, never optimised).
         storage_url: the study's storage (None: no-opt with no study to reuse).
@@ -160,6 +174,10 @@ class TuneResult:
     @property
     def inf_steps(self):
         return self.settings[STEPS_PARAM]
+
+    @property
+    def sampler(self):
+        return self.settings.get(SAMPLER_PARAM, DEFAULT_SAMPLER)
 
     @property
     def ugs(self):
@@ -195,8 +213,21 @@ class TunePlan:
 
 
 def _protocol(s, spec, preset):
-    return {"num_imgs": int(s.num_imgs), "classifier_epochs": int(s.classifier_epochs),
-            "classifier_batch_size": int(s.batch_size), "seed": int(s.seed), "preset": preset.name}
+    protocol = {"num_imgs": int(s.num_imgs), "classifier_epochs": int(s.classifier_epochs),
+                "classifier_batch_size": int(s.batch_size), "seed": int(s.seed), "preset": preset.name}
+    # Only when not the paper's: cells and studies recorded before the sampler was a setting still match.
+    if s.search_samplers:
+        protocol["search_samplers"] = list(dict.fromkeys(s.search_samplers))
+    elif s.sampler != DEFAULT_SAMPLER:
+        protocol["sampler"] = s.sampler
+    return protocol
+
+
+def _with_sampler(settings, sampler):
+    """A cell's settings naming the sampler when it is not DDIM (so the generate stage uses it)."""
+    sampler = settings.get(SAMPLER_PARAM, sampler)
+    settings = {k: v for k, v in settings.items() if k != SAMPLER_PARAM}
+    return settings | ({SAMPLER_PARAM: sampler} if sampler != DEFAULT_SAMPLER else {})
 
 
 def _check(settings):
@@ -295,7 +326,7 @@ def run(settings, log=print):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec, stage = p.spec, s.train_model
     source = DiffusionImageSource(s.exp, spec.name, p.preset, stage, enc_epoch=s.enc_epoch,
-                                  batch_size=s.generation_batch_size, jit_compile=s.xla)
+                                  batch_size=s.generation_batch_size, jit_compile=s.xla, sampler=s.sampler)
     splits = load_real(s)
     config = ClassifierConfig(epochs=int(s.classifier_epochs), batch_size=int(s.batch_size))
     if not s.optimize:
@@ -305,7 +336,8 @@ def run(settings, log=print):
     from Pipeline.tuning.space import build_search_space
     from Pipeline.tuning.storage import open_storage
 
-    space = build_search_space(stage, p.checkpoint_epochs, is_1=p.is_1, ugs_1=p.ugs_1, max_steps=s.max_steps)
+    space = build_search_space(stage, p.checkpoint_epochs, is_1=p.is_1, ugs_1=p.ugs_1, max_steps=s.max_steps,
+                               samplers=s.search_samplers)
     storage = p.storage or open_storage(p.storage_url, create_folder=True)
     objective = GenerationObjective(source, space, splits, s.num_imgs, config, seed=s.seed, objective=s.objective)
     return _tune(p, storage, space, objective, log)
@@ -322,7 +354,7 @@ def _score_defaults(p, objective, log):
     from Pipeline.tuning.study import tuning_study_name
 
     s, spec, stage = p.settings, p.spec, p.settings.train_model
-    settings = default_settings(stage, p.preset, p.checkpoint_epochs)
+    settings = _with_sampler(default_settings(stage, p.preset, p.checkpoint_epochs), s.sampler)
     name = tuning_study_name(spec.name, s.exp, stage, "cas")
     match = {**p.protocol, "dataset": spec.name, "stage": stage, "objective": "cas"}
     if stage == "dif" and s.enc_epoch is not None:
@@ -381,7 +413,7 @@ def _tune(p, storage, space, objective, log):
             log(f"plots: {Path(next(iter(saved.values()))).parent}")
     winner = best_trial(study)
     entry = trial_entry(study, winner, s.objective, space)
-    entry.update(settings=as_builtin(winner.params), **p.protocol)
+    entry.update(settings=_with_sampler(as_builtin(winner.params), s.sampler), **p.protocol)
     if s.objective == "kid":
         # The KID winner's CAS, with the same classifier protocol as the accuracy-tuned row.
         log(f"KID winner {winner.params}: training a classifier on its images for its CAS")

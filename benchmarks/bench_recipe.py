@@ -69,21 +69,69 @@ parser.add_argument("--rescale_betas_zero_snr", action=argparse.BooleanOptionalA
 parser.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS)
 
 
+def train_from_scratch(preset, model_spec, splits, recipe, epochs, batch_size, lr, seed):
+    """The enc stage's model trained from scratch: (model, Keras history, wall s, CPU s)."""
+    from Models.diffusion import checkpoints as ck
+    from Models.diffusion.optimizer import make_optimizer
+    from Models.diffusion.trainer import TrainBatches
+
+    model = ck.build_model(preset, model_spec, random_init=True, init_seed=seed, seed=seed, recipe=recipe)
+    batches = TrainBatches(splits.x_train, splits.y_train, batch_size, model.image_size, seed=seed)
+    model.compile(optimizer=make_optimizer(lr, epochs * len(batches), recipe["ema_decay"]))
+    started, cpu_started = time.perf_counter(), time.process_time()
+    history = model.fit(batches, epochs=epochs, verbose=2)
+    # CPU seconds are what the ablation compares: wall time depends on whatever else runs.
+    return model, history, time.perf_counter() - started, time.process_time() - cpu_started
+
+
+def x1_counts(spec, splits):
+    """Images per class of x1: the real training split's size, balanced over classes."""
+    import numpy as np
+
+    return np.bincount(np.arange(len(splits.y_train)) % spec.num_classes, minlength=spec.num_classes)
+
+
+def cas_scorer(spec, splits, classifier_epochs, classifier_batch_size, seed):
+    """x, y -> real test top-1 of a ResNet20 trained on them (validated on the real split)."""
+    import keras
+
+    from Models.classifier import ClassifierConfig, evaluate_classifier, train_classifier
+
+    config = ClassifierConfig(epochs=classifier_epochs, batch_size=classifier_batch_size)
+
+    def cas(x, y):
+        keras.utils.set_random_seed(seed)
+        classifier, _ = train_classifier(x, y, splits.x_val, splits.y_val, spec.num_classes,
+                                         config=config, seed=seed, verbose=0)
+        return evaluate_classifier(classifier, splits.x_test, splits.y_test, spec.label_names)["top1"]
+
+    return cas
+
+
+def distance_scorer(splits, seed):
+    """x -> (KID, FID) against the real test split, ResNet20 features trained on the real training split."""
+    from Metrics.distribution import frechet_distance_from_features, kernel_inception_distance
+    from Metrics.quality import kid_extractor
+
+    extractor = kid_extractor(splits.x_train, splits.y_train, seed=seed)
+    test_features = extractor.embed(splits.x_test).features
+
+    def distances(x):
+        features = extractor.embed(x).features
+        kid, _ = kernel_inception_distance(test_features, features, seed=seed)
+        return float(kid), float(frechet_distance_from_features(test_features, features))
+
+    return distances
+
+
 def main():
     args = parser.parse_args()
-    import keras
     import numpy as np
 
     from Data.images import save_image_grid
     from Data.loaders import load_dataset
     from Data.registry import get_spec
-    from Metrics.distribution import frechet_distance_from_features, kernel_inception_distance
-    from Metrics.quality import kid_extractor
     from Metrics.speckle import speckle_share
-    from Models.classifier import ClassifierConfig, evaluate_classifier, train_classifier
-    from Models.diffusion import checkpoints as ck
-    from Models.diffusion.optimizer import make_optimizer
-    from Models.diffusion.trainer import TrainBatches
     from Models.diffusion.presets import get_preset
 
     preset = get_preset(args.preset)
@@ -99,20 +147,17 @@ def main():
     batch_size = args.batch_size or preset.enc_batch_size
     lr = args.lr or preset.enc_lr
 
-    model = ck.build_model(preset, model_spec, random_init=True, init_seed=args.seed, seed=args.seed, recipe=recipe)
-    batches = TrainBatches(splits.x_train, splits.y_train, batch_size, model.image_size, seed=args.seed)
-    model.compile(optimizer=make_optimizer(lr, epochs * len(batches), recipe["ema_decay"]))
-    started, cpu_started = time.perf_counter(), time.process_time()
-    history = model.fit(batches, epochs=epochs, verbose=2)
-    # CPU seconds are what the ablation compares: wall time depends on whatever else runs.
-    train_s, train_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
+    model, history, train_s, train_cpu_s = train_from_scratch(preset, model_spec, splits, recipe, epochs,
+                                                              batch_size, lr, args.seed)
 
-    per_class_x1 = np.bincount(np.arange(len(splits.y_train)) % spec.num_classes, minlength=spec.num_classes)
+    per_class_x1 = x1_counts(spec, splits)
     labels = np.repeat(np.arange(spec.num_classes), per_class_x1 * args.multiples)
     guidances = ([preset.default_guidance_scale] if args.guidance is None
                  else [float(g) for g in args.guidance.split(",")])
     step_counts = ([preset.default_inference_steps] if args.steps is None
                    else [int(n) for n in args.steps.split(",")])
+    cas = cas_scorer(spec, splits, args.classifier_epochs, args.classifier_batch_size, args.seed)
+    distances = distance_scorer(splits, args.seed)
     for steps, guidance in itertools.product(step_counts, guidances):
         tag = args.tag + (f"_g{guidance:g}" if len(guidances) > 1 else "") + \
             (f"_s{steps}" if len(step_counts) > 1 else "")
@@ -122,14 +167,6 @@ def main():
                                     batch_size=250, progress=True)
         generate_s = time.perf_counter() - started
 
-        config = ClassifierConfig(epochs=args.classifier_epochs, batch_size=args.classifier_batch_size)
-
-        def cas(x, y):
-            keras.utils.set_random_seed(args.seed)
-            classifier, _ = train_classifier(x, y, splits.x_val, splits.y_val, spec.num_classes,
-                                             config=config, seed=args.seed, verbose=0)
-            return evaluate_classifier(classifier, splits.x_test, splits.y_test, spec.label_names)["top1"]
-
         def first_of_each_class(k):  # x_k: the first k x (x1 count) images of each class
             return np.concatenate([np.flatnonzero(labels == c)[:k * per_class_x1[c]] for c in range(spec.num_classes)])
 
@@ -138,14 +175,6 @@ def main():
             chosen = first_of_each_class(k)
             cas_by_multiple[f"x{k}"] = cas(images[chosen], labels[chosen])
         x1 = first_of_each_class(1)
-        extractor = kid_extractor(splits.x_train, splits.y_train, seed=args.seed)
-        test_features = extractor.embed(splits.x_test).features
-
-        def distances(x):
-            features = extractor.embed(x).features
-            kid, _ = kernel_inception_distance(test_features, features, seed=args.seed)
-            return float(kid), float(frechet_distance_from_features(test_features, features))
-
         kid, fid = distances(images[x1])
         row = {"tag": tag, "dataset": spec.name, "preset": preset.name, "rgb": bool(args.rgb),
                "level_channels": list(preset.level_channels),

@@ -1,9 +1,10 @@
-"""Class labels -> images: DDIM with classifier-free guidance over a `ClassConditionalBackbone`.
+"""Class labels -> images: guided sampling (DDIM by default) over a `ClassConditionalBackbone`.
 
 The initial noise of each image is a function of (seed, class, index within class)
 only, so shards, batch sizes and resumed runs give identical images
-(`initial_noise`); with eta > 0 each image's per-step noise continues its own
-generator. The sampling loop itself is `DDIMSampler` (sampler.py).
+(`initial_noise`); a sampler that draws per-step noise (DDIM with eta > 0, Euler
+ancestral) continues each image's own generator. The sampling loop itself is
+`DiffusionSampler` (sampler.py), its update rules `schedulers.SAMPLERS`.
 
 Example:
     >>> generator = ClassConditionalGenerator(backbone, schedule_for(backbone.preset))
@@ -15,8 +16,9 @@ Example:
 import numpy as np
 from tqdm.auto import tqdm
 
-from Models.diffusion.sampler import DDIMSampler
+from Models.diffusion.sampler import DiffusionSampler
 from Models.diffusion.schedule import NoiseSchedule
+from Models.diffusion.schedulers import DEFAULT_SAMPLER
 
 
 def schedule_for(recipe):
@@ -98,13 +100,13 @@ class ClassConditionalGenerator:
     def image_channels(self):
         return self.backbone.image_channels
 
-    def sampler(self, jit_compile=False):
-        """The DDIM sampler over the backbone's UNet (built once per jit / clip setting)."""
+    def sampler(self, jit_compile=False, name=DEFAULT_SAMPLER):
+        """The sampler `name` over the backbone's UNet (built once per jit / clip / sampler setting)."""
         clip = bool(self.clip_sample)
-        key = (bool(jit_compile), clip)
+        key = (bool(jit_compile), clip, name)
         if self._sampler is None or self._sampler_key != key:
-            self._sampler = DDIMSampler(self.backbone.unet, self.schedule, self.preset.timestep_embedding_dim,
-                                        jit_compile=jit_compile, clip_sample=clip)
+            self._sampler = DiffusionSampler(self.backbone.unet, self.schedule, self.preset.timestep_embedding_dim,
+                                             jit_compile=jit_compile, clip_sample=clip, sampler=name)
             self._sampler_key = key
         return self._sampler
 
@@ -113,12 +115,12 @@ class ClassConditionalGenerator:
         return self.backbone.contexts(labels)
 
     def generate(self, labels, num_steps=None, guidance_scale=None, seed=0, eta=0.0, batch_size=64,
-                 indices=None, jit_compile=False, progress=False):
+                 indices=None, jit_compile=False, progress=False, sampler=DEFAULT_SAMPLER):
         """Class-conditional images, uint8 (N, image_size, image_size, 3); grey data: three equal channels.
 
         Args:
             labels: (N,) integer class labels.
-            num_steps: DDIM steps (default: the preset's `default_inference_steps`).
+            num_steps: sampling steps (default: the preset's `default_inference_steps`).
             guidance_scale: classifier-free guidance scale (default: the preset's).
             seed: with (label, index within class), fixes each image's noise.
             eta: DDIM eta (0 = deterministic DDIM).
@@ -127,16 +129,17 @@ class ClassConditionalGenerator:
                 same labels in `labels`). Shards of one data set pass their global indices.
             jit_compile: compile the sampling step with XLA.
             progress: a tqdm bar over the images.
+            sampler: a name in `schedulers.SAMPLERS` (default "ddim", the paper's).
         """
         labels = np.asarray(labels, np.int64).reshape(-1)
         out = np.empty((len(labels), self.image_size, self.image_size, 3), np.uint8)
         for chunk, images in self.generate_batches(labels, num_steps, guidance_scale, seed, eta,
-                                                   batch_size, indices, jit_compile, progress):
+                                                   batch_size, indices, jit_compile, progress, sampler):
             out[chunk] = images
         return out
 
     def generate_batches(self, labels, num_steps=None, guidance_scale=None, seed=0, eta=0.0,
-                         batch_size=64, indices=None, jit_compile=False, progress=False):
+                         batch_size=64, indices=None, jit_compile=False, progress=False, sampler=DEFAULT_SAMPLER):
         """`generate`, one batch at a time: yields (slice into labels, uint8 images).
 
         Every sampler call has the same batch size (the last batch is padded and
@@ -151,7 +154,7 @@ class ClassConditionalGenerator:
             raise ValueError(f"{len(labels)} labels but {len(indices)} indices")
         num_steps = self.preset.default_inference_steps if num_steps is None else num_steps
         guidance_scale = self.preset.default_guidance_scale if guidance_scale is None else guidance_scale
-        sampler = self.sampler(jit_compile)
+        loop = self.sampler(jit_compile, sampler)
         shape = self.backbone.noise_shape
         size = max(1, min(int(batch_size), len(labels)))
         with tqdm(total=len(labels), desc="generating", unit="img", disable=not progress) as bar:
@@ -168,7 +171,7 @@ class ClassConditionalGenerator:
                     z = [g.standard_normal(shape, dtype=np.float32) for g in generators]
                     return np.stack(z + [np.zeros(shape, np.float32)] * pad)
 
-                x0 = sampler.sample(noise, context, uncond, num_steps, guidance_scale, eta=eta,
+                x0 = loop.sample(noise, context, uncond, num_steps, guidance_scale, eta=eta,
                                     step_noise=step_noise)
                 x0 = self.backbone.decode(x0)
                 bar.update(n)

@@ -1,29 +1,28 @@
-"""DDIM sampling with classifier-free guidance: one batched UNet call per step, one compiled loop.
+"""The guided sampling loop: one batched UNet call per step, one compiled loop, any scheduler.
 
 keras-cv's `StableDiffusion.generate_image` calls the UNet twice per step (once
 with the unconditional context, once with the conditional one), each through
 `predict_on_batch`, and does the DDIM update in eager ops in between. Here one
-compiled Keras model, `GuidedDDIM`, runs the whole loop (`keras.ops.fori_loop`,
+compiled Keras model, `GuidedSampler`, runs the whole loop (`keras.ops.fori_loop`,
 so no round trip to Python between steps). Each step stacks the unconditional
 and conditional halves into one batch of 2B, calls the UNet once, combines
 
-    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)     (keras-cv's convention)
+    out = out_uncond + guidance_scale * (out_cond - out_uncond)     (keras-cv's convention)
 
-(for a v-prediction UNet the same combination of its two v outputs), turns it into
-(x0, eps) (`schedule.split_prediction`; for epsilon x0 = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t))
-and applies the DDIM update (eq. 12 of Song et al., with `eta`)
+(epsilon or v, whichever the UNet predicts), turns it into (x0, eps)
+(`schedule.split_prediction`) and hands them to the scheduler's update
+(`schedulers.py`: DDIM, the paper's, by default; DPM-Solver++, Euler, UniPC). For DDIM
 
     x_prev = sqrt(a_prev) * x0 + sqrt(1 - a_prev - sigma^2) * eps + sigma * z.
 
 `predict_on_batch` lets every backend compile the loop once (XLA with
-`jit_compile=True`). The timesteps and alphas are inputs padded to a fixed
-length and the number of steps is an input too, so changing the steps, the
-guidance scale or the seed never recompiles (only the batch size and, for
-eta > 0, the steps do). Timesteps and alphas follow Stable Diffusion's DDIM
-config (`Models/diffusion/schedule.py`).
+`jit_compile=True`). The timesteps and the scheduler's per-step coefficients are
+inputs padded to a fixed length and the number of steps is an input too, so
+changing the steps, the guidance scale or the seed never recompiles (only the
+batch size and, for a sampler that draws per-step noise, the steps do).
 
 Example:
-    >>> sampler = DDIMSampler(unet, timestep_embedding_dim=preset.timestep_embedding_dim)
+    >>> sampler = DiffusionSampler(unet, schedule, preset.timestep_embedding_dim, sampler="dpmsolver++")
     >>> latents = sampler.sample(noise, context, uncond_context, num_steps=25, guidance_scale=3.0)
 """
 
@@ -32,11 +31,12 @@ import numpy as np
 from keras import ops
 
 from Models.diffusion.schedule import MAX_INFERENCE_STEPS, NoiseSchedule, split_prediction
+from Models.diffusion.schedulers import DEFAULT_SAMPLER, make_scheduler
 from Models.diffusion.unet import timestep_embedding
 
 
-class GuidedDDIM(keras.Model):
-    """The guided DDIM loop as a Keras model (compile it, then `predict_on_batch`).
+class GuidedSampler(keras.Model):
+    """The guided loop over one scheduler as a Keras model (compile it, then `predict_on_batch`).
 
     Inputs (a dict; every entry has the batch size B first, so data-parallel
     strategies can split it):
@@ -45,11 +45,11 @@ class GuidedDDIM(keras.Model):
         uncond_context  (B, L, D)     unconditional context
         guidance        (B,)          guidance scale per image
         num_steps       (B,) int      number of steps (the same for every image)
-        timestep, alpha_t, alpha_prev, sigma
-                        (B, T)        per-step DDIM coefficients (schedule.ddim_coefficients),
+        timestep, model_alpha, and one entry per name in `scheduler.coefficient_names`
+                        (B, T)        the scheduler's per-step tables (`Scheduler.tables`),
                                       padded to any T >= num_steps
         noise           (B, N, S, S, C)  z of step i is noise[:, min(i, N - 1)]; N = 1 of
-                                      zeros when eta = 0
+                                      zeros for a deterministic sampler
     Output: x_0 (B, S, S, C), float32.
 
     The loop's own arithmetic stays float32 even under a mixed-precision
@@ -57,39 +57,36 @@ class GuidedDDIM(keras.Model):
 
     Args:
         unet: a `build_unet` model, inputs [x, t_emb, context].
+        scheduler: a `schedulers.Scheduler` (its `step` runs inside the loop).
         timestep_embedding_dim: width of the sinusoidal embedding the UNet expects.
-        clip_sample: clip the predicted x0 to [-1, 1] (diffusers' `clip_sample=True`,
-            `use_clipped_model_output=False`). Stable Diffusion's config, and the default, is False.
+        clip_sample: clip the predicted x0 to [-1, 1] before the update (diffusers' DDIM
+            `clip_sample=True`, `use_clipped_model_output=False`). Stable Diffusion's config,
+            and the default, is False.
         prediction_type: what the UNet outputs, "epsilon" (default) or "v_prediction".
     """
 
-    def __init__(self, unet, timestep_embedding_dim=320, clip_sample=False, prediction_type="epsilon",
+    def __init__(self, unet, scheduler, timestep_embedding_dim=320, clip_sample=False, prediction_type="epsilon",
                  **kwargs):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.unet = unet
+        self.scheduler = scheduler
         self.timestep_embedding_dim = int(timestep_embedding_dim)
         self.clip_sample = bool(clip_sample)
         self.prediction_type = prediction_type
 
-    def guided_step(self, latent, timestep, contexts, guidance, alpha_t, alpha_prev, sigma, noise):
-        """One step: x_t -> x_prev. Per-image scalars are (B,); `contexts` is [uncond; cond]."""
+    def guided_prediction(self, latent, timestep, contexts, guidance, model_alpha):
+        """(x0, eps) of the guided UNet output at x_t; per-image scalars are (B,); `contexts` is [uncond; cond]."""
         t_emb = timestep_embedding(timestep, self.timestep_embedding_dim)
         # One UNet call on [unconditional half; conditional half].
         output = self.unet([ops.concatenate([latent, latent], axis=0),
                            ops.concatenate([t_emb, t_emb], axis=0), contexts])
         out_uncond, out_cond = ops.split(ops.cast(output, "float32"), 2, axis=0)
-
-        def per_image(value):  # (B,) -> (B, 1, 1, 1)
-            return ops.reshape(ops.cast(value, "float32"), (-1, 1, 1, 1))
-
-        guided = out_uncond + per_image(guidance) * (out_cond - out_uncond)
-        alpha_t, alpha_prev, sigma = per_image(alpha_t), per_image(alpha_prev), per_image(sigma)
-        x0, eps = split_prediction(self.prediction_type, guided, latent, alpha_t)
+        guided = out_uncond + _per_image(guidance) * (out_cond - out_uncond)
+        x0, eps = split_prediction(self.prediction_type, guided, latent, _per_image(model_alpha))
         if self.clip_sample:
             x0 = ops.clip(x0, -1.0, 1.0)
-        direction = ops.sqrt(ops.maximum(1.0 - alpha_prev - sigma ** 2, 0.0)) * eps
-        return ops.sqrt(alpha_prev) * x0 + direction + sigma * ops.cast(noise, "float32")
+        return x0, eps
 
     def call(self, inputs):
         latent = ops.cast(inputs["latent"], "float32")
@@ -97,30 +94,42 @@ class GuidedDDIM(keras.Model):
         noise = inputs["noise"]
         last_noise = ops.shape(noise)[1] - 1
 
-        def body(i, x):
+        def body(i, carry):
+            x, state = carry[0], tuple(carry[1:])
+
             def column(name):
                 return ops.take(inputs[name], i, axis=1)
 
-            z = ops.take(noise, ops.minimum(i, last_noise), axis=1)
-            return self.guided_step(x, column("timestep"), contexts, inputs["guidance"],
-                                    column("alpha_t"), column("alpha_prev"), column("sigma"), z)
+            x0, eps = self.guided_prediction(x, column("timestep"), contexts, inputs["guidance"],
+                                             column("model_alpha"))
+            coefficients = {name: _per_image(column(name)) for name in self.scheduler.coefficient_names}
+            z = ops.cast(ops.take(noise, ops.minimum(i, last_noise), axis=1), "float32")
+            x, state = self.scheduler.step(coefficients, x, x0, eps, state, z)
+            return (x,) + tuple(state)
 
-        return ops.fori_loop(0, ops.cast(inputs["num_steps"][0], "int32"), body, latent)
+        # The state (earlier x0s, the previous sample) starts as zeros; a step reads it only once written.
+        carry = (latent,) + tuple(ops.zeros_like(latent) for _ in range(self.scheduler.state_size))
+        return ops.fori_loop(0, ops.cast(inputs["num_steps"][0], "int32"), body, carry)[0]
 
     def get_config(self):
-        return {"unet": keras.saving.serialize_keras_object(self.unet),
-                "timestep_embedding_dim": self.timestep_embedding_dim,
+        return {"unet": keras.saving.serialize_keras_object(self.unet), "sampler": self.scheduler.name,
+                "schedule": self.scheduler.schedule.config(), "timestep_embedding_dim": self.timestep_embedding_dim,
                 "clip_sample": self.clip_sample, "prediction_type": self.prediction_type, "name": self.name}
 
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        config["unet"] = keras.saving.deserialize_keras_object(config["unet"])
-        return cls(**config)
+        unet = keras.saving.deserialize_keras_object(config.pop("unet"))
+        scheduler = make_scheduler(config.pop("sampler"), NoiseSchedule(**config.pop("schedule")))
+        return cls(unet, scheduler, **config)
 
 
-class DDIMSampler:
-    """Runs `GuidedDDIM` over Stable Diffusion's DDIM timesteps.
+def _per_image(value):  # (B,) -> (B, 1, 1, 1)
+    return ops.reshape(ops.cast(value, "float32"), (-1, 1, 1, 1))
+
+
+class DiffusionSampler:
+    """Runs `GuidedSampler` with one scheduler's tables (`schedulers.SAMPLERS`).
 
     Args:
         unet: a `build_unet` model (inputs [x, t_emb, context]).
@@ -128,38 +137,32 @@ class DDIMSampler:
             prediction type and timestep spacing apply.
         timestep_embedding_dim: the preset's `timestep_embedding_dim`.
         jit_compile: compile the loop with XLA.
-        clip_sample: clip the predicted x0 to [-1, 1] (see GuidedDDIM).
+        clip_sample: clip the predicted x0 to [-1, 1] (see GuidedSampler).
+        sampler: a name in `schedulers.SAMPLERS` ("ddim", the paper's, by default).
 
     Example:
-        >>> sampler = DDIMSampler(unet, timestep_embedding_dim=64)
+        >>> sampler = DiffusionSampler(unet, timestep_embedding_dim=64, sampler="unipc")
         >>> x0 = sampler.sample(np.random.default_rng(0).standard_normal((4, 8, 8, 3)),
         ...                     context, uncond_context, num_steps=20, guidance_scale=2.0)
     """
 
-    def __init__(self, unet, schedule=None, timestep_embedding_dim=320, jit_compile=False, clip_sample=False):
+    def __init__(self, unet, schedule=None, timestep_embedding_dim=320, jit_compile=False, clip_sample=False,
+                 sampler=DEFAULT_SAMPLER):
         self.schedule = schedule or NoiseSchedule()
-        self.model = GuidedDDIM(unet, timestep_embedding_dim, clip_sample=clip_sample,
-                                prediction_type=self.schedule.prediction_type, name="guided_ddim")
+        self.scheduler = make_scheduler(sampler, self.schedule)
+        self.model = GuidedSampler(unet, self.scheduler, timestep_embedding_dim, clip_sample=clip_sample,
+                                   prediction_type=self.schedule.prediction_type,
+                                   name=f"guided_{self.scheduler.name}".replace("+", "p"))
         self.model.compile(jit_compile=bool(jit_compile))
 
-    def sample(self, noise, context, uncond_context, num_steps, guidance_scale, eta=0.0, step_noise=None):
-        """Denoises `noise` (B, S, S, C) into x_0 (NumPy float32, same shape).
-
-        Args:
-            noise: the initial x_T, (B, S, S, C).
-            context: (B, L, D) conditional contexts.
-            uncond_context: (B, L, D) or (1, L, D) unconditional context.
-            num_steps: number of DDIM steps (1..999).
-            guidance_scale: a float, or (B,) per image; 1.0 = conditional only, 0 = unconditional.
-            eta: DDIM eta; 0 is deterministic.
-            step_noise: callable(step_index) -> (B, S, S, C) standard normal noise for eta > 0,
-                called for the steps in order (default: NumPy noise seeded by the step index;
-                `ClassConditionalGenerator` ties it to each image instead).
-        """
+    def inputs(self, noise, context, uncond_context, num_steps, guidance_scale, eta=0.0, step_noise=None):
+        """The loop's input dict for `self.model.predict_on_batch` (see `sample` for the arguments)."""
         latent = np.asarray(noise, dtype="float32")
         batch = latent.shape[0]
-        timesteps, alpha_t, alpha_prev, sigma = self.schedule.ddim_coefficients(num_steps, eta)
-        steps = len(timesteps)
+        tables = self.scheduler.tables(num_steps, eta)
+        if tables.initial_scale != 1.0:
+            latent = latent * np.float32(tables.initial_scale)
+        steps = len(tables.timesteps)
         context = ops.convert_to_tensor(context)
         uncond_context = ops.convert_to_tensor(uncond_context)
         if uncond_context.shape[0] != batch:
@@ -170,21 +173,47 @@ class DDIMSampler:
             padded[:steps] = values
             return np.broadcast_to(padded, (batch, MAX_INFERENCE_STEPS)).copy()
 
-        if np.any(sigma > 0):
+        if tables.stochastic:
             draw = step_noise or (lambda i: np.random.default_rng(i).standard_normal(latent.shape))
             z = np.stack([np.asarray(draw(i), dtype="float32") for i in range(steps)], axis=1)
         else:
             z = np.zeros((batch, 1) + latent.shape[1:], dtype="float32")
-        out = self.model.predict_on_batch({
+        inputs = {
             "latent": latent,
             "context": context,
             "uncond_context": uncond_context,
             "guidance": np.broadcast_to(np.asarray(guidance_scale, dtype="float32"), (batch,)).copy(),
             "num_steps": np.full((batch,), steps, dtype="int32"),
-            "timestep": table(timesteps, 0),
-            "alpha_t": table(alpha_t, 1),
-            "alpha_prev": table(alpha_prev, 1),
-            "sigma": table(sigma, 0),
+            "timestep": table(tables.timesteps, 0),
+            "model_alpha": table(tables.model_alpha, 1),
             "noise": z,
-        })
-        return np.asarray(out, dtype="float32")
+        }
+        for name in self.scheduler.coefficient_names:
+            inputs[name] = table(tables.coefficients[name], 0)
+        return inputs
+
+    def sample(self, noise, context, uncond_context, num_steps, guidance_scale, eta=0.0, step_noise=None):
+        """Denoises `noise` (B, S, S, C) into x_0 (NumPy float32, same shape).
+
+        Args:
+            noise: standard normal (B, S, S, C); x_T is noise times the scheduler's initial scale
+                (1 but for the Euler schedulers' linspace / trailing spacing, see schedulers.py).
+            context: (B, L, D) conditional contexts.
+            uncond_context: (B, L, D) or (1, L, D) unconditional context.
+            num_steps: number of steps (1..999).
+            guidance_scale: a float, or (B,) per image; 1.0 = conditional only, 0 = unconditional.
+            eta: DDIM eta; 0 is deterministic (the other samplers take 0 only).
+            step_noise: callable(step_index) -> (B, S, S, C) standard normal noise for a sampler
+                that draws per-step noise (DDIM with eta > 0, Euler ancestral), called for the
+                steps in order (default: NumPy noise seeded by the step index;
+                `ClassConditionalGenerator` ties it to each image instead).
+        """
+        inputs = self.inputs(noise, context, uncond_context, num_steps, guidance_scale, eta, step_noise)
+        return np.asarray(self.model.predict_on_batch(inputs), dtype="float32")
+
+
+class DDIMSampler(DiffusionSampler):
+    """`DiffusionSampler` with DDIM, the paper's sampler."""
+
+    def __init__(self, unet, schedule=None, timestep_embedding_dim=320, jit_compile=False, clip_sample=False):
+        super().__init__(unet, schedule, timestep_embedding_dim, jit_compile, clip_sample, sampler="ddim")

@@ -11,8 +11,9 @@ Example:
 """
 
 from Data.balance import balanced_labels
-from Pipeline.tuning.space import CHECKPOINT_PARAM, STEPS_PARAM, UGS_PARAM
+from Pipeline.tuning.space import CHECKPOINT_PARAM, SAMPLER_PARAM, STEPS_PARAM, UGS_PARAM
 from Models.diffusion.presets import GENERATION_BATCH_SIZE
+from Models.diffusion.schedulers import DEFAULT_SAMPLER
 from Utils.cli import UserError
 
 # The paper's generation batch: images per sampler call (it does not change the images).
@@ -41,10 +42,11 @@ class DiffusionImageSource:
             fine-tuning recorded).
         batch_size: images per sampler call (does not change the images).
         jit_compile: compile the sampling step with XLA.
+        sampler: the sampler of a trial whose settings name none (schedulers.SAMPLERS).
     """
 
     def __init__(self, exp, dataset, preset, stage, enc_epoch=None, batch_size=GENERATION_BATCH_SIZE,
-                 jit_compile=False):
+                 jit_compile=False, sampler=DEFAULT_SAMPLER):
         from Data.registry import get_spec
         from Models.diffusion import checkpoints
 
@@ -54,6 +56,7 @@ class DiffusionImageSource:
         self.enc_epoch = enc_epoch
         self.batch_size = int(batch_size)
         self.jit_compile = bool(jit_compile)
+        self.sampler = sampler
         self._checkpoints = checkpoints
         self._model = None
         self._loaded = None
@@ -79,5 +82,6 @@ class DiffusionImageSource:
         images = model.generate(labels, num_steps=int(settings[STEPS_PARAM]),
                                 guidance_scale=float(settings[UGS_PARAM]), seed=seed,
                                 batch_size=self.batch_size, jit_compile=self.jit_compile,
-                                progress=len(labels) >= 4 * self.batch_size)
+                                progress=len(labels) >= 4 * self.batch_size,
+                                sampler=settings.get(SAMPLER_PARAM, self.sampler))
         return resize_images(images, self.spec.image_size)

@@ -1,4 +1,4 @@
-"""The search space of a tuning study: inference steps, guidance scale, checkpoint epoch.
+"""The search space of a tuning study: inference steps, guidance scale, checkpoint epoch (and a sampler).
 
 | stage | inference steps | UGS | checkpoint epoch |
 | --- | --- | --- | --- |
@@ -13,7 +13,8 @@ range. `max_steps` caps the upper end of the step range (CPU budgets; the
 `quick` budget of `reproduce.py` caps it at the preset's default steps).
 
 The Optuna parameter names are generate_dataset.py's flags: `inf_steps`,
-`ugs`, `enc_epoch` / `dif_epoch`.
+`ugs`, `enc_epoch` / `dif_epoch`, and `sampler` when the study also searches
+the sampler (hyp_opt.py --search_samplers; off in the paper, which samples with DDIM).
 
 Example:
     >>> space = build_search_space("dif", [1, 2, 3, 4], is_1=30, ugs_1=2.5)
@@ -31,7 +32,7 @@ PAPER_STEPS = {"enc": (5, 50), "dif": (5, None)}
 PAPER_UGS_MAX = 7.5
 PAPER_CHECKPOINTS = {"enc": (1, 50), "dif": (1, 10)}
 CHECKPOINT_PARAM = {"enc": "enc_epoch", "dif": "dif_epoch"}
-STEPS_PARAM, UGS_PARAM = "inf_steps", "ugs"
+STEPS_PARAM, UGS_PARAM, SAMPLER_PARAM = "inf_steps", "ugs", "sampler"
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class SearchSpace:
         steps: (low, high) inference steps, integers, inclusive.
         ugs: (low, high) unconditional guidance scale, float.
         checkpoint_epochs: the checkpoint epochs offered (sorted, all existing).
+        samplers: the samplers a trial chooses among (empty: not searched; the trials use
+            the stage's --sampler).
 
     Example:
         >>> space = build_search_space("dif", [1, 2, 3, 4], is_1=30, ugs_1=2.5)
@@ -53,6 +56,7 @@ class SearchSpace:
     steps: tuple
     ugs: tuple
     checkpoint_epochs: tuple
+    samplers: tuple = ()
 
     @property
     def checkpoint_param(self):
@@ -73,26 +77,34 @@ class SearchSpace:
         else:
             settings[self.checkpoint_param] = int(trial.suggest_categorical(self.checkpoint_param,
                                                                             list(epochs)))
+        if self.samplers:
+            settings[SAMPLER_PARAM] = trial.suggest_categorical(SAMPLER_PARAM, list(self.samplers))
         return settings
 
     def clip(self, settings):
-        """`settings` with the steps and UGS moved into the space's ranges."""
-        return {**settings,
-                STEPS_PARAM: min(max(settings[STEPS_PARAM], self.steps[0]), self.steps[1]),
-                UGS_PARAM: min(max(settings[UGS_PARAM], self.ugs[0]), self.ugs[1])}
+        """`settings` with the steps and UGS moved into the space's ranges (and a searched sampler: the
+        first of `samplers` unless it is one of them)."""
+        clipped = {**settings,
+                   STEPS_PARAM: min(max(settings[STEPS_PARAM], self.steps[0]), self.steps[1]),
+                   UGS_PARAM: min(max(settings[UGS_PARAM], self.ugs[0]), self.ugs[1])}
+        if self.samplers and clipped.get(SAMPLER_PARAM) not in self.samplers:
+            clipped[SAMPLER_PARAM] = self.samplers[0]
+        return clipped
 
     def describe(self):
         """One line for the command line and the report."""
         epochs = self.checkpoint_epochs
         shown = (f"{epochs[0]}..{epochs[-1]}" if _arithmetic_step(epochs) == 1 and len(epochs) > 1
                  else ", ".join(map(str, epochs)))
+        samplers = f", {SAMPLER_PARAM} in {{{', '.join(self.samplers)}}}" if self.samplers else ""
         return (f"{STEPS_PARAM} int [{self.steps[0]}, {self.steps[1]}], "
                 f"{UGS_PARAM} float [{self.ugs[0]:g}, {self.ugs[1]:g}], "
-                f"{self.checkpoint_param} in {{{shown}}}")
+                f"{self.checkpoint_param} in {{{shown}}}{samplers}")
 
     def to_dict(self):
-        return {"steps": list(self.steps), "ugs": list(self.ugs),
-                self.checkpoint_param: list(self.checkpoint_epochs)}
+        space = {"steps": list(self.steps), "ugs": list(self.ugs),
+                 self.checkpoint_param: list(self.checkpoint_epochs)}
+        return space | ({SAMPLER_PARAM: list(self.samplers)} if self.samplers else {})
 
 
 def _arithmetic_step(values):
@@ -103,7 +115,7 @@ def _arithmetic_step(values):
     return steps.pop() if len(steps) == 1 else None
 
 
-def build_search_space(stage, checkpoint_epochs, is_1=None, ugs_1=None, max_steps=None):
+def build_search_space(stage, checkpoint_epochs, is_1=None, ugs_1=None, max_steps=None, samplers=None):
     """The paper's search space for `stage`, over the checkpoint epochs that exist.
 
     Args:
@@ -111,6 +123,7 @@ def build_search_space(stage, checkpoint_epochs, is_1=None, ugs_1=None, max_step
         checkpoint_epochs: epochs with a checkpoint of the stage's trained part.
         is_1, ugs_1: study #1's winning steps and UGS (required for "dif").
         max_steps: optional cap of the steps' upper bound (CPU budgets).
+        samplers: optional sampler names to search as a categorical (None: not searched).
     """
     if stage not in STAGES:
         raise UserError(f"unknown stage {stage!r}; choose enc or dif")
@@ -131,7 +144,8 @@ def build_search_space(stage, checkpoint_epochs, is_1=None, ugs_1=None, max_step
     if max_steps is not None:
         high = min(high, int(max_steps))
     low = min(low, high)
-    return SearchSpace(stage, (int(low), int(high)), (float(ugs[0]), float(ugs[1])), epochs)
+    return SearchSpace(stage, (int(low), int(high)), (float(ugs[0]), float(ugs[1])), epochs,
+                       tuple(dict.fromkeys(samplers or ())))
 
 
 def default_settings(stage, preset, checkpoint_epochs):

@@ -1,0 +1,211 @@
+"""The samplers side by side: loop throughput at equal steps, and quality against UNet calls.
+
+speed: images/s of the guided loop per sampler (random weights, one batched UNet call per
+step, each loop compiled once and warmed up, then timed alternating: benchmarks/timing.py),
+beside the DDIM loop as it was before the scheduler seam (a copy kept here, `OldGuidedDDIM`),
+so the seam's cost shows. tiny at 32 px by default; sd1 (Stable Diffusion v1's UNet at 128 px,
+16 x 16 latents) with --sd1 (large: keep the batch and steps small on a CPU).
+
+quality: trains `small` (the enc stage's model) from scratch on a dataset once (default digits,
+the preset's epochs; bench_recipe.py's functions), then for each sampler and step count generates
+x1 (as many images as the real training split) and scores CAS x1 (a ResNet20, the quick budget's
+8 epochs) and KID against the real test split; rows as JSON lines into --out.
+
+    python benchmarks/bench_samplers.py speed                              # tiny, every sampler
+    python benchmarks/bench_samplers.py speed --sd1 --batch 2 --steps 5
+    python benchmarks/bench_samplers.py quality --steps 5,10,15,20,50      # tens of CPU minutes
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+from keras import ops  # noqa: E402
+
+from benchmarks.timing import best_of_alternating  # noqa: E402
+from Models.diffusion.schedule import MAX_INFERENCE_STEPS, split_prediction  # noqa: E402
+from Models.diffusion.schedulers import SAMPLERS  # noqa: E402
+from Models.diffusion.unet import timestep_embedding  # noqa: E402
+
+
+class OldGuidedDDIM(keras.Model):
+    """The guided DDIM loop before the scheduler seam (its last version, verbatim but for the docstrings)."""
+
+    def __init__(self, unet, timestep_embedding_dim=320, prediction_type="epsilon", **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        self.unet = unet
+        self.timestep_embedding_dim = int(timestep_embedding_dim)
+        self.prediction_type = prediction_type
+
+    def guided_step(self, latent, timestep, contexts, guidance, alpha_t, alpha_prev, sigma, noise):
+        t_emb = timestep_embedding(timestep, self.timestep_embedding_dim)
+        output = self.unet([ops.concatenate([latent, latent], axis=0),
+                           ops.concatenate([t_emb, t_emb], axis=0), contexts])
+        out_uncond, out_cond = ops.split(ops.cast(output, "float32"), 2, axis=0)
+
+        def per_image(value):
+            return ops.reshape(ops.cast(value, "float32"), (-1, 1, 1, 1))
+
+        guided = out_uncond + per_image(guidance) * (out_cond - out_uncond)
+        alpha_t, alpha_prev, sigma = per_image(alpha_t), per_image(alpha_prev), per_image(sigma)
+        x0, eps = split_prediction(self.prediction_type, guided, latent, alpha_t)
+        direction = ops.sqrt(ops.maximum(1.0 - alpha_prev - sigma ** 2, 0.0)) * eps
+        return ops.sqrt(alpha_prev) * x0 + direction + sigma * ops.cast(noise, "float32")
+
+    def call(self, inputs):
+        latent = ops.cast(inputs["latent"], "float32")
+        contexts = ops.concatenate([inputs["uncond_context"], inputs["context"]], axis=0)
+        noise = inputs["noise"]
+        last_noise = ops.shape(noise)[1] - 1
+
+        def body(i, x):
+            def column(name):
+                return ops.take(inputs[name], i, axis=1)
+
+            z = ops.take(noise, ops.minimum(i, last_noise), axis=1)
+            return self.guided_step(x, column("timestep"), contexts, inputs["guidance"],
+                                    column("alpha_t"), column("alpha_prev"), column("sigma"), z)
+
+        return ops.fori_loop(0, ops.cast(inputs["num_steps"][0], "int32"), body, latent)
+
+
+def old_ddim_sampler(unet, schedule, dim, jit_compile):
+    """sample(noise, context, uncond, steps, guidance) through `OldGuidedDDIM`, as the old DDIMSampler."""
+    model = OldGuidedDDIM(unet, dim, prediction_type=schedule.prediction_type, name="old_guided_ddim")
+    model.compile(jit_compile=jit_compile)
+
+    def sample(noise, context, uncond, num_steps, guidance):
+        batch = noise.shape[0]
+        timesteps, alpha_t, alpha_prev, sigma = schedule.ddim_coefficients(num_steps)
+
+        def table(values, fill):
+            padded = np.full(MAX_INFERENCE_STEPS, fill, dtype="float32")
+            padded[:len(values)] = values
+            return np.broadcast_to(padded, (batch, MAX_INFERENCE_STEPS)).copy()
+
+        return np.asarray(model.predict_on_batch({
+            "latent": noise, "context": context, "uncond_context": ops.repeat(uncond[:1], batch, axis=0),
+            "guidance": np.full((batch,), guidance, "float32"), "num_steps": np.full((batch,), num_steps, "int32"),
+            "timestep": table(timesteps, 0), "alpha_t": table(alpha_t, 1), "alpha_prev": table(alpha_prev, 1),
+            "sigma": table(sigma, 0), "noise": np.zeros((batch, 1) + noise.shape[1:], "float32")}))
+
+    return sample
+
+
+def bench_speed(preset_name, image_size, batch, steps, guidance, repeats, samplers, xla):
+    from Models.diffusion.class_encoder import ClassEncoder
+    from Models.diffusion.generator import schedule_for
+    from Models.diffusion.presets import get_preset
+    from Models.diffusion.sampler import DiffusionSampler
+    from Models.diffusion.unet import build_unet
+
+    preset = get_preset(preset_name)
+    keras.utils.set_random_seed(0)
+    unet = build_unet(preset, image_size)
+    latent_size, channels = image_size // preset.downsample, preset.latent_channels
+    encoder = ClassEncoder(10, preset.context_length, preset.context_dim, hidden=preset.class_encoder_hidden)
+    context = encoder(ops.one_hot(ops.convert_to_tensor(np.arange(batch) % 10), 10))
+    uncond = encoder(ops.zeros((1, 10)))
+    noise = np.random.default_rng(0).standard_normal((batch, latent_size, latent_size, channels)).astype("float32")
+    schedule = schedule_for(preset)
+    dim = preset.timestep_embedding_dim
+    runners = {"ddim (before the seam)": old_ddim_sampler(unet, schedule, dim, xla)}
+    for name in samplers:
+        sampler = DiffusionSampler(unet, schedule, dim, jit_compile=xla, sampler=name)
+        runners[name] = (lambda s: lambda *a: s.sample(*a))(sampler)
+    same = np.max(np.abs(runners["ddim (before the seam)"](noise, context, uncond, steps, guidance)
+                         - runners["ddim"](noise, context, uncond, steps, guidance))) if "ddim" in runners else None
+    if same is not None:
+        print(f"{preset_name}: max |DDIM before - DDIM through the seam| = {same:.1e}")
+    seconds = best_of_alternating([lambda r=r: r(noise, context, uncond, steps, guidance)
+                                   for r in runners.values()], repeats)
+    base = seconds[0]
+    rows = [(preset_name, image_size, batch, steps, name, batch / s, base / s) for name, s in zip(runners, seconds)]
+    for row in rows:
+        print(f"| {row[0]} | {row[1]} | {row[2]} | {row[3]} | {row[4]} | {row[5]:.2f} | {row[6]:.2f}x |", flush=True)
+    return rows
+
+
+def bench_quality(args):
+    from benchmarks.bench_recipe import cas_scorer, distance_scorer, train_from_scratch, x1_counts
+    from Data.loaders import load_dataset
+    from Data.registry import get_spec
+    from Models.diffusion.presets import get_preset
+
+    preset, spec = get_preset(args.preset), get_spec(args.dataset)
+    splits = load_dataset(spec.name, data_dir=args.data_dir)
+    recipe = preset.recipe()
+    epochs = args.epochs or preset.enc_epochs
+    model, history, train_s, _ = train_from_scratch(preset, spec, splits, recipe, epochs, preset.enc_batch_size,
+                                                    preset.enc_lr, args.seed)
+    print(f"trained {preset.name} on {spec.name}: {epochs} epochs, {train_s:.0f} s, "
+          f"final loss {history.history['loss'][-1]:.4f}", flush=True)
+    labels = np.repeat(np.arange(spec.num_classes), x1_counts(spec, splits))
+    cas = cas_scorer(spec, splits, args.classifier_epochs, 64, args.seed)
+    distances = distance_scorer(splits, args.seed)
+    guidance = preset.default_guidance_scale if args.guidance is None else args.guidance
+    for steps in [int(n) for n in args.steps.split(",")]:
+        for name in args.samplers:
+            started = time.perf_counter()
+            with model.sampling_weights():
+                images = model.generate(labels, num_steps=steps, guidance_scale=guidance, seed=args.seed,
+                                        batch_size=250, sampler=name)
+            generate_s = time.perf_counter() - started
+            kid, fid = distances(images)
+            row = {"sampler": name, "steps": steps, "unet_calls": steps, "guidance": guidance,
+                   "cas_x1_top1": cas(images, labels), "kid": kid, "fid": fid, "generate_s": round(generate_s, 1),
+                   "dataset": spec.name, "preset": preset.name, "epochs": epochs,
+                   "classifier_epochs": args.classifier_epochs, "seed": args.seed}
+            print(json.dumps(row), flush=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="which", required=True)
+    speed = sub.add_parser("speed", help="loop throughput per sampler at equal steps")
+    speed.add_argument("--tiny_size", type=int, default=32, help="tiny's image size")
+    speed.add_argument("--batch", type=int, default=None, help="images per call (tiny: 64, sd1: 2)")
+    speed.add_argument("--steps", type=int, default=None, help="steps (tiny: 20, sd1: 5)")
+    speed.add_argument("--guidance", type=float, default=3.0)
+    speed.add_argument("--repeats", type=int, default=3)
+    speed.add_argument("--sd1", action="store_true", help="also Stable Diffusion v1's UNet at 128 px (large)")
+    speed.add_argument("--no_tiny", action="store_true")
+    speed.add_argument("--xla", action="store_true")
+    quality = sub.add_parser("quality", help="CAS x1 and KID per sampler and step count")
+    quality.add_argument("--dataset", default="digits")
+    quality.add_argument("--data_dir", default=None)
+    quality.add_argument("--preset", default="small")
+    quality.add_argument("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
+    quality.add_argument("--steps", default="5,10,15,20,50")
+    quality.add_argument("--guidance", type=float, default=None, help="default: the preset's")
+    quality.add_argument("--classifier_epochs", type=int, default=8)
+    quality.add_argument("--seed", type=int, default=0)
+    quality.add_argument("--out", default="bench_samplers.jsonl")
+    for p in (speed, quality):
+        p.add_argument("--samplers", nargs="+", choices=tuple(SAMPLERS), default=list(SAMPLERS))
+    args = parser.parse_args(argv)
+    if args.which == "quality":
+        return bench_quality(args)
+    print("| preset | px | batch | steps | sampler | img/s | vs DDIM before the seam |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    if not args.no_tiny:
+        bench_speed("tiny", args.tiny_size, args.batch or 64, args.steps or 20, args.guidance, args.repeats,
+                    args.samplers, args.xla)
+    if args.sd1:
+        bench_speed("sd1", 128, args.batch or 2, args.steps or 5, args.guidance, args.repeats, args.samplers,
+                    args.xla)
+
+
+if __name__ == "__main__":
+    main()
