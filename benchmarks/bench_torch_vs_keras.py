@@ -1,4 +1,4 @@
-"""Keras (TensorFlow backend) against diffusers/PyTorch: the same UNet, the same weights, one run.
+"""Keras (TensorFlow or JAX backend) against diffusers/PyTorch: the same UNet, the same weights, one run.
 
 For each preset the Keras UNet is built with random (seeded) weights and converted to a
 diffusers `UNet2DConditionModel` with `Models/diffusion/diffusers_convert.py` (the
@@ -12,8 +12,14 @@ both alike:
             both with the preset's noise schedule and prediction type;
   training  one step of the preset's regression loss (noise or v target): forward,
             backward and a plain SGD update (no optimizer state: full sd1 would need
-            4 more copies with Adam), a compiled tf.function against eager PyTorch;
-            reported as seconds per step and images per second;
+            4 more copies with Adam), a compiled tf.function (--keras_backend jax: one
+            jax.jit over `stateless_call`, the gradient and SGD's `stateless_apply`)
+            against eager PyTorch; reported as seconds per step and images per second;
+  fit       (--only fit) what a user's training gets: `DiffusionTrainer.fit` over
+            --fit_steps batches of a `TrainBatches`, compiled as Pipeline/adapt.py does
+            (Adam, weight decay, clipping, cosine decay, EMA; jax.jit on JAX), against
+            the same UNet and class encoder in PyTorch with AdamW, clipping and an EMA;
+            reported per batch;
   profile   (--profile) the forward time per block type (ResBlocks, transformers, ...)
             and micro-benchmarks of the ops inside the slowest, to say why.
 
@@ -24,6 +30,12 @@ Usage (the figures in BENCHMARKS.md):
     .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --only training --threads 2
     .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --only training --threads 2 \
         --image_size 28 --channels 3
+    # the same under JAX (the backend is read before keras is imported), with the product's
+    # fit step (Adam + EMA) as well; run the TensorFlow line with `--only training fit` to compare
+    .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --only training fit --threads 2 \
+        --keras_backend jax
+    # correctness: the losses of 5 SGD steps from NumPy-drawn weights, equal on every backend
+    .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --loss_check --keras_backend jax
 
 Pixel presets model the dataset's channels: `--channels 1` (grey) or 3 (RGB); latent
 presets always have 4.
