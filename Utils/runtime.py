@@ -34,8 +34,10 @@ def configure_runtime(seed=None, mixed_precision="float32", xla=False):
     """Memory growth on every GPU, the dtype policy, and the seed.
 
     mixed_precision: 'float32', 'float16' or 'bfloat16' (mixed_float16 /
-    mixed_bfloat16 policies: variables stay float32). Returns whether XLA
-    compilation was asked for, for `model.compile(jit_compile=...)`.
+    mixed_bfloat16 policies: variables stay float32). Returns whether to compile
+    with XLA, for `model.compile(jit_compile=...)` and the samplers: when asked for,
+    and always on JAX, which has no graph mode short of XLA (un-jitted, Keras' JAX
+    train step runs op by op, many times slower).
     """
     import keras
 
@@ -54,7 +56,7 @@ def configure_runtime(seed=None, mixed_precision="float32", xla=False):
     )
     if seed is not None:
         set_seed(seed)
-    return bool(xla)
+    return bool(xla) or keras.backend.backend() == "jax"
 
 
 @dataclass(frozen=True, kw_only=True)

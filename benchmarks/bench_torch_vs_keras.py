@@ -1,4 +1,4 @@
-"""Keras (TensorFlow backend) against diffusers/PyTorch: the same UNet, the same weights, one run.
+"""Keras (TensorFlow or JAX backend) against diffusers/PyTorch: the same UNet, the same weights, one run.
 
 For each preset the Keras UNet is built with random (seeded) weights and converted to a
 diffusers `UNet2DConditionModel` with `Models/diffusion/diffusers_convert.py` (the
@@ -12,8 +12,14 @@ both alike:
             both with the preset's noise schedule and prediction type;
   training  one step of the preset's regression loss (noise or v target): forward,
             backward and a plain SGD update (no optimizer state: full sd1 would need
-            4 more copies with Adam), a compiled tf.function against eager PyTorch;
-            reported as seconds per step and images per second;
+            4 more copies with Adam), a compiled tf.function (--keras_backend jax: one
+            jax.jit over `stateless_call`, the gradient and SGD's `stateless_apply`)
+            against eager PyTorch; reported as seconds per step and images per second;
+  fit       (--only fit) what a user's training gets: `DiffusionTrainer.fit` over
+            --fit_steps batches of a `TrainBatches`, compiled as Pipeline/adapt.py does
+            (Adam, weight decay, clipping, cosine decay, EMA; jax.jit on JAX), against
+            the same UNet and class encoder in PyTorch with AdamW, clipping and an EMA;
+            reported per batch;
   profile   (--profile) the forward time per block type (ResBlocks, transformers, ...)
             and micro-benchmarks of the ops inside the slowest, to say why.
 
@@ -24,6 +30,12 @@ Usage (the figures in BENCHMARKS.md):
     .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --only training --threads 2
     .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --only training --threads 2 \
         --image_size 28 --channels 3
+    # the same under JAX (the backend is read before keras is imported), with the product's
+    # fit step (Adam + EMA) as well; run the TensorFlow line with `--only training fit` to compare
+    .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --only training fit --threads 2 \
+        --keras_backend jax
+    # correctness: the losses of 5 SGD steps from NumPy-drawn weights, equal on every backend
+    .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --loss_check --keras_backend jax
 
 Pixel presets model the dataset's channels: `--channels 1` (grey) or 3 (RGB); latent
 presets always have 4.
@@ -44,6 +56,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _backend_from_argv(argv):
+    """--keras_backend's value: Keras reads KERAS_BACKEND once, at import, so argparse is too late."""
+    for i, arg in enumerate(argv):
+        if arg == "--keras_backend" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--keras_backend="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+if _backend_from_argv(sys.argv[1:]):
+    os.environ["KERAS_BACKEND"] = _backend_from_argv(sys.argv[1:])
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
@@ -68,15 +94,29 @@ CASES = {
     "sd1": dict(image_size=128, channels=3, sample_batch=1, train_batch=2),
 }
 MEASURES = ("sampling", "training")
+# Not in the default: the product's own train step (DiffusionTrainer.fit, Adam + EMA).
+EXTRA_MEASURES = ("fit",)
+BACKEND = keras.backend.backend()
 
 
-def build_pair(preset, image_size, channels, seed=0):
-    """Our UNet (random, seeded) and the diffusers UNet holding the same weights."""
+def build_pair(preset, image_size, channels, seed=0, numpy_weights=False, unet=None):
+    """Our UNet (random, seeded) and the diffusers UNet holding the same weights.
+
+    numpy_weights: every weight drawn by NumPy (fan-in scaled), so that the weights, unlike
+    Keras' seeded initialisers, are the same on every Keras backend (the loss check).
+    unet: an already built UNet to convert (the trainer's).
+    """
     keras.utils.set_random_seed(seed)
-    unet = build_unet(preset, image_size, preset.context_length, image_channels=channels)
+    if unet is None:
+        unet = build_unet(preset, image_size, preset.context_length, image_channels=channels)
     rng = np.random.default_rng(seed)
     for variable in unet.weights:  # norms and biases too: no constant tensors
-        if len(variable.shape) == 1:
+        if numpy_weights and len(variable.shape) > 1:
+            scale = 1.0 / np.sqrt(np.prod(variable.shape[:-1]))
+            variable.assign((scale * rng.standard_normal(variable.shape)).astype("float32"))
+        elif numpy_weights:
+            variable.assign((0.05 * rng.standard_normal(variable.shape)).astype("float32"))
+        elif len(variable.shape) == 1:
             variable.assign(variable.numpy() + 0.05 * rng.standard_normal(variable.shape).astype("float32"))
     config = dc.diffusers_unet_config(preset, sample_size=image_size // preset.downsample, image_channels=channels)
     tensors = dc.unet_tensors(unet, preset)
@@ -188,7 +228,44 @@ class KerasTraining:
         return loss
 
     def __call__(self):
-        float(self.step(*self.batch))
+        return float(self.step(*self.batch))
+
+
+class JaxTraining:
+    """The same step under the JAX backend: one jax.jit over `stateless_call`, gradient and the
+    Keras SGD's `stateless_apply`, the variables' buffers donated (updated in place)."""
+
+    def __init__(self, unet, preset, case):
+        import jax
+
+        self.unet, self.preset = unet, preset
+        self.optimizer = keras.optimizers.SGD(1e-4)
+        self.optimizer.build(unet.trainable_variables)
+        self.batch = [jax.numpy.asarray(value) for value in training_batch(preset, case)]
+        self.state = ([v.value for v in unet.trainable_variables], [v.value for v in unet.non_trainable_variables],
+                      [v.value for v in self.optimizer.variables])
+        self.step = jax.jit(self._step, donate_argnums=(0,))
+
+    def _loss(self, trainable, non_trainable, x_t, timesteps, context, noise):
+        import jax.numpy as jnp
+
+        t_emb = timestep_embedding(timesteps, self.preset.timestep_embedding_dim)
+        output, non_trainable = self.unet.stateless_call(trainable, non_trainable, [x_t, t_emb, context],
+                                                         training=True)
+        return jnp.mean(jnp.square(output - noise)), non_trainable
+
+    def _step(self, state, x_t, timesteps, context, noise):
+        import jax
+
+        trainable, non_trainable, optimizer_variables = state
+        (loss, non_trainable), grads = jax.value_and_grad(self._loss, has_aux=True)(
+            trainable, non_trainable, x_t, timesteps, context, noise)
+        trainable, optimizer_variables = self.optimizer.stateless_apply(optimizer_variables, grads, trainable)
+        return loss, (trainable, non_trainable, optimizer_variables)
+
+    def __call__(self):
+        loss, self.state = self.step(self.state, *self.batch)
+        return float(loss)
 
 
 class TorchTraining:
@@ -206,7 +283,107 @@ class TorchTraining:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)  # free the gradients before the Keras turn
         self.model.eval()
-        float(loss.detach())
+        return float(loss.detach())
+
+
+# ----- fit: the product's train step -------------------------------------------------------------
+def fit_data(preset, case, steps, seed=0):
+    """Digits-like uint8 images (steps batches of the training batch) and labels of 10 classes."""
+    rng = np.random.default_rng(seed)
+    count = steps * case["train_batch"]
+    images = rng.integers(0, 256, (count, case["image_size"], case["image_size"], case["channels"]), dtype=np.uint8)
+    return images, rng.integers(0, 10, count)
+
+
+class KerasFit:
+    """`DiffusionTrainer.fit` over `steps` batches (one epoch of a `TrainBatches`), compiled as
+    Pipeline/adapt.py does (`make_optimizer`: Adam, weight decay, clipping, cosine decay, EMA).
+
+    jit_compile: compile's; "auto" is jax.jit on JAX and a plain tf.function on TensorFlow.
+    """
+
+    def __init__(self, preset, case, steps, jit_compile="auto"):
+        from Models.diffusion.optimizer import make_optimizer
+        from Models.diffusion.trainer import DiffusionTrainer, TrainBatches
+
+        keras.utils.set_random_seed(0)
+        self.trainer = DiffusionTrainer.from_preset(preset.name, num_classes=10, image_size=case["image_size"],
+                                                    stage="enc", image_channels=case["channels"])
+        self.trainer.compile(optimizer=make_optimizer(preset.enc_lr, 100 * steps, preset.ema_decay),
+                             jit_compile=jit_compile)
+        self.batches = TrainBatches(*fit_data(preset, case, steps), case["train_batch"], case["image_size"])
+
+    def __call__(self):
+        history = self.trainer.fit(self.batches, epochs=1, verbose=0)
+        return history.history["loss"][-1]
+
+
+class TorchFit:
+    """The same in PyTorch: diffusers' UNet (the trainer's weights) + a class encoder of the same
+    shape, AdamW (weight decay 0.004, eps 1e-8), norm clipping at 10, the cosine schedule, an EMA
+    of the trained weights (foreach lerp, decay warmed up as `AdamWithEMA`), label dropout and
+    the preset's noise schedule and target, drawn per step."""
+
+    def __init__(self, model, trainer, preset, case, steps):
+        schedule = schedule_for(preset)
+        encoder = trainer.class_encoder
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(10, encoder.hidden),
+                                           torch.nn.Linear(encoder.hidden, encoder.context_length * encoder.context_dim,
+                                                           bias=False))
+        self.context_shape = (encoder.context_length, encoder.context_dim)
+        self.model, self.preset, self.steps = model, preset, steps
+        self.params = [*model.parameters(), *self.encoder.parameters()]
+        self.optimizer = torch.optim.AdamW(self.params, lr=preset.enc_lr, weight_decay=0.004, eps=1e-8)
+        self.lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, 100 * steps)
+        self.averages = [p.detach().clone() for p in self.params]
+        self.updates = 0
+        self.alphas = torch.from_numpy(schedule.alphas_cumprod.astype("float32"))
+        self.v_target = schedule.prediction_type != "epsilon"
+        images, labels = fit_data(preset, case, steps)
+        self.images, self.labels = nchw(images.astype("float32") / 127.5 - 1), torch.from_numpy(labels)
+        self.batch, self.cond_dropout = case["train_batch"], preset.cond_dropout
+
+    def step(self, x0, labels):
+        batch = len(x0)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, len(self.alphas), (batch,))
+        alpha = self.alphas[t].reshape(-1, 1, 1, 1)
+        x_t = alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+        target = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0 if self.v_target else noise
+        one_hot = torch.nn.functional.one_hot(labels, 10).float()
+        one_hot = one_hot * (torch.rand(batch, 1) >= self.cond_dropout).float()
+        context = self.encoder(one_hot).reshape(batch, *self.context_shape)
+        loss = torch.nn.functional.mse_loss(self.model(x_t, t, context).sample, target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 10.0)
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.updates += 1
+        decay = min(self.preset.ema_decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            torch._foreach_lerp_(self.averages, [p.detach() for p in self.params], 1 - decay)
+        return loss
+
+    def __call__(self):
+        self.model.train()
+        order = torch.randperm(len(self.labels))
+        for i in range(self.steps):
+            chosen = order[i * self.batch:(i + 1) * self.batch]
+            loss = self.step(self.images[chosen], self.labels[chosen])
+        self.model.eval()
+        return float(loss.detach())
+
+
+def loss_check(preset, case, steps=5):
+    """Losses of `steps` SGD steps from the same (NumPy-drawn) weights, Keras and PyTorch: the
+    first is at the starting weights, so it must agree across frameworks and Keras backends."""
+    unet, model, tensors = build_pair(preset, case["image_size"], case["channels"], numpy_weights=True)
+    runner = (JaxTraining if BACKEND == "jax" else KerasTraining)(unet, preset, case)
+    keras_losses = [runner() for _ in range(steps)]
+    torch_runner = TorchTraining(model, preset, case)
+    torch_losses = [torch_runner() for _ in range(steps)]
+    return {"keras": keras_losses, "torch": torch_losses}
 
 
 def side_by_side(runners, rounds):
@@ -332,12 +509,14 @@ def op_profile(preset, case, rounds):
 
 
 # ----- report -------------------------------------------------------------------------------
-def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES):
+def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fit_steps=10):
     preset = get_preset(name)
     case = {**CASES[name], **{key: value for key, value in (overrides or {}).items() if value is not None}}
     case["channels"] = preset.unet_channels(case["channels"])
     if case["image_size"] % preset.min_image_size:
         raise SystemExit(f"error: {name} needs an image size that is a multiple of {preset.min_image_size}")
+    if "loss_check" in measures:
+        return {"preset": name, **case, "loss_check": loss_check(preset, case)}
     unet, model, tensors = build_pair(preset, case["image_size"], case["channels"])
     params = sum(int(np.prod(v.shape)) for v in unet.weights)
     result = {"preset": name, **case, "params": params, "max_abs_diff": parity(unet, model, preset, case)}
@@ -357,9 +536,18 @@ def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES):
         result["blocks_s"] = block_profile(unet, model, preset, case, rounds)
         result["ops_s"] = op_profile(preset, case, rounds)
     if "training" in measures:
-        training = {"keras": KerasTraining(unet, preset, case), "torch": TorchTraining(model, preset, case)}
+        keras_training = JaxTraining if BACKEND == "jax" else KerasTraining
+        training = {"keras": keras_training(unet, preset, case), "torch": TorchTraining(model, preset, case)}
         result["training_s"] = side_by_side(training, rounds)
         del training
+    if "fit" in measures:
+        keras_fit = KerasFit(preset, case, fit_steps)
+        _, fit_model, _ = build_pair(preset, case["image_size"], case["channels"], unet=keras_fit.trainer.unet)
+        fitting = {"keras": keras_fit, "torch": TorchFit(fit_model, keras_fit.trainer, preset, case, fit_steps)}
+        seconds = side_by_side(fitting, rounds)
+        result["fit_steps"] = fit_steps
+        result["fit_s"] = {side: [value / fit_steps for value in values] for side, values in seconds.items()}
+        del fitting, keras_fit, fit_model
     del unet, model, tensors
     keras.backend.clear_session()
     gc.collect()
@@ -367,11 +555,17 @@ def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES):
 
 
 def markdown(results):
-    lines = ["| preset | what | Keras/TF s | PyTorch s | Keras img/s | PyTorch img/s | Keras / PyTorch (time) |",
+    name = {"tensorflow": "TF", "jax": "JAX"}.get(BACKEND, BACKEND)
+    lines = [f"| preset | what | Keras/{name} s | PyTorch s | Keras img/s | PyTorch img/s | Keras / PyTorch (time) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
+        if "loss_check" in r:
+            for side, losses in r["loss_check"].items():
+                lines.append(f"\n{r['preset']}: loss check, {side}: " + " ".join(f"{v:.8f}" for v in losses))
+            continue
         for what, key, images in (("guided DDIM step", "sampling_s", r["sample_batch"]),
-                                  ("training step (SGD)", "training_s", r["train_batch"])):
+                                  ("training step (SGD)", "training_s", r["train_batch"]),
+                                  ("fit step (Adam + EMA, per batch)", "fit_s", r["train_batch"])):
             if key not in r:
                 continue
             unit = f"{images} img" if key == "sampling_s" else f"batch {images}"
@@ -384,6 +578,8 @@ def markdown(results):
                 lines.append(f"| | {what}, XLA | {xla_s:.4f} | {torch_s:.4f} | {images / xla_s:.0f} | "
                              f"{images / torch_s:.0f} | {xla_s / torch_s:.2f} |")
     for r in results:
+        if "loss_check" in r:
+            continue
         lines.append(f"\n{r['preset']}: same weights, one noise prediction: max abs difference "
                      f"{r['max_abs_diff']:.2e}" + (f" (tanh GELU of the preset; {r['max_abs_diff_exact_gelu']:.2e} "
                                                    "with the exact GELU)" if "max_abs_diff_exact_gelu" in r else ""))
@@ -410,8 +606,16 @@ def main(argv=None):
                         help="threads per op in both frameworks (default: every core). On a shared CPU "
                              "use 1: PyTorch's worker threads spin-wait and slow down many times over")
     parser.add_argument("--json", type=Path, default=None, help="write the raw figures here")
-    parser.add_argument("--only", nargs="+", default=list(MEASURES), choices=MEASURES,
-                        help="what to time (default: both)")
+    parser.add_argument("--only", nargs="+", default=list(MEASURES), choices=MEASURES + EXTRA_MEASURES,
+                        help="what to time (default: sampling and training); fit: DiffusionTrainer.fit "
+                             "(Adam + EMA) against AdamW in PyTorch")
+    parser.add_argument("--keras_backend", choices=("tensorflow", "jax"), default=BACKEND,
+                        help="Keras backend (read before keras is imported; default $KERAS_BACKEND or "
+                             "tensorflow). jax: the training step is one jax.jit")
+    parser.add_argument("--fit_steps", type=int, default=10, help="batches per timed fit epoch")
+    parser.add_argument("--loss_check", action="store_true",
+                        help="only print the losses of 5 training steps from NumPy-drawn weights "
+                             "(equal across Keras backends and PyTorch)")
     parser.add_argument("--image_size", type=int, default=None,
                         help="image size in pixels for every preset (default: the preset's case, small: 8)")
     parser.add_argument("--channels", type=int, choices=(1, 3), default=None,
@@ -419,15 +623,18 @@ def main(argv=None):
     parser.add_argument("--train_batch", type=int, default=None, help="training batch (default: the case's)")
     parser.add_argument("--sample_batch", type=int, default=None, help="images per DDIM step (default: the case's)")
     args = parser.parse_args(argv)
+    if args.keras_backend != BACKEND:
+        raise SystemExit(f"error: keras is already imported with the {BACKEND} backend")
+    measures = ["loss_check"] if args.loss_check else args.only
     overrides = {"image_size": args.image_size, "channels": args.channels,
                  "train_batch": args.train_batch, "sample_batch": args.sample_batch}
     torch.set_num_threads(args.threads)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    results = [run_preset(name, args.rounds, args.profile, name in args.xla, overrides, args.only)
+    results = [run_preset(name, args.rounds, args.profile, name in args.xla, overrides, measures, args.fit_steps)
                for name in args.presets]
     env = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "machine": platform.processor(),
-           "tensorflow": tf.__version__, "keras": keras.__version__, "torch": torch.__version__,
+           "tensorflow": tf.__version__, "keras": keras.__version__, "keras_backend": BACKEND, "torch": torch.__version__,
            "diffusers": diffusers.__version__, "torch_threads": torch.get_num_threads(),
            "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
            "load_average": os.getloadavg(), "command": " ".join(sys.argv)}

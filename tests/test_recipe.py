@@ -126,13 +126,18 @@ from Models.diffusion import checkpoints as ck
 from Models.diffusion.optimizer import make_optimizer, ema_optimizer
 from Models.diffusion.trainer import TrainBatches
 from Data.registry import get_spec
+from Utils.runtime import configure_runtime
+# As Pipeline/adapt.py compiles: without --xla too, JAX must jit (op by op is many times slower).
+jit = configure_runtime(seed=0, xla=False)
+assert jit is True, jit
 splits = load_dataset("digits")
 model = ck.build_model("tiny", get_spec("digits"), seed=0, recipe={"ema_decay": 0.99, "cond_dropout": 0.1})
 batches = TrainBatches(splits.x_train, splits.y_train, 64, model.image_size, seed=0)
-model.compile(optimizer=make_optimizer(2e-3, 3 * len(batches), 0.99))
+model.compile(optimizer=make_optimizer(2e-3, 3 * len(batches), 0.99), jit_compile=jit)
 history = model.fit(batches, epochs=3, verbose=0)
+assert model.jit_compile is True
 with ema_optimizer(model.optimizer).averaged_weights(model.trainable_variables):
-    images = model.generate([0, 1], num_steps=3, seed=0)
+    images = model.generate([0, 1], num_steps=3, seed=0, jit_compile=jit)
 print("LOSSES", *history.history["loss"])
 print("IMAGES", images.shape, images.dtype)
 """
@@ -332,3 +337,9 @@ def test_grey_datasets_are_modelled_with_one_channel_and_generated_exactly_grey(
     np.testing.assert_array_equal(images[..., 0], images[..., 2])
     rgb = ck.build_model("small", get_spec("retinamnist"), seed=0, with_autoencoder=False)
     assert rgb.unet.inputs[0].shape[-1] == 3
+
+
+def test_tensorflow_compiles_with_xla_only_when_asked():
+    from Utils.runtime import configure_runtime
+
+    assert configure_runtime(xla=False) is False and configure_runtime(xla=True) is True
