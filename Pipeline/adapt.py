@@ -222,7 +222,9 @@ def run(settings, log=print):
             ck.load_optimizer(ck.optimizer_path(p.folder, p.start), model.optimizer, model.trained_parts())
             log(f"resuming {p.stage} training from the checkpoint of epoch {p.start} in {p.folder}")
     if ck.read_settings(p.folder) is None:
-        atomic_write_json(p.folder / ck.SETTINGS_FILE, p.record)
+        # How the real data was verified (or accepted unverified) goes with the checkpoints it trained.
+        verification = splits.verification.as_dict() if splits.verification else None
+        atomic_write_json(p.folder / ck.SETTINGS_FILE, {**p.record, "data_verification": verification})
 
     callbacks = [
         EpochSeeds(model, s.seed, batches),

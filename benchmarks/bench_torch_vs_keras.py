@@ -58,19 +58,23 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _backend_from_argv(argv):
-    """--keras_backend's value: Keras reads KERAS_BACKEND once, at import, so argparse is too late."""
+def _flag_from_argv(argv, flag):
+    """A flag's value before argparse runs: Keras reads KERAS_BACKEND and XLA reads XLA_FLAGS once, at import."""
     for i, arg in enumerate(argv):
-        if arg == "--keras_backend" and i + 1 < len(argv):
+        if arg == flag and i + 1 < len(argv):
             return argv[i + 1]
-        if arg.startswith("--keras_backend="):
+        if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
     return None
 
 
-if _backend_from_argv(sys.argv[1:]):
-    os.environ["KERAS_BACKEND"] = _backend_from_argv(sys.argv[1:])
+if _flag_from_argv(sys.argv[1:], "--keras_backend"):
+    os.environ["KERAS_BACKEND"] = _flag_from_argv(sys.argv[1:], "--keras_backend")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+if _flag_from_argv(sys.argv[1:], "--threads") == "1":
+    # --threads limits TensorFlow's and PyTorch's pools; XLA's CPU pool (the JAX side) only this way.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
