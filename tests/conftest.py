@@ -33,6 +33,16 @@ def require_shared_file(name):
     return path
 
 
+def require_module(module):
+    """Imports a development-requirements module; skips when absent, but fails under CI=true."""
+    try:
+        return pytest.importorskip(module)
+    except pytest.skip.Exception:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{module} is missing (pip install -r requirements-dev.txt)")
+        raise
+
+
 @pytest.fixture
 def retinamnist_dir():
     """A --data_dir holding the real RetinaMNIST npz (read in place, never copied)."""

@@ -24,25 +24,15 @@ torch and diffusers come from requirements-dev.txt; without them these tests ski
 
 import dataclasses
 import json
-import os
 
 import keras
 import numpy as np
 import pytest
+from conftest import require_module
 from keras import ops
 
-
-def _require(module):
-    try:
-        return pytest.importorskip(module)
-    except pytest.skip.Exception:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{module} is missing (pip install -r requirements-dev.txt)")
-        raise
-
-
-torch = _require("torch")
-diffusers = _require("diffusers")
+torch = require_module("torch")
+diffusers = require_module("diffusers")
 # One thread: these models are tiny, and PyTorch's worker threads spin-wait (minutes instead
 # of seconds) when the CPU is shared with other jobs.
 torch.set_num_threads(1)

@@ -11,7 +11,6 @@ noise does not retrace the compiled loop, and the sampler a generator uses gives
 same images for the same seed whatever the batch size.
 """
 
-import os
 
 import keras
 import numpy as np
@@ -23,15 +22,7 @@ from Models.diffusion.schedule import NoiseSchedule
 from Models.diffusion.schedulers import SAMPLERS, make_scheduler
 from Models.diffusion.unet import timestep_embedding
 from Models.errors import ModelSettingsError
-
-
-def _require(module):
-    try:
-        return pytest.importorskip(module)
-    except pytest.skip.Exception:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{module} is missing (pip install -r requirements-dev.txt)")
-        raise
+from conftest import require_module
 
 
 TOLERANCE = 1e-4
@@ -62,7 +53,7 @@ def formula(x, t, context):
 
 
 def diffusers_scheduler(name, schedule):
-    diffusers = _require("diffusers")
+    diffusers = require_module("diffusers")
     config = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                   beta_schedule=schedule.beta_schedule, prediction_type=schedule.prediction_type,
                   timestep_spacing=schedule.timestep_spacing, steps_offset=schedule.steps_offset,
@@ -88,7 +79,7 @@ def diffusers_trajectory(name, schedule, noise, context, uncond, num_steps, eta,
     terminal SNR sigma_max is 4096: ~3e-4 once scaled back). The other schedulers work on x_t
     itself: 0.
     """
-    torch = _require("torch")
+    torch = require_module("torch")
     torch.set_num_threads(1)
     scheduler = diffusers_scheduler(name, schedule)
     scheduler.set_timesteps(num_steps)
@@ -120,7 +111,7 @@ def diffusers_trajectory(name, schedule, noise, context, uncond, num_steps, eta,
 
 def torch_noises(seed, num_steps):
     """The per-step noise diffusers' schedulers draw from a generator seeded `seed`, in order."""
-    torch = _require("torch")
+    torch = require_module("torch")
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(SHAPE, generator=generator, dtype=torch.float32).numpy() for _ in range(num_steps)]
 
