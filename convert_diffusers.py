@@ -62,7 +62,12 @@ to_keras.add_argument("--preset", choices=sorted(PRESETS), default=None,
                       help="check that the UNet has this preset's architecture and take its other "
                            "settings (default: the matching preset, if any)")
 install = to_keras.add_argument_group("install the UNet as a fine-tuned-UNet checkpoint")
-install.add_argument("--dataset", default=None, help="the dataset whose class encoder it pairs with")
+install.add_argument("--dataset", default=None, help="the dataset whose class encoder it pairs with "
+                                                    "(as the other scripts': a registered name, folder:PATH, tfds:NAME)")
+install.add_argument("--image_size", type=positive_int, default=None,
+                     help="folder: and tfds: datasets: the square size their images are resized to (as given to "
+                          "SD_adapting.py; required when their sizes differ)")
+install.add_argument("--data_dir", type=folder, default=None, help="tfds: datasets: the TFDS data folder")
 install.add_argument("--exp", type=experiment_id, default="0", help="experiment identifier: the Exp_{exp} folders (default 0)")
 install.add_argument("--enc_epoch", type=positive_int, default=None, help="the class-encoder checkpoint")
 install.add_argument("--dif_epoch", type=positive_int, default=1,
@@ -89,7 +94,8 @@ def main(argv=None):
     if args.direction == "to-keras":
         if args.dataset is not None:
             return install_unet_checkpoint(args.source, args.dataset, args.exp, args.enc_epoch,
-                                           args.dif_epoch, args.preset, args.out)
+                                           args.dif_epoch, args.preset, args.out, image_size=args.image_size,
+                                           data_dir=args.data_dir)
         if args.out is None:
             raise UserError("to-keras needs --out (weight files) or --dataset (a fine-tuned-UNet checkpoint)")
         return convert_to_keras(args.source, args.out, args.preset)

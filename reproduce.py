@@ -22,8 +22,8 @@ from dataclasses import dataclass
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting,  # noqa: E402
-                                      experiment_setting, image_size_setting, preset_setting,
-                                      sampler_setting)
+                                      experiment_setting, image_size_setting, preset_setting, sampler_setting,
+                                      train_subset_seed_setting, train_subset_setting)
 from Models.diffusion.schedulers import SAMPLERS  # noqa: E402
 from Pipeline.stages import BUDGETS, DEFAULT_PRESET  # noqa: E402
 from Utils.cli import non_negative_int, positive_int, run_cli  # noqa: E402
@@ -44,6 +44,8 @@ class ReproduceSettings(RuntimeSettings):
     data_dir: str = data_dir_setting()
     image_size: int = image_size_setting()
     accept_unverified_data: bool = accept_unverified_setting()
+    train_subset: int = train_subset_setting()
+    train_subset_seed: int = train_subset_seed_setting()
     seed: int = setting(0, type=non_negative_int, help="seed of every stage")
     storage: str = setting(None, help="Optuna storage URL for both studies (default: sqlite file in the "
                                       "experiment folder)")
@@ -87,7 +89,8 @@ def main(argv=None):
                         data_dir=settings.data_dir, storage=settings.storage, runtime=settings.runtime(),
                         command=command, quality=settings.quality, image_size=settings.image_size,
                         accept_unverified_data=settings.accept_unverified_data, sampler=settings.sampler,
-                        search_samplers=settings.search_samplers)
+                        search_samplers=settings.search_samplers, train_subset=settings.train_subset,
+                        train_subset_seed=settings.train_subset_seed)
     # The first stage would find missing real data only after the pipeline started its stage log.
     pipeline.real_splits()
     pipeline.run(stop_after=settings.stop_after)

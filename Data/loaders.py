@@ -59,7 +59,7 @@ import urllib.parse
 import urllib.request
 import zipfile
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +129,8 @@ class Splits:
     x_test: np.ndarray
     y_test: np.ndarray
     verification: Verification = None
+    train_subset: dict = None  # {"images": N, "seed": S} when the training split is a subset
+    full_train_size: int = None  # the training split's size before the subset
 
     def sizes(self):
         return {"train": len(self.y_train), "val": len(self.y_val), "test": len(self.y_test)}
@@ -138,8 +140,30 @@ class Splits:
         labels = getattr(self, f"y_{split}")
         return np.bincount(labels, minlength=self.spec.num_classes).tolist()
 
+    def provenance(self):
+        """What results record of the real data: how it was verified, and the training subset if any."""
+        return {"data_verification": self.verification.as_dict() if self.verification else None,
+                "train_subset": self.train_subset}
 
-def load_dataset(name, data_dir=None, verify=True, image_size=None, accept_unverified=False):
+    def with_train_subset(self, n, seed=0):
+        """These splits with the training split cut to a seeded, stratified `n` images (val and test kept)."""
+        from Data.balance import stratified_subset
+
+        try:
+            chosen = stratified_subset(self.y_train, n, seed)
+        except ValueError as e:
+            raise DataError(f"--train_subset {n} for {self.spec.name}: {e}") from None
+        return replace(self, x_train=self.x_train[chosen], y_train=self.y_train[chosen],
+                       train_subset=train_subset_record(n, seed), full_train_size=len(self.y_train))
+
+
+def train_subset_record(n, seed=0):
+    """How results and checkpoints record a training subset: None for the whole split."""
+    return {"images": int(n), "seed": int(seed)} if n else None
+
+
+def load_dataset(name, data_dir=None, verify=True, image_size=None, accept_unverified=False, train_subset=None,
+                 train_subset_seed=0):
     """The train / val / test splits of the dataset `name`.
 
     Args:
@@ -152,11 +176,18 @@ def load_dataset(name, data_dir=None, verify=True, image_size=None, accept_unver
         image_size: folder: / tfds: only: the square size to resize to (needed when sizes differ).
         accept_unverified: use a file whose structure matches but whose content
             digest does not (recorded in `Splits.verification`).
+        train_subset, train_subset_seed: train on a seeded, stratified subset of this many
+            training images (`Splits.with_train_subset`; recorded in `Splits.train_subset`).
 
     Raises:
         DataError: unknown dataset, different content, or an unreadable file; its subclass
             DatasetNotFoundError: the file is missing and cannot be downloaded. Always one line.
     """
+    splits = _load_splits(name, data_dir, verify, image_size, accept_unverified)
+    return splits.with_train_subset(train_subset, train_subset_seed) if train_subset else splits
+
+
+def _load_splits(name, data_dir, verify, image_size, accept_unverified):
     spec = get_spec(name, image_size=image_size, data_dir=data_dir)
     if spec.source == "sklearn":
         return load_digits_splits(spec)

@@ -95,10 +95,13 @@ class SyntheticWriter:
         settings: the manifest's "settings" (every setting the images depend on, plus
             `img_total`); two folders are parts of one data set when these are equal.
         keep_size: also keep the images at this size (the model's) in `{folder}_{size}px`.
+        trained_on: what the generator's checkpoints record of their real training data (how it
+            was verified, the training subset); written to the manifest as "trained_on".
     """
 
-    def __init__(self, folder, spec, counts, settings, keep_size=None):
+    def __init__(self, folder, spec, counts, settings, keep_size=None, trained_on=None):
         self.folder = Path(folder)
+        self.trained_on = trained_on
         self.spec = spec
         self.counts = list(counts)
         self.settings = dict(settings)
@@ -135,7 +138,8 @@ class SyntheticWriter:
     def _header(self, checkpoints):
         return {"settings": self.settings, "img_total": sum(self.counts), "per_class": self.counts,
                 "resize_method": RESIZE_METHOD, "checkpoints": checkpoints,
-                "label_names": list(self.spec.label_names), "layout": LAYOUT}
+                "label_names": list(self.spec.label_names), "layout": LAYOUT,
+                **({"trained_on": self.trained_on} if self.trained_on is not None else {})}
 
     def begin(self, checkpoints):
         """Marks the data set as being written (complete: false) before the first image."""

@@ -68,8 +68,9 @@ def cas_record(evaluation, run):
               "classifier": cfg.get("classifier"), "initial_filters": cfg.get("initial_filters"),
               "batch_size": cfg.get("batch_size"), "max_epochs": cfg.get("epochs"),
               "source": run.get("source"), "take": run.get("take")}
-    if "data_verification" in run:
-        record["data_verification"] = run["data_verification"]
+    for key in ("data_verification", "train_subset"):
+        if key in run:
+            record[key] = run[key]
     if "resize_method" in run:
         record["resize_method"] = run["resize_method"]
         record["synthetic_report"] = run.get("synthetic_report")

@@ -29,8 +29,9 @@ from pathlib import Path
 from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, STAGES, TIMESTEP_SPACINGS
 from Utils.cli import (UserError, decay_rate, non_negative_float, non_negative_int, positive_float, positive_int,
                        probability)
-from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting, dataset_spec,
-                                      experiment_setting, image_size_setting, load_real, preset_setting)
+from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting,
+                                      dataset_spec, experiment_setting, image_size_setting, load_real,
+                                      preset_setting, train_subset_seed_setting, train_subset_setting)
 from Utils.runtime import RuntimeSettings
 from Utils.settings import ADDED, PAPER, setting
 
@@ -57,6 +58,8 @@ class AdaptSettings(RuntimeSettings):
     data_dir: str = data_dir_setting()
     image_size: int = image_size_setting()
     accept_unverified_data: bool = accept_unverified_setting()
+    train_subset: int = train_subset_setting()
+    train_subset_seed: int = train_subset_seed_setting()
     epochs: int = setting(None, type=positive_int, group=ADDED, help="epochs (default: the preset's for the stage)")
     batch_size: int = setting(None, type=positive_int, group=ADDED, help="batch size (default: the preset's)")
     lr: float = setting(None, type=positive_float, group=ADDED, help="peak learning rate (default: the preset's)")
@@ -116,6 +119,7 @@ class AdaptResult:
 
 def plan(settings):
     """Checks every setting and the checkpoint folders; returns the run's plan. Writes nothing."""
+    from Data.loaders import train_subset_record
     from Models.diffusion import checkpoints as ck
     from Models.diffusion.generator import schedule_for
     from Models.errors import CheckpointError
@@ -159,7 +163,8 @@ def plan(settings):
     identity = ck.model_identity(preset, spec, random_init, s.seed, recipe)
     record = {**identity, "stage": stage, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "cond_dropout": recipe["cond_dropout"], "ema_decay": recipe["ema_decay"],
-              "snr_gamma": recipe["snr_gamma"], "seed": s.seed, "mixed_precision": s.mixed_precision}
+              "snr_gamma": recipe["snr_gamma"], "seed": s.seed, "mixed_precision": s.mixed_precision,
+              "train_subset": train_subset_record(s.train_subset, s.train_subset_seed)}
     if stage == "dif":
         ck.check_settings(enc_dir, identity, ck.IDENTITY_KEYS)
         record["enc_epoch"] = enc_epoch
@@ -222,9 +227,9 @@ def run(settings, log=print):
             ck.load_optimizer(ck.optimizer_path(p.folder, p.start), model.optimizer, model.trained_parts())
             log(f"resuming {p.stage} training from the checkpoint of epoch {p.start} in {p.folder}")
     if ck.read_settings(p.folder) is None:
-        # How the real data was verified (or accepted unverified) goes with the checkpoints it trained.
-        verification = splits.verification.as_dict() if splits.verification else None
-        atomic_write_json(p.folder / ck.SETTINGS_FILE, {**p.record, "data_verification": verification})
+        # How the real data was verified (or accepted unverified), and the training subset if any, go
+        # with the checkpoints it trained (and from there into the manifests of the sets they generate).
+        atomic_write_json(p.folder / ck.SETTINGS_FILE, {**p.record, **splits.provenance()})
 
     callbacks = [
         EpochSeeds(model, s.seed, batches),

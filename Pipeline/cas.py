@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from Utils.cli import UserError, existing_folder, non_negative_int, positive_int
-from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting, dataset_spec,
-                                      experiment_setting, image_size_setting, load_real)
+from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting,
+                                      dataset_spec, experiment_setting, image_size_setting, load_real,
+                                      train_subset_seed_setting, train_subset_setting)
 from Utils.runtime import RuntimeSettings
 from Utils.settings import PAPER, setting
 
@@ -61,6 +62,8 @@ class CASSettings(RuntimeSettings):
     data_dir: str = data_dir_setting()
     image_size: int = image_size_setting()
     accept_unverified_data: bool = accept_unverified_setting()
+    train_subset: int = train_subset_setting()
+    train_subset_seed: int = train_subset_seed_setting()
     seed: int = setting(0, type=non_negative_int, help="initial weights, batch order and synthetic subset")
 
     def __post_init__(self):
@@ -128,8 +131,11 @@ class CASResult:
 
 
 def _same_protocol(entry, r):
+    from Data.loaders import train_subset_record
+
     return (entry.get("max_epochs") == r.epochs and entry.get("batch_size") == r.batch_size
-            and entry.get("seed") == r.seed and entry.get("initial_filters", r.initial_filters) == r.initial_filters)
+            and entry.get("seed") == r.seed and entry.get("initial_filters", r.initial_filters) == r.initial_filters
+            and entry.get("train_subset") == train_subset_record(r.train_subset, r.train_subset_seed))
 
 
 def is_done(settings):
@@ -151,7 +157,8 @@ def is_done(settings):
     run = read_json(classifier_checkpoint_dir(r.exp, r.dataset, key) / "run.json", default=None)
     if run and _same_protocol({"max_epochs": run.get("config", {}).get("epochs"), "seed": run.get("seed"),
                                "batch_size": run.get("config", {}).get("batch_size"),
-                               "initial_filters": run.get("config", {}).get("initial_filters")}, r):
+                               "initial_filters": run.get("config", {}).get("initial_filters"),
+                               "train_subset": run.get("train_subset")}, r):
         return f"classifier {key} trained"
     return None
 
@@ -205,7 +212,7 @@ def run(settings, log=print):
             metadata = {"source": f"real {spec.name} train split"}
         metadata.update({"dataset": spec.name, "exp": r.exp, "run_key": run_key, "take": r.take,
                          "label_names": list(spec.label_names),
-                         "data_verification": splits.verification and splits.verification.as_dict()})
+                         **splits.provenance()})
         config = ClassifierConfig(classifier=r.classifier, epochs=r.epochs, batch_size=r.batch_size,
                                   initial_filters=r.initial_filters, jit_compile=True if r.xla else "auto")
         configure_runtime(seed=r.seed, mixed_precision=r.mixed_precision, xla=r.xla)

@@ -7,14 +7,15 @@
         data_dir: str = data_dir_setting()
 
 `dataset_spec(settings)` and `load_real(settings)` read the dataset with the
-settings' own `--image_size`, `--data_dir` and `--accept_unverified_data`.
+settings' own `--image_size`, `--data_dir`, `--accept_unverified_data` and
+`--train_subset` (with its seed).
 
 The defaults are the paper's (`--dataset cifar10`, `--exp 0`, Stable Diffusion
 v1 as `--preset sd1`); `reproduce.py` gives its own (the embedded digits and
 the from-scratch preset).
 """
 
-from Utils.cli import experiment_id, folder, positive_int
+from Utils.cli import experiment_id, folder, non_negative_int, positive_int
 from Utils.settings import ADDED, PAPER, setting
 
 PRESET_HELP = ("diffusion preset: sd1 (the paper: Stable Diffusion v1, GPU), sd2, small (trained from "
@@ -39,6 +40,17 @@ def accept_unverified_setting():
                         "does not (recorded in results, manifests and reports)")
 
 
+def train_subset_setting():
+    return setting(None, type=positive_int, group=ADDED,
+                   help="train on a seeded, stratified subset of this many real training images (large sets on "
+                        "small machines; x1 then means this many); validation and test splits are kept whole")
+
+
+def train_subset_seed_setting():
+    return setting(0, type=non_negative_int, group=ADDED,
+                   help="which --train_subset: the seed that draws it (the same subset in every stage)")
+
+
 def dataset_spec(settings):
     """The DatasetSpec of `settings.dataset`, read with the settings' --image_size and --data_dir."""
     from Data.registry import get_spec
@@ -53,7 +65,9 @@ def load_real(settings):
 
     return load_dataset(settings.dataset, data_dir=getattr(settings, "data_dir", None),
                         image_size=getattr(settings, "image_size", None),
-                        accept_unverified=getattr(settings, "accept_unverified_data", False))
+                        accept_unverified=getattr(settings, "accept_unverified_data", False),
+                        train_subset=getattr(settings, "train_subset", None),
+                        train_subset_seed=getattr(settings, "train_subset_seed", 0))
 
 
 def experiment_setting(group=PAPER):

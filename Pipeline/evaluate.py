@@ -19,8 +19,9 @@ from Metrics.features import FEATURE_EXTRACTORS
 from Metrics.memorization import MEMORIZATION_THRESHOLD
 from Metrics.quality import DEFAULT_NUM_SAMPLES, KID_SUBSET_SIZE, KID_SUBSETS, PRDC_K, REFERENCE_SPLITS
 from Utils.cli import folder, non_negative_float, non_negative_int, positive_int
-from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting, dataset_spec,
-                                      experiment_setting, image_size_setting, load_real)
+from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting,
+                                      dataset_spec, experiment_setting, image_size_setting, load_real,
+                                      train_subset_seed_setting, train_subset_setting)
 from Utils.settings import ADDED, REQUIRED, Settings, setting
 
 SCRIPT = "evaluate_dataset.py"
@@ -39,6 +40,8 @@ class EvaluateSettings(Settings):
     data_dir: str = data_dir_setting()
     image_size: int = image_size_setting()
     accept_unverified_data: bool = accept_unverified_setting()
+    train_subset: int = train_subset_setting()
+    train_subset_seed: int = train_subset_seed_setting()
     features: str = setting("resnet20", choices=FEATURE_EXTRACTORS,
                             help="embedding network: resnet20 (trained on the real train split; offline; "
                                  "MedMNIST) or inception (InceptionV3, ImageNet weights)")

@@ -31,9 +31,10 @@ from pathlib import Path
 from Data.balance import per_class_counts
 from Data.shards import parse_shard, shard_from_environment
 from Utils.cli import UserError, existing_folder, folder, non_negative_float, non_negative_int, positive_int
-from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting, dataset_spec,
-                                      experiment_setting, image_size_setting, load_real, preset_setting,
-                                      sampler_setting)
+from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting,
+                                      dataset_spec, experiment_setting, image_size_setting, load_real,
+                                      preset_setting, sampler_setting, train_subset_seed_setting,
+                                      train_subset_setting)
 from Models.diffusion.presets import GENERATION_BATCH_SIZE
 from Models.diffusion.schedulers import DDIM
 from Utils.runtime import RuntimeSettings
@@ -92,6 +93,8 @@ class GenerateSettings(RuntimeSettings):
                                  "--img_class nor --img_total is given (default $SDDG_DATA_DIR or the cache)")
     image_size: int = image_size_setting()
     accept_unverified_data: bool = accept_unverified_setting()
+    train_subset: int = train_subset_setting()
+    train_subset_seed: int = train_subset_seed_setting()
 
     def __post_init__(self):
         super().__post_init__()
@@ -234,8 +237,9 @@ def _plan(settings):
         if stored and key not in stored and manifest_settings[key] == default:
             del manifest_settings[key]  # a set begun before the key existed: its other parts match it
     counts = per_class_counts(r.img_total, spec.num_classes)
+    trained_on = {key: enc_settings.get(key) for key in ("data_verification", "train_subset")}
     writer = SyntheticWriter(r.output_folder(), spec, counts, manifest_settings,
-                             keep_size=generation_size if r.keep_generation_size else None)
+                             keep_size=generation_size if r.keep_generation_size else None, trained_on=trained_on)
     writer.check_folder()
     k, n = parse_shard(r.shard)
     classes = [r.only_class] if r.only_class is not None else range(spec.num_classes)

@@ -83,6 +83,10 @@ def data_section(splits):
              f"{spec.name}: {spec.num_classes} classes ({', '.join(spec.label_names)}), {spec.image_size}x"
              f"{spec.image_size}, {'grey' if spec.channels == 1 else 'RGB'}; train {len(splits.y_train)}, "
              f"val {len(splits.y_val)}, test {len(splits.y_test)}."]
+    if splits.train_subset:
+        t = splits.train_subset
+        lines += ["", f"Training split: a stratified subset of {t['images']} of its {splits.full_train_size} images "
+                      f"(`--train_subset {t['images']} --train_subset_seed {t['seed']}`); x1 means {t['images']} images."]
     if v is not None:
         lines += ["", f"Checked: **{v.status}** ({v.detail})."]
         if v.status == "unverified":

@@ -142,7 +142,8 @@ class Pipeline:
     """The chained stages for one dataset and preset (see the module docstring).
 
     Args:
-        dataset, preset, exp, seed, data_dir, image_size, accept_unverified_data: as the scripts' flags.
+        dataset, preset, exp, seed, data_dir, image_size, accept_unverified_data, train_subset,
+            train_subset_seed: as the scripts' flags.
         budget: a `Budget`.
         storage: Optuna storage URL for both studies (None: the default SQLite file).
         runtime: `RuntimeSettings` (GPU flags) for the training, generation and classifier stages.
@@ -157,13 +158,15 @@ class Pipeline:
 
     def __init__(self, dataset, preset, budget, exp="0", seed=0, data_dir=None, storage=None,
                  runtime=RuntimeSettings(), command="python reproduce.py", log=print, quality=False,
-                 image_size=None, accept_unverified_data=False, sampler=DEFAULT_SAMPLER, search_samplers=None):
+                 image_size=None, accept_unverified_data=False, sampler=DEFAULT_SAMPLER, search_samplers=None,
+                 train_subset=None, train_subset_seed=0):
         from Data.registry import get_spec
         from Models.diffusion.presets import get_preset
 
         self.spec = get_spec(dataset, image_size=image_size, data_dir=data_dir)
         self.dataset = self.spec.name
         self.image_size, self.accept_unverified_data = image_size, bool(accept_unverified_data)
+        self.train_subset, self.train_subset_seed = train_subset, int(train_subset_seed)
         self.preset = get_preset(preset)
         self.budget = budget
         self.exp, self.seed, self.data_dir, self.storage = str(exp), seed, data_dir, storage
@@ -189,6 +192,9 @@ class Pipeline:
             common["image_size"] = self.image_size
         if self.accept_unverified_data and reads_real_data:
             common["accept_unverified_data"] = True
+        if self.train_subset:
+            # Also where no real data is read: x1 (generation, --take) means the subset's size.
+            common.update(train_subset=self.train_subset, train_subset_seed=self.train_subset_seed)
         fields = {f.name for f in dataclasses.fields(settings_class)}
         return {key: value for key, value in common.items() if key in fields}
 
@@ -205,7 +211,8 @@ class Pipeline:
         from Data.loaders import load_dataset
 
         return load_dataset(self.dataset, data_dir=self.data_dir, image_size=self.image_size,
-                            accept_unverified=self.accept_unverified_data)
+                            accept_unverified=self.accept_unverified_data, train_subset=self.train_subset,
+                            train_subset_seed=self.train_subset_seed)
 
     def winner(self, stage):
         """Settings of study `stage`'s winner, from the stage table."""

@@ -35,9 +35,10 @@ from Pipeline.tuning.results import STAGE_KEYS, cell_key, cell_matches, read_cel
 from Pipeline.tuning.space import CHECKPOINT_PARAM, SAMPLER_PARAM, STAGES, STEPS_PARAM, UGS_PARAM
 from Pipeline.tuning.storage import default_storage_path, default_storage_url, open_storage
 from Utils.cli import UserError, non_negative_float, non_negative_int, positive_int
-from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting, dataset_spec,
-                                      experiment_setting, image_size_setting, load_real, preset_setting,
-                                      sampler_setting)
+from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting,
+                                      dataset_spec, experiment_setting, image_size_setting, load_real,
+                                      preset_setting, sampler_setting, train_subset_seed_setting,
+                                      train_subset_setting)
 from Models.diffusion.schedulers import DEFAULT_SAMPLER, SAMPLERS
 from Utils.runtime import RuntimeSettings
 from Utils.settings import ADDED, PAPER, setting
@@ -82,6 +83,8 @@ class TuneSettings(RuntimeSettings):
     data_dir: str = data_dir_setting()
     image_size: int = image_size_setting()
     accept_unverified_data: bool = accept_unverified_setting()
+    train_subset: int = train_subset_setting()
+    train_subset_seed: int = train_subset_seed_setting()
     n_trials: int = setting(None, type=positive_int, group=ADDED,
                             help=f"TOTAL finished trials wanted, counting earlier runs "
                                  f"(default {DEFAULT_N_TRIALS['enc']} enc, {DEFAULT_N_TRIALS['dif']} dif)")
@@ -371,7 +374,8 @@ def _score_defaults(p, objective, log):
         log(f"scoring the default settings {settings} ({s.num_imgs} images, "
             f"{s.classifier_epochs} classifier epochs)")
         result = objective.evaluate(settings)
-    entry = {**result, "settings": as_builtin(result["settings"]), **p.protocol}
+    entry = {**result, "settings": as_builtin(result["settings"]), **p.protocol,
+             "real_data": objective.splits.provenance()}
     record_pipeline(s.exp, spec.name, stage, s.key, entry)
     log(f"no optimisation: validation {entry['val_accuracy']:.4f}, test top-1 {entry['top1']:.4f}, "
         f"top-5 {entry['top5']:.4f}")
@@ -413,7 +417,8 @@ def _tune(p, storage, space, objective, log):
             log(f"plots: {Path(next(iter(saved.values()))).parent}")
     winner = best_trial(study)
     entry = trial_entry(study, winner, s.objective, space)
-    entry.update(settings=_with_sampler(as_builtin(winner.params), s.sampler), **p.protocol)
+    entry.update(settings=_with_sampler(as_builtin(winner.params), s.sampler), **p.protocol,
+                 real_data=objective.splits.provenance())
     if s.objective == "kid":
         # The KID winner's CAS, with the same classifier protocol as the accuracy-tuned row.
         log(f"KID winner {winner.params}: training a classifier on its images for its CAS")

@@ -385,3 +385,45 @@ def test_install_as_a_fine_tuned_unet_checkpoint(tmp_path, monkeypatch, tiny_fol
     (dif_dir / "settings.json").write_text(json.dumps(settings))
     with pytest.raises(CheckpointError, match="made with source=None"):
         convert_diffusers.main(args[:-2] + ["--dif_epoch", "5"])
+
+
+def test_install_for_a_folder_dataset_of_mixed_sizes_takes_image_size(tmp_path, monkeypatch):
+    """to-keras --dataset folder:PATH --image_size N: the spec is read as SD_adapting.py read it."""
+    from PIL import Image
+
+    from Data.errors import DataError
+    from Data.registry import get_spec
+    from Models.diffusion import checkpoints as ck
+    from Models.diffusion.class_encoder import ClassEncoder
+    from Utils.paths import diffusion_checkpoint_dir
+
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
+    root = tmp_path / "shapes"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["ring", "square"]):
+        for i, size in enumerate((8, 10, 8, 10)):
+            path = root / "train" / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), "L").save(path)
+    dataset = f"folder:{root}"
+    spec = get_spec(dataset, image_size=8)
+    keras.utils.set_random_seed(2)
+    unet = build_unet(TINY, image_size=None, image_channels=spec.channels)
+    _random_weights(unet, 2)
+    dc.save_unet_as_diffusers(unet, TINY, tmp_path / "unet")
+    enc_dir = diffusion_checkpoint_dir(0, spec.name, "enc")
+    enc_dir.mkdir(parents=True)
+    (enc_dir / "settings.json").write_text(json.dumps({**ck.model_identity(TINY, spec, True, 0), "stage": "enc"}))
+    encoder = ClassEncoder(2, TINY.context_length, TINY.context_dim, hidden=TINY.class_encoder_hidden)
+    encoder.build((None, 2))
+    ck.save_parts(ck.weights_path(enc_dir, 1), {"class_encoder": encoder, "unet": unet})
+
+    args = ["to-keras", str(tmp_path / "unet"), "--dataset", dataset, "--enc_epoch", "1"]
+    from Data import registry
+
+    monkeypatch.setattr(registry, "_OWN_SPECS", {})  # as in a new process: the size is not remembered
+    with pytest.raises(DataError, match="give --image_size"):
+        convert_diffusers.main(args)
+    assert convert_diffusers.main([*args, "--image_size", "8"]) == 0
+    _, used = ck.resolve_generation_checkpoints(TINY, spec, 0, enc_epoch=1, dif_epoch=1)
+    assert used["dif"] == str(ck.weights_path(diffusion_checkpoint_dir(0, spec.name, "dif"), 1))

@@ -93,12 +93,14 @@ def convert_to_keras(source, out, preset_name=None):
     return 0
 
 
-def install_unet_checkpoint(source, dataset, exp, enc_epoch, dif_epoch, preset_name=None, out=None):
+def install_unet_checkpoint(source, dataset, exp, enc_epoch, dif_epoch, preset_name=None, out=None, image_size=None,
+                            data_dir=None):
     """Writes the diffusers UNet in `source` as fine-tuned-UNet checkpoint `dif_epoch`.
 
     The class-encoder checkpoint `enc_epoch` of (exp, dataset) must exist; its preset
     is the one the UNet must have. settings.json of the DiffusionFt folder records the
-    source; an existing one must name the same model and class-encoder epoch.
+    source; an existing one must name the same model and class-encoder epoch. `image_size`
+    and `data_dir` read `folder:` / `tfds:` datasets as the other scripts' flags do.
     """
     from Data.registry import get_spec
     from Models.diffusion import checkpoints as ck
@@ -109,7 +111,7 @@ def install_unet_checkpoint(source, dataset, exp, enc_epoch, dif_epoch, preset_n
         raise ModelSettingsError("--out and --dataset are exclusive: run to-keras twice for both")
     if enc_epoch is None:
         raise ModelSettingsError("--dataset needs --enc_epoch: the class-encoder checkpoint the UNet pairs with")
-    spec = get_spec(dataset)
+    spec = get_spec(dataset, image_size=image_size, data_dir=data_dir)
     folders = _model_folders(source)
     if "unet" not in folders:
         raise CheckpointError(f"{source} holds no diffusers UNet")
