@@ -59,7 +59,7 @@ def _new_browser(programs):
 
 
 @pytest.fixture(scope="module")
-def server(generated_digits, tmp_path_factory, browser_programs):
+def server(browser_programs, generated_digits, tmp_path_factory):
     """The real rate_dataset.py serving a study on a free port: (base url, argv of the study, ratings dir)."""
     root = tmp_path_factory.mktemp("rating_root")
     argv = ["--dataset", "digits", "--synthetic_dir", str(generated_digits), "--trials", str(TRIALS),
@@ -318,7 +318,7 @@ def test_the_report_matches_a_hand_computation(server, study_answers, run_script
     assert "| mallory | no: failed attention checks | 4 of 4 | 24 |" in out
 
 
-def test_realism_ratings_by_keyboard_and_mouse(generated_digits, browser_programs, tmp_path):
+def test_realism_ratings_by_keyboard_and_mouse(browser_programs, generated_digits, tmp_path):
     from Pipeline.rating import AnswerStore, RatingSettings, Study, StudyServer, create_app
 
     settings = RatingSettings(dataset="digits", synthetic_dir=str(generated_digits), trials=2, attention_checks=0,
