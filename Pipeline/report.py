@@ -346,16 +346,20 @@ def quality_section(exp, dataset):
 
 def rating_section(exp, dataset):
     """Human judgement: each study of rate_dataset.py under the experiment's ratings/ with answers ([] if none)."""
-    from Pipeline.rating import DEFAULT_MAX_FAILED_CHECKS, study_dirs, study_summary, summary_lines
+    from Pipeline.rating import DEFAULT_MAX_FAILED_CHECKS, REPORT_JSON, study_dirs, study_summary, summary_lines
 
-    summaries = [study_summary(d, DEFAULT_MAX_FAILED_CHECKS) for d in study_dirs(experiment_dir(exp, dataset) / "ratings")]
-    summaries = [s for s in summaries if s["raters"]]
+    summaries = []
+    for folder in study_dirs(experiment_dir(exp, dataset) / "ratings"):
+        # The exclusion rule of the study's own last --report, else the default.
+        last = read_json(folder / REPORT_JSON, default={}) or {}
+        summary = study_summary(folder, last.get("max_failed_checks", DEFAULT_MAX_FAILED_CHECKS))
+        if summary["raters"]:
+            summaries.append(summary)
     if not summaries:
         return []
     lines = ["## Human judgement", "",
              "`rate_dataset.py`: people shown a real and a generated image of one class pick the real one "
-             f"(`Pipeline/rating.py`, `Metrics/rating_stats.py`; raters failing more than {DEFAULT_MAX_FAILED_CHECKS} "
-             "attention check(s) are excluded).", ""]
+             "(`Pipeline/rating.py`; the figures and the exclusion rule: `Metrics/rating_stats.py`).", ""]
     for summary in summaries:
         lines += summary_lines(summary, heading="###")
     return lines

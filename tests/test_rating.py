@@ -132,6 +132,26 @@ def test_answers_are_kept_once_in_order_and_a_torn_line_is_ignored(tmp_path):
             store.path(bad)
 
 
+def test_a_restarted_server_continues_each_rater_where_they_were(generated_digits, tmp_path):
+    settings = _settings(generated_digits, tmp_path)
+    study = Study(settings, log=lambda *_: None)
+    client = create_app(study, AnswerStore(study.directory), log=lambda *_: None).test_client()
+    for position in range(5):
+        client.post("/api/answer", json={"rater": "alice", "position": position, "choice": "left"})
+    first = client.get("/api/state?rater=alice").get_json()
+    restarted = Study(settings, log=lambda *_: None)  # a new process: the same trials from the same settings
+    client = create_app(restarted, AnswerStore(restarted.directory), log=lambda *_: None).test_client()
+    state = client.get("/api/state?rater=alice").get_json()
+    assert state["answered"] == 5 and state["trial"] == first["trial"]
+    assert client.get("/api/state?rater=bob").get_json()["answered"] == 0
+    assert client.post("/api/answer", json={"rater": "alice", "position": 7, "choice": "left"}).status_code == 409
+    assert client.post("/api/answer", json={"rater": "alice", "position": 5, "choice": "up"}).status_code == 400
+    assert client.post("/api/answer", json={"rater": "alice", "position": 5, "score": 3}).status_code == 400
+    assert client.get("/image/alice/5/0.png").mimetype == "image/png"
+    assert client.get("/image/alice/5/2.png").status_code == 404
+    assert client.get("/page/../rating.py").status_code == 404
+
+
 def _post(url, body):
     request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
