@@ -613,13 +613,14 @@ def run(settings, log=print, serve=True):
     counts = {kind: sum(t["kind"] == kind for t in study.trials) for kind in ("pair", "check", "single")}
     log(f"study {study.directory.name}: {counts['pair']} pairs, {counts['check']} attention checks, "
         f"{counts['single']} realism ratings per rater; answers in {store.directory}")
-    log(f"study page: {server.url}  (each rater opens it and enters an id; Ctrl-C stops, answers are kept)")
-    sys.stdout.flush()  # whoever started the server (a person, a test) reads the address now
     try:
-        server.server.serve_forever()
+        log(f"study page: {server.url}  (each rater opens it and enters an id; Ctrl-C stops, answers are kept)")
+        sys.stdout.flush()  # whoever started the server (a person, a test) reads the address now
+        server.server.serve_forever()  # werkzeug's returns on Ctrl-C (it catches KeyboardInterrupt itself)
     except KeyboardInterrupt:
-        log(f"stopped; {len(store.raters())} rater(s) have answers in {store.directory}; "
-            f"python {SCRIPT} --report with the same flags prints the figures ({path.name} records the study)")
+        pass
     finally:
         server.server.server_close()
+    log(f"stopped; {len(store.raters())} rater(s) have answers in {store.directory}; "
+        f"python {SCRIPT} --report with the same flags prints the figures ({path.name} records the study)")
     return study.directory

@@ -247,3 +247,29 @@ def test_the_pipeline_report_shows_the_ratings_of_its_experiment(generated_digit
     text = write_report("0", "digits", "small", "quick", {}, "python reproduce.py").read_text()
     assert "## Human judgement" in text and "**100.0 %**" in text and "10 of 10" in text
     assert math.isclose(wilson_interval(10, 10)[0], 0.722467, abs_tol=1e-6) and "72.2–100.0 %" in text
+
+
+def test_the_script_serves_until_ctrl_c_and_then_says_where_the_answers_are(generated_digits, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "rate_dataset.py"), "--dataset", "digits", "--synthetic_dir", str(generated_digits),
+         "--trials", "10", "--port", "0"], cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(os.environ, SDDG_OUTPUT_ROOT=str(tmp_path), PYTHONUNBUFFERED="1"),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background job ignores SIGINT
+    try:
+        for line in process.stdout:
+            if "study page: http://127.0.0.1:" in line:
+                break
+        url = line.split("study page: ")[1].split()[0]
+        assert _get(f"{url}api/state?rater=zoe")["answered"] == 0
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 0, err
+    assert "stopped; 0 rater(s) have answers in" in out and "Experiments/Exp_0/digits/ratings/" in out
