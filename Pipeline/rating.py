@@ -260,11 +260,16 @@ class Study:
         return {"real": self.real, "generated": self.generated, "noise": self.noise}[what][index]
 
     def png(self, image):
-        """The PNG bytes of an image enlarged `scale` times with nearest neighbour (grey datasets as grey)."""
+        """The PNG bytes of an image enlarged `scale` times with nearest neighbour.
+
+        Grey when its three channels are equal; a generated image of a grey dataset with colour in it
+        keeps the colour (it is a tell a rater may see).
+        """
         from PIL import Image
 
         big = np.repeat(np.repeat(image, self.scale, axis=0), self.scale, axis=1)
-        picture = Image.fromarray(big[..., 0] if self.spec.channels == 1 else big)
+        grey = bool((image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all())
+        picture = Image.fromarray(big[..., 0] if grey else big)
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
         return buffer.getvalue()

@@ -208,7 +208,8 @@ def postgres_url():
 # two xdist workers (pytest.ini) end together instead of one finishing a long file alone.
 LONGEST_FILES_FIRST = ("test_reproduce.py", "test_multi_worker_storage.py", "test_hyp_opt.py",
                        "test_keras_cv_parity.py", "test_sd_adapting.py", "test_classifier_training.py", "test_learns_digits.py",
-                       "test_sd1_full_size.py", "test_generate_dataset.py", "test_diffusers_parity.py")
+                       "test_sd1_full_size.py", "test_generate_dataset.py", "test_diffusers_parity.py",
+                       "test_rating_page.py")
 
 
 def pytest_collection_modifyitems(items):
