@@ -9,5 +9,6 @@
 | `memorization.py` | nearest real training image of each synthetic image; suspected copies |
 | `quality.py` | all of the above, overall and per class, for a folder of images → a result dict |
 | `cas.py` | classification accuracy score (CAS): a classifier trained on synthetic data, tested on real |
+| `rating_stats.py` | a human "real or generated?" study: fooling rate, Wilson interval, rater exclusion, Fleiss' kappa |
 | `speckle.py` | colour speckle: the share of pixels whose channels disagree (0 for every real image of a grey dataset) |
 """

@@ -11,6 +11,7 @@ frozen, `to_argv()` for the command line back), `is_done(settings)`,
 | `generate.py` | generation of a synthetic training set (stage 5) | `generate_dataset.py` |
 | `cas.py` | the classification accuracy score | `classifier_training.py` |
 | `evaluate.py` | quality metrics of a generated set | `evaluate_dataset.py` |
+| `rating.py` (page in `rating_page/`) | human judgement: a local "real or generated?" study page and its report | `rate_dataset.py` |
 | `stages.py` | all of them chained, resumable; the `quick` and `paper` budgets | `reproduce.py` |
 | `report.py` | `REPORT.md` with its figures | (`reproduce.py`) |
 | `common_settings.py` | the flags several stages share, with the paper's defaults | |

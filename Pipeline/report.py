@@ -16,6 +16,8 @@
    comparison per class with upscaled tiles, and for grey datasets the
    share of colour-speckled pixels (`Metrics.speckle`);
 6. quality metrics (`CAS Results/quality_exp{exp}.json`) when computed;
+   human judgement (rate_dataset.py's studies in `Experiments/Exp_{exp}/{dataset}/ratings/`) when
+   raters answered one;
 7. the exact commands of every stage, their time, and the software versions.
 
 Example:
@@ -346,6 +348,27 @@ def quality_section(exp, dataset):
     return lines + [""]
 
 
+def rating_section(exp, dataset):
+    """Human judgement: each study of rate_dataset.py under the experiment's ratings/ with answers ([] if none)."""
+    from Pipeline.rating import DEFAULT_MAX_FAILED_CHECKS, REPORT_JSON, study_dirs, study_summary, summary_lines
+
+    summaries = []
+    for folder in study_dirs(experiment_dir(exp, dataset) / "ratings"):
+        # The exclusion rule of the study's own last --report, else the default.
+        last = read_json(folder / REPORT_JSON, default={}) or {}
+        summary = study_summary(folder, last.get("max_failed_checks", DEFAULT_MAX_FAILED_CHECKS))
+        if summary["raters"]:
+            summaries.append(summary)
+    if not summaries:
+        return []
+    lines = ["## Human judgement", "",
+             "`rate_dataset.py`: people shown a real and a generated image of one class pick the real one "
+             "(`Pipeline/rating.py`; the figures and the exclusion rule: `Metrics/rating_stats.py`).", ""]
+    for summary in summaries:
+        lines += summary_lines(summary, heading="###")
+    return lines
+
+
 def commands_section(command, stage_log):
     lines = ["## How this was made", "", "The whole pipeline:", "", "```", command, "```", "",
              "Each stage ran the equivalent of (in order; a stage whose outputs existed was skipped):", "",
@@ -389,6 +412,7 @@ def write_report(exp, dataset, preset, budget, stage_log, command, storage_url=N
     lines += generation_section(manifest)
     lines += samples_section(dataset, splits, exp, figures_dir)
     lines += quality_section(exp, dataset)
+    lines += rating_section(exp, dataset)
     lines += commands_section(command, stage_log)
     path = out_dir / REPORT_FILE
     atomic_write_text(path, "\n".join(lines))

@@ -98,6 +98,14 @@ def probability(text):
     return value
 
 
+def port(text):
+    """A TCP port, 0..65535 (0: any free port, chosen by the system)."""
+    value = non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in 0..65535, got {text!r}")
+    return value
+
+
 def experiment_id(text):
     """The paper's experiment identifier, kept as written: `--exp 0001` -> folders `Exp_0001`."""
     value = str(text).strip()

@@ -43,6 +43,52 @@ def require_module(module):
         raise
 
 
+def require_program(*names, install):
+    """The path of the first of `names` on PATH; skips when none is, but fails under CI=true.
+
+    install: how to get it, for the message (e.g. "apt-get install chromium; .ci/run does it")."""
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    message = f"{' or '.join(names)} is not installed ({install})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def generated_digits(tmp_path_factory):
+    """A generated-images folder in the project's layout (Data/synthetic_writer.py) for digits.
+
+    Stand-ins for a generator's output: real training digits with pixel noise, so that no
+    image equals a real test image (the scripted raters tell them apart by their pixels).
+    """
+    import numpy as np
+
+    from Data.balance import per_class_counts
+    from Data.loaders import load_dataset
+    from Data.registry import get_spec
+    from Data.synthetic_writer import SyntheticWriter
+
+    folder = tmp_path_factory.mktemp("generated") / "digits_generated"
+    spec, splits = get_spec("digits"), load_dataset("digits")
+    counts = per_class_counts(60, spec.num_classes)
+    writer = SyntheticWriter(folder, spec, counts, {"dataset": "digits", "source": "noisy training digits"})
+    writer.begin({})
+    rng = np.random.default_rng(0)
+    images, labels, indices = [], [], []
+    for c, count in enumerate(counts):
+        for n, i in enumerate(np.flatnonzero(splits.y_train == c)[:count]):
+            noisy = splits.x_train[i, ..., :1].astype(int) + rng.integers(-24, 25, (8, 8, 1))
+            images.append(np.repeat(np.clip(noisy, 0, 255), 3, axis=-1).astype(np.uint8))
+            labels.append(c)
+            indices.append(n)
+    writer.write(np.stack(images), labels, indices)
+    writer.finish("all", len(images), {}, grid_per_class=0)
+    return folder
+
+
 @pytest.fixture
 def retinamnist_dir():
     """A --data_dir holding the real RetinaMNIST npz (read in place, never copied)."""
@@ -162,7 +208,8 @@ def postgres_url():
 # two xdist workers (pytest.ini) end together instead of one finishing a long file alone.
 LONGEST_FILES_FIRST = ("test_reproduce.py", "test_multi_worker_storage.py", "test_hyp_opt.py",
                        "test_keras_cv_parity.py", "test_sd_adapting.py", "test_classifier_training.py", "test_learns_digits.py",
-                       "test_sd1_full_size.py", "test_generate_dataset.py", "test_diffusers_parity.py")
+                       "test_sd1_full_size.py", "test_generate_dataset.py", "test_diffusers_parity.py",
+                       "test_rating_page.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -18,7 +18,7 @@ from Utils import cli
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = ("generate_dataset", "hyp_opt", "classifier_training", "reproduce", "evaluate_dataset",
-           "convert_diffusers", "SD_adapting")
+           "convert_diffusers", "SD_adapting", "rate_dataset")
 # Flags still parsed with plain int/float: a bad value gets through to the code (SD_adapting.py
 # is being reworked elsewhere). strict: the test fails once they are fixed, so this list shrinks.
 FOLDER_TYPES = (cli.folder, cli.existing_folder)
@@ -34,7 +34,8 @@ def _parsers(module):
 
 def _numeric(action):
     if action.type in (int, float) or action.type in (cli.positive_int, cli.non_negative_int, cli.finite_float,
-                                                     cli.positive_float, cli.non_negative_float, cli.decay_rate, cli.probability):
+                                                     cli.positive_float, cli.non_negative_float, cli.decay_rate, cli.probability,
+                                                     cli.port):
         return True
     return False
 
@@ -85,7 +86,8 @@ def test_every_folder_flag_checks_what_it_points_at(tmp_path, capsys):
                     assert len(lines) == 1 and lines[0].startswith(f"error: argument {flag}"), lines
                 checked.append(f"{script} {flag}")
     assert {"generate_dataset --out_dir", "generate_dataset --verify", "classifier_training --synthetic_dir",
-            "hyp_opt --data_dir", "reproduce --data_dir", "SD_adapting --data_dir"} <= set(checked), checked
+            "hyp_opt --data_dir", "reproduce --data_dir", "SD_adapting --data_dir", "rate_dataset --synthetic_dir",
+            "rate_dataset --ratings_dir", "rate_dataset --data_dir"} <= set(checked), checked
 
 
 def test_folder_types():
@@ -169,3 +171,25 @@ def test_reproduce_with_the_data_offline_leaves_no_experiment_folder(tmp_path):
     lines = _error_lines(done.stderr)
     assert len(lines) == 1 and "retinamnist.npz" in lines[0] and "downloading it failed" in lines[0], done.stderr
     assert not any(root.iterdir()), list(root.rglob("*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--port", "65536"], "argument --port: expected a port number in 0..65535, got '65536'"),
+    (["--port", "nan"], "argument --port: expected a non-negative integer, got 'nan'"),
+    (["--trials", "0"], "argument --trials: expected a positive integer, got '0'"),
+    (["--host", " "], "--host: expected an address such as 127.0.0.1"),
+    (["--synthetic_dir", "{missing}"], "argument --synthetic_dir: expected an existing folder"),
+    (["--synthetic_dir", "{empty}"], "has no class sub-folders"),
+    (["--synthetic_dir", "{empty}", "--report"], "no study with these settings in"),
+    (["--split", "all"], "argument --split: invalid choice"),
+])
+def test_rate_dataset_probes(tmp_path, args, message):
+    root, empty = tmp_path / "root", tmp_path / "empty"
+    root.mkdir()
+    empty.mkdir()
+    words = [a.format(missing=tmp_path / "missing", empty=empty) for a in args]
+    done = _run("rate_dataset.py", "--dataset", "digits", "--port", "0", *words, root=root)
+    assert done.returncode == 2, done.stderr
+    lines = _error_lines(done.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], done.stderr
+    assert not any(root.iterdir()) and not any(empty.iterdir()), list(root.rglob("*"))
