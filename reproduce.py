@@ -38,7 +38,7 @@ class ReproduceSettings(RuntimeSettings):
     dataset: str = dataset_setting("digits", group=ADDED)
     preset: str = preset_setting(DEFAULT_PRESET)
     budget: str = setting("quick", choices=tuple(sorted(BUDGETS)),
-                          help="quick (two trials per study, short training, x1..x2) or paper "
+                          help="quick (two trials per study, short training, x1 only) or paper "
                                "(50 + 40 trials of 4,000 images, 100-epoch classifiers, x1..x10)")
     exp: str = experiment_setting(group=ADDED)
     data_dir: str = data_dir_setting()

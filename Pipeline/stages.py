@@ -30,7 +30,7 @@ Budgets
 -------
 `quick` (the default) fits `digits` + `small` into 10 minutes on a 2-core
 CPU: two trials per study, a few hundred images per trial, short classifier
-training, x1..x2. `paper` is the paper's run: 50 + 40 trials of 4,000 images, the CAS
+training, x1 only. `paper` is the paper's run: 50 + 40 trials of 4,000 images, the CAS
 protocol's 100 epochs per classifier, x1..x10 (for `--preset sd1` on a GPU).
 Diffusion training epochs are the preset's (`Models/diffusion/presets.py`)
 unless a budget or flag says otherwise.
@@ -111,7 +111,7 @@ BUDGETS = {
     # accuracy's standard error (Pipeline/tuning.py, best_trial).
     "quick": Budget("quick", enc_epochs=None, dif_epochs=None, n_trials_enc=2, n_trials_dif=2,
                     num_imgs=250, tuning_classifier_epochs=4, classifier_epochs=8,
-                    classifier_batch_size=64, max_multiple=2, max_steps="preset", prune_after="half",
+                    classifier_batch_size=64, max_multiple=1, max_steps="preset", prune_after="half",
                     enqueue_defaults=True, grid_freq=10),
     # PAPER.md: 50 / 40 trials of 4,000 images, the CAS protocol (100 epochs, batch 256), x1..x10.
     "paper": Budget("paper", enc_epochs=None, dif_epochs=None, n_trials_enc=50, n_trials_dif=40,

@@ -98,11 +98,12 @@ def test_every_stage_command_line_rebuilds_its_settings(retinamnist_dir, tmp_pat
     import importlib
 
     sys.path.insert(0, str(REPO))
-    from Pipeline.stages import BUDGETS, Pipeline
+    from Pipeline.stages import BUDGETS, Pipeline, budget_with
     from Utils.runtime import RuntimeSettings
 
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
-    pipeline = Pipeline("retinamnist", "tiny", BUDGETS["quick"], data_dir=retinamnist_dir, exp="0001",
+    pipeline = Pipeline("retinamnist", "tiny", budget_with(BUDGETS["quick"], max_multiple=2),
+                        data_dir=retinamnist_dir, exp="0001",
                         storage=f"sqlite:///{tmp_path / 'study.db'}", runtime=RuntimeSettings(xla=True),
                         quality=True)
     winners = {"enc": {"enc_epoch": 3, "inf_steps": 10, "ugs": 2.0},

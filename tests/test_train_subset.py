@@ -129,7 +129,7 @@ def test_reproduce_on_a_subset_means_x1_is_the_subset(tmp_path):
     env = dict(os.environ, SDDG_OUTPUT_ROOT=str(tmp_path), PYTHONUNBUFFERED="1")
     done = subprocess.run([sys.executable, str(REPO / "reproduce.py"), *TINY_BUDGET, "--max_steps", "5",
                            "--train_subset", "120", "--train_subset_seed", "1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     subset = {"images": 120, "seed": 1}
 
@@ -139,6 +139,9 @@ def test_reproduce_on_a_subset_means_x1_is_the_subset(tmp_path):
     manifest = json.loads((tmp_path / "Data" / "Synthetic" / "Exp_0" / "digits" / "manifest.json").read_text())
     assert manifest["img_total"] == 120 and manifest["trained_on"]["train_subset"] == subset
     assert manifest["trained_on"]["data_verification"]["status"] == "embedded"
+    table = json.loads((tmp_path / "CAS Results" / "pipeline_optimization_exp0.json").read_text())["digits"]
+    cells = [cell for stage in table.values() for cell in stage.values()]
+    assert cells and all(cell["real_data"]["train_subset"] == subset for cell in cells)
     cas = json.loads((tmp_path / "CAS Results" / "test_accuracies_exp0.json").read_text())["digits"]
     assert cas["real"]["n_train"] == cas["x1"]["n_train"] == 120
     assert cas["real"]["train_subset"] == subset
