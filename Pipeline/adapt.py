@@ -29,8 +29,10 @@ from pathlib import Path
 from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, STAGES, TIMESTEP_SPACINGS
 from Utils.cli import (UserError, decay_rate, non_negative_float, non_negative_int, positive_float, positive_int,
                        probability)
-from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting, dataset_spec,
-                                      experiment_setting, image_size_setting, load_real, preset_setting)
+from Pipeline.common_settings import (accept_unverified_setting, conditioning_setting, conditioning_spec,
+                                      data_dir_setting, dataset_setting, dataset_spec, experiment_setting,
+                                      image_size_setting, load_real, preset_setting, prompt_template_setting,
+                                      ti_tokens_setting)
 from Utils.runtime import RuntimeSettings
 from Utils.settings import ADDED, PAPER, setting
 
@@ -57,6 +59,9 @@ class AdaptSettings(RuntimeSettings):
     data_dir: str = data_dir_setting()
     image_size: int = image_size_setting()
     accept_unverified_data: bool = accept_unverified_setting()
+    conditioning: str = conditioning_setting()
+    prompt_template: str = prompt_template_setting()
+    ti_tokens: int = ti_tokens_setting()
     epochs: int = setting(None, type=positive_int, group=ADDED, help="epochs (default: the preset's for the stage)")
     batch_size: int = setting(None, type=positive_int, group=ADDED, help="batch size (default: the preset's)")
     lr: float = setting(None, type=positive_float, group=ADDED, help="peak learning rate (default: the preset's)")
@@ -105,6 +110,12 @@ class AdaptPlan:
     enc_path: object      # dif: the class-encoder checkpoint fine-tuned with
     random_init: bool
     recipe: dict
+    conditioning: object  # the ConditioningSpec
+
+    @property
+    def nothing_to_train(self):
+        """The text method on a pretrained preset: its enc stage has no weights to train."""
+        return self.stage == "enc" and not self.conditioning.trains() and self.preset.pretrained
 
 
 @dataclass(frozen=True)
@@ -124,6 +135,7 @@ def plan(settings):
 
     s = settings
     spec, preset = dataset_spec(s), get_preset(s.preset)
+    conditioning = conditioning_spec(s)
     stage = s.train_model
     epochs = s.epochs or getattr(preset, f"{stage}_epochs")
     batch_size = s.batch_size or getattr(preset, f"{stage}_batch_size")
@@ -156,7 +168,7 @@ def plan(settings):
         schedule_for(recipe)
     except ValueError as e:
         raise UserError(str(e)) from None
-    identity = ck.model_identity(preset, spec, random_init, s.seed, recipe)
+    identity = ck.model_identity(preset, spec, random_init, s.seed, recipe, conditioning)
     record = {**identity, "stage": stage, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "cond_dropout": recipe["cond_dropout"], "ema_decay": recipe["ema_decay"],
               "snr_gamma": recipe["snr_gamma"], "seed": s.seed, "mixed_precision": s.mixed_precision}
@@ -175,12 +187,14 @@ def plan(settings):
                         f"{folder}, epoch {start}; give --{stage}_epoch {start} or leave it out")
     return AdaptPlan(spec=spec, preset=preset, stage=stage, epochs=epochs, batch_size=batch_size, lr=lr,
                      folder=folder, record=record, start=start, enc_path=enc_path, random_init=random_init,
-                     recipe=recipe)
+                     recipe=recipe, conditioning=conditioning)
 
 
 def is_done(settings):
     """A reason when the checkpoint of the last epoch exists with these settings, else None."""
     p = plan(settings)
+    if p.nothing_to_train:
+        return f"--conditioning {p.conditioning.method} has nothing to train in the enc stage of {p.preset.name}"
     return f"checkpoint of epoch {p.epochs} exists" if p.start >= p.epochs else None
 
 
@@ -188,6 +202,10 @@ def run(settings, log=print):
     """Trains (or continues training) the stage's part; returns where the checkpoints are."""
     p = plan(settings)
     s = settings
+    if p.nothing_to_train:
+        log(f"--conditioning {p.conditioning.method} trains nothing in the enc stage of {p.preset.name} "
+            f"(pretrained text encoder and UNet); nothing written")
+        return AdaptResult(p.folder, 0, trained=False)
     if p.start >= p.epochs:
         log(f"{p.stage} training of {p.spec.name} is already complete: {p.epochs} epochs in {p.folder}")
         return AdaptResult(p.folder, p.epochs, trained=False)
@@ -206,7 +224,7 @@ def run(settings, log=print):
 
     with distribution_scope(s.multi_gpu):
         model = ck.build_model(p.preset, p.spec, stage=p.stage, random_init=p.random_init,
-                               init_seed=s.seed, seed=s.seed, recipe=p.recipe)
+                               init_seed=s.seed, seed=s.seed, recipe=p.recipe, conditioning=p.conditioning)
         if p.stage == "dif":
             # The chosen class encoder (from-scratch presets: and the UNet it trained).
             ck.load_parts(p.enc_path, ck.enc_parts(model))
