@@ -70,6 +70,8 @@ def cas_record(evaluation, run):
               "source": run.get("source"), "take": run.get("take")}
     if "data_verification" in run:
         record["data_verification"] = run["data_verification"]
+    if "conditioning" in run:
+        record["conditioning"] = run["conditioning"]
     if "resize_method" in run:
         record["resize_method"] = run["resize_method"]
         record["synthetic_report"] = run.get("synthetic_report")

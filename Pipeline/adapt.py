@@ -146,7 +146,9 @@ def plan(settings):
     folder = diffusion_checkpoint_dir(s.exp, spec.name, stage)
     asked_recipe = {key: getattr(s, key) for key in preset.recipe() if getattr(s, key) is not None}
     enc_path, enc_epoch = None, None
-    if stage == "dif":
+    if stage == "dif" and not ck.needs_enc_checkpoint(preset, conditioning):
+        enc_epoch = 0  # the text method on a pretrained preset: nothing was trained before
+    elif stage == "dif":
         # The UNet keeps the schedule and prediction type it was trained with in the enc stage.
         enc_epoch = preset.enc_epochs if s.enc_epoch is None else s.enc_epoch
         enc_dir = diffusion_checkpoint_dir(s.exp, spec.name, "enc")
@@ -173,7 +175,8 @@ def plan(settings):
               "cond_dropout": recipe["cond_dropout"], "ema_decay": recipe["ema_decay"],
               "snr_gamma": recipe["snr_gamma"], "seed": s.seed, "mixed_precision": s.mixed_precision}
     if stage == "dif":
-        ck.check_settings(enc_dir, identity, ck.IDENTITY_KEYS)
+        if enc_path is not None:
+            ck.check_settings(enc_dir, identity, ck.IDENTITY_KEYS)
         record["enc_epoch"] = enc_epoch
     # Reusing the folder: every setting that shaped the checkpoints must match (not freq).
     ck.check_settings(folder, record, [k for k in record if k != "mixed_precision"])
@@ -225,7 +228,7 @@ def run(settings, log=print):
     with distribution_scope(s.multi_gpu):
         model = ck.build_model(p.preset, p.spec, stage=p.stage, random_init=p.random_init,
                                init_seed=s.seed, seed=s.seed, recipe=p.recipe, conditioning=p.conditioning)
-        if p.stage == "dif":
+        if p.stage == "dif" and p.enc_path is not None:
             # The chosen class encoder (from-scratch presets: and the UNet it trained).
             ck.load_parts(p.enc_path, ck.enc_parts(model))
         batches = TrainBatches(splits.x_train, splits.y_train, p.batch_size, model.image_size,

@@ -220,11 +220,12 @@ def _plan(settings):
         raise UserError(f"--only_class must be in [0, {spec.num_classes - 1}] for {spec.name}, got {r.only_class}")
     if r.img_total < spec.num_classes:
         raise UserError(f"--img_total {r.img_total} is fewer than {spec.name}'s {spec.num_classes} classes")
-    _check_default_epoch(settings.enc_epoch, r.enc_epoch, r.exp, spec.name, "enc", "--enc_epoch",
-                         "class-encoder", preset.name)
+    conditioning = conditioning_spec(r)
+    if ck.needs_enc_checkpoint(preset, conditioning):
+        _check_default_epoch(settings.enc_epoch, r.enc_epoch, r.exp, spec.name, "enc", "--enc_epoch",
+                             "class-encoder", preset.name)
     _check_default_epoch(settings.dif_epoch, r.dif_epoch, r.exp, spec.name, "dif", "--dif_epoch",
                          "fine-tuned UNet", preset.name)
-    conditioning = conditioning_spec(r)
     enc_settings, used = ck.resolve_generation_checkpoints(preset, spec, r.exp, r.enc_epoch, r.dif_epoch,
                                                            conditioning)
     generation_size = ck.image_size_for(preset, spec)

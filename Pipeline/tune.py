@@ -281,6 +281,8 @@ def plan(settings, log=print):
     from Utils.paths import diffusion_checkpoint_dir
 
     epochs = checkpoints.available_epochs(s.exp, spec.name, s.train_model)
+    if s.train_model == "enc" and not checkpoints.needs_enc_checkpoint(preset, conditioning_spec(s)):
+        epochs = [0]  # the text method on a pretrained preset: no enc checkpoint, the published model
     if not epochs:
         raise UserError(f"no {s.train_model} checkpoints in "
                         f"{diffusion_checkpoint_dir(s.exp, spec.name, s.train_model)}: run SD_adapting.py "

@@ -104,3 +104,16 @@ def test_templates_file(tmp_path):
         ConditioningSpec("lora")
     assert ConditioningSpec.from_record({}) == ConditioningSpec()
     assert ConditioningSpec.from_record(ConditioningSpec("text").record()).templates == DEFAULT_TEMPLATES
+
+
+def test_text_on_a_pretrained_preset_needs_no_enc_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
+    pretrained = dataclasses.replace(get_preset("tiny"), pretrained=True)
+    spec = get_spec("digits")
+    text = ConditioningSpec("text")
+    assert not ck.needs_enc_checkpoint(pretrained, text)
+    assert ck.needs_enc_checkpoint(pretrained, ConditioningSpec("textual_inversion"))
+    assert ck.needs_enc_checkpoint(get_preset("tiny"), text)  # from scratch: the enc stage trains the UNet
+    settings, used = ck.resolve_generation_checkpoints(pretrained, spec, "0", 50, 0, text)
+    assert used == {"enc": None, "dif": None} and settings["conditioning"] == "text"
+    assert not any(tmp_path.iterdir())

@@ -301,24 +301,36 @@ class WeightsOrigin:
     unet: str
 
 
+def needs_enc_checkpoint(preset, conditioning):
+    """Whether generation needs an enc-stage checkpoint: not for the text method on a pretrained
+    preset, whose enc stage trains nothing (the model is keras-cv's text encoder and UNet)."""
+    return conditioning is None or conditioning.trains() or not get_preset(preset).pretrained
+
+
 def resolve_generation_checkpoints(preset, spec, exp, enc_epoch, dif_epoch, conditioning=None):
     """Checks the enc (and dif) checkpoints exist and fit (and were made with `conditioning`, a
-    ConditioningSpec, when given); returns their settings and paths."""
+    ConditioningSpec, when given); returns their settings and paths ("enc": None where the method
+    needs no enc checkpoint, `needs_enc_checkpoint`)."""
     preset = get_preset(preset)
-    enc_dir = diffusion_checkpoint_dir(exp, spec.name, "enc")
-    enc_path = require_checkpoint(enc_dir, enc_epoch, "class-encoder")
-    enc_settings = read_settings(enc_dir)
-    identity = model_identity(preset, spec, enc_settings.get("random_init"), enc_settings.get("init_seed", 0),
-                              schedule_settings(enc_settings),
-                              conditioning or ConditioningSpec.from_record(enc_settings))
-    check_settings(enc_dir, identity, IDENTITY_KEYS)
-    used = {"enc": str(enc_path), "dif": None}
+    if not needs_enc_checkpoint(preset, conditioning):
+        # The pretrained model as published: its identity stands in for an enc stage's settings.json.
+        enc_settings = identity = model_identity(preset, spec, False, 0, None, conditioning)
+        used = {"enc": None, "dif": None}
+    else:
+        enc_dir = diffusion_checkpoint_dir(exp, spec.name, "enc")
+        enc_path = require_checkpoint(enc_dir, enc_epoch, "class-encoder")
+        enc_settings = read_settings(enc_dir)
+        identity = model_identity(preset, spec, enc_settings.get("random_init"), enc_settings.get("init_seed", 0),
+                                  schedule_settings(enc_settings),
+                                  conditioning or ConditioningSpec.from_record(enc_settings))
+        check_settings(enc_dir, identity, IDENTITY_KEYS)
+        used = {"enc": str(enc_path), "dif": None}
     if dif_epoch:
         dif_dir = diffusion_checkpoint_dir(exp, spec.name, "dif")
         dif_path = require_checkpoint(dif_dir, dif_epoch, "fine-tuned UNet")
         check_settings(dif_dir, identity, IDENTITY_KEYS)
         trained_with = read_settings(dif_dir).get("enc_epoch")
-        if trained_with != enc_epoch:
+        if used["enc"] and trained_with != enc_epoch:
             raise CheckpointError(f"the UNet in {dif_dir} was fine-tuned with the class encoder of epoch "
                                   f"{trained_with}, not --enc_epoch {enc_epoch}")
         used["dif"] = str(dif_path)
@@ -344,7 +356,8 @@ def load_generation_model(preset, spec, exp, enc_epoch, dif_epoch=0, conditionin
 
 
 def _load_generation_parts(backbone, used):
-    load_parts(used["enc"], enc_parts(backbone))
+    if used["enc"]:
+        load_parts(used["enc"], enc_parts(backbone))
     if used["dif"]:
         load_parts(used["dif"], {"unet": backbone.unet})
 
@@ -382,6 +395,7 @@ def load_for_generation(exp, dataset, preset, stage, epoch, enc_epoch=None, mode
 
     spec = get_spec(dataset)
     if stage == "enc":
+        # epoch 0: no enc checkpoint (the text method on a pretrained preset)
         enc, dif = int(epoch), 0
     elif stage == "dif":
         enc = recorded_enc_epoch(exp, spec.name) if enc_epoch is None else int(enc_epoch)
