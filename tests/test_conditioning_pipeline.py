@@ -4,7 +4,6 @@ Needs CLIP's vocabulary file (an installed open-clip-torch has it: requirements-
 """
 
 import json
-import os
 import subprocess
 import sys
 
@@ -25,5 +24,8 @@ def test_reproduce_runs_a_text_method_to_a_report(tmp_path, method):
     assert settings["prompt_templates"][0] == "a photo of a {label}."
     manifest = json.loads((tmp_path / "Data/Synthetic/Exp_0/digits/manifest.json").read_text())
     assert manifest["settings"]["conditioning"] == method
-    assert (tmp_path / "Experiments/Exp_0/digits/REPORT.md").exists()
+    cas = json.loads((tmp_path / "CAS Results/test_accuracies_exp0.json").read_text())["digits"]
+    assert cas["x1"]["conditioning"] == method
+    report = (tmp_path / "Experiments/Exp_0/digits/REPORT.md").read_text()
+    assert f"| conditioning | {method} |" in report
     assert f"--conditioning {method}" in done.stdout
