@@ -100,18 +100,16 @@ class ConditioningSpec:
 
 def read_templates(path):
     """One template per line (blank lines and lines starting with # skipped), each with {label} once."""
-    from Models.errors import ModelSettingsError as Error
-
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise Error(f"cannot read prompt templates {path}: {e}") from None
+        raise ModelSettingsError(f"cannot read prompt templates {path}: {e}") from None
     templates = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
     if not templates:
-        raise Error(f"{path} holds no prompt templates (one per line, each with {{label}})")
+        raise ModelSettingsError(f"{path} holds no prompt templates (one per line, each with {{label}})")
     for template in templates:
         if template.count("{label}") != 1:
-            raise Error(f"prompt template {template!r} in {path} must hold {{label}} exactly once")
+            raise ModelSettingsError(f"prompt template {template!r} in {path} must hold {{label}} exactly once")
     return templates
 
 

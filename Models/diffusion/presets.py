@@ -65,8 +65,10 @@ TEXT_ENCODERS = {
     # uses the tanh-approximated GELU).
     "open_clip_vit_h14": TextEncoderPreset("open_clip_vit_h14", width=1024, layers=23, heads=16,
                                            activation="gelu_approximate", weights="text_encoder_sd2"),
-    # The test model's: the same blocks, random weights, as wide as tiny's context.
-    "tiny_clip": TextEncoderPreset("tiny_clip", width=64, layers=2, heads=4, activation="quick_gelu"),
+    # The test model's: the same blocks, random weights, as wide as tiny's context; prompts of up to
+    # 16 tokens (the templates' are shorter), which keeps the UNet's cross-attention CPU-sized.
+    "tiny_clip": TextEncoderPreset("tiny_clip", width=64, layers=2, heads=4, activation="quick_gelu",
+                                   max_length=16),
 }
 
 
