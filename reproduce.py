@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting,  # noqa: E402
                                       experiment_setting, image_size_setting, preset_setting, sampler_setting,
+                                      conditioning_setting, prompt_template_setting, ti_tokens_setting,
                                       train_subset_seed_setting, train_subset_setting)
 from Models.diffusion.schedulers import SAMPLERS  # noqa: E402
 from Pipeline.stages import BUDGETS, DEFAULT_PRESET  # noqa: E402
@@ -53,6 +54,9 @@ class ReproduceSettings(RuntimeSettings):
     quality: bool = setting(False, help="also compute the quality metrics of the generated set "
                                         "(evaluate_dataset.py, ResNet20 features) for the report")
     sampler: str = sampler_setting()
+    conditioning: str = conditioning_setting()
+    prompt_template: str = prompt_template_setting()
+    ti_tokens: int = ti_tokens_setting()
     search_samplers: tuple = setting(None, choices=tuple(SAMPLERS), nargs="+", metavar="SAMPLER",
                                      help="the studies also search the sampler among these (hyp_opt.py's flag; "
                                           "default: not searched); generation uses study #2's winner's")
@@ -90,7 +94,8 @@ def main(argv=None):
                         command=command, quality=settings.quality, image_size=settings.image_size,
                         accept_unverified_data=settings.accept_unverified_data, sampler=settings.sampler,
                         search_samplers=settings.search_samplers, train_subset=settings.train_subset,
-                        train_subset_seed=settings.train_subset_seed)
+                        train_subset_seed=settings.train_subset_seed, conditioning=settings.conditioning,
+                        prompt_template=settings.prompt_template, ti_tokens=settings.ti_tokens)
     # The first stage would find missing real data only after the pipeline started its stage log.
     pipeline.real_splits()
     pipeline.run(stop_after=settings.stop_after)

@@ -68,7 +68,7 @@ def cas_record(evaluation, run):
               "classifier": cfg.get("classifier"), "initial_filters": cfg.get("initial_filters"),
               "batch_size": cfg.get("batch_size"), "max_epochs": cfg.get("epochs"),
               "source": run.get("source"), "take": run.get("take")}
-    for key in ("data_verification", "train_subset"):
+    for key in ("data_verification", "train_subset", "conditioning"):
         if key in run:
             record[key] = run[key]
     if "resize_method" in run:

@@ -29,9 +29,10 @@ from pathlib import Path
 from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, STAGES, TIMESTEP_SPACINGS
 from Utils.cli import (UserError, decay_rate, non_negative_float, non_negative_int, positive_float, positive_int,
                        probability)
-from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting,
-                                      dataset_spec, experiment_setting, image_size_setting, load_real,
-                                      preset_setting, train_subset_seed_setting, train_subset_setting)
+from Pipeline.common_settings import (accept_unverified_setting, conditioning_setting, conditioning_spec,
+                                      data_dir_setting, dataset_setting, dataset_spec, experiment_setting,
+                                      image_size_setting, load_real, preset_setting, prompt_template_setting,
+                                      ti_tokens_setting, train_subset_seed_setting, train_subset_setting)
 from Utils.runtime import RuntimeSettings
 from Utils.settings import ADDED, PAPER, setting
 
@@ -60,6 +61,9 @@ class AdaptSettings(RuntimeSettings):
     accept_unverified_data: bool = accept_unverified_setting()
     train_subset: int = train_subset_setting()
     train_subset_seed: int = train_subset_seed_setting()
+    conditioning: str = conditioning_setting()
+    prompt_template: str = prompt_template_setting()
+    ti_tokens: int = ti_tokens_setting()
     epochs: int = setting(None, type=positive_int, group=ADDED, help="epochs (default: the preset's for the stage)")
     batch_size: int = setting(None, type=positive_int, group=ADDED, help="batch size (default: the preset's)")
     lr: float = setting(None, type=positive_float, group=ADDED, help="peak learning rate (default: the preset's)")
@@ -108,6 +112,12 @@ class AdaptPlan:
     enc_path: object      # dif: the class-encoder checkpoint fine-tuned with
     random_init: bool
     recipe: dict
+    conditioning: object  # the ConditioningSpec
+
+    @property
+    def nothing_to_train(self):
+        """The text method on a pretrained preset: its enc stage has no weights to train."""
+        return self.stage == "enc" and not self.conditioning.trains() and self.preset.pretrained
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,7 @@ def plan(settings):
 
     s = settings
     spec, preset = dataset_spec(s), get_preset(s.preset)
+    conditioning = conditioning_spec(s)
     stage = s.train_model
     epochs = s.epochs or getattr(preset, f"{stage}_epochs")
     batch_size = s.batch_size or getattr(preset, f"{stage}_batch_size")
@@ -138,7 +149,9 @@ def plan(settings):
     folder = diffusion_checkpoint_dir(s.exp, spec.name, stage)
     asked_recipe = {key: getattr(s, key) for key in preset.recipe() if getattr(s, key) is not None}
     enc_path, enc_epoch = None, None
-    if stage == "dif":
+    if stage == "dif" and not ck.needs_enc_checkpoint(preset, conditioning):
+        enc_epoch = 0  # the text method on a pretrained preset: nothing was trained before
+    elif stage == "dif":
         # The UNet keeps the schedule and prediction type it was trained with in the enc stage.
         enc_epoch = preset.enc_epochs if s.enc_epoch is None else s.enc_epoch
         enc_dir = diffusion_checkpoint_dir(s.exp, spec.name, "enc")
@@ -160,13 +173,14 @@ def plan(settings):
         schedule_for(recipe)
     except ValueError as e:
         raise UserError(str(e)) from None
-    identity = ck.model_identity(preset, spec, random_init, s.seed, recipe)
+    identity = ck.model_identity(preset, spec, random_init, s.seed, recipe, conditioning)
     record = {**identity, "stage": stage, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "cond_dropout": recipe["cond_dropout"], "ema_decay": recipe["ema_decay"],
               "snr_gamma": recipe["snr_gamma"], "seed": s.seed, "mixed_precision": s.mixed_precision,
               "train_subset": train_subset_record(s.train_subset, s.train_subset_seed)}
     if stage == "dif":
-        ck.check_settings(enc_dir, identity, ck.IDENTITY_KEYS)
+        if enc_path is not None:
+            ck.check_settings(enc_dir, identity, ck.IDENTITY_KEYS)
         record["enc_epoch"] = enc_epoch
     # Reusing the folder: every setting that shaped the checkpoints must match (not freq).
     ck.check_settings(folder, record, [k for k in record if k != "mixed_precision"])
@@ -180,12 +194,14 @@ def plan(settings):
                         f"{folder}, epoch {start}; give --{stage}_epoch {start} or leave it out")
     return AdaptPlan(spec=spec, preset=preset, stage=stage, epochs=epochs, batch_size=batch_size, lr=lr,
                      folder=folder, record=record, start=start, enc_path=enc_path, random_init=random_init,
-                     recipe=recipe)
+                     recipe=recipe, conditioning=conditioning)
 
 
 def is_done(settings):
     """A reason when the checkpoint of the last epoch exists with these settings, else None."""
     p = plan(settings)
+    if p.nothing_to_train:
+        return f"--conditioning {p.conditioning.method} has nothing to train in the enc stage of {p.preset.name}"
     return f"checkpoint of epoch {p.epochs} exists" if p.start >= p.epochs else None
 
 
@@ -193,6 +209,10 @@ def run(settings, log=print):
     """Trains (or continues training) the stage's part; returns where the checkpoints are."""
     p = plan(settings)
     s = settings
+    if p.nothing_to_train:
+        log(f"--conditioning {p.conditioning.method} trains nothing in the enc stage of {p.preset.name} "
+            f"(pretrained text encoder and UNet); nothing written")
+        return AdaptResult(p.folder, 0, trained=False)
     if p.start >= p.epochs:
         log(f"{p.stage} training of {p.spec.name} is already complete: {p.epochs} epochs in {p.folder}")
         return AdaptResult(p.folder, p.epochs, trained=False)
@@ -211,8 +231,8 @@ def run(settings, log=print):
 
     with distribution_scope(s.multi_gpu):
         model = ck.build_model(p.preset, p.spec, stage=p.stage, random_init=p.random_init,
-                               init_seed=s.seed, seed=s.seed, recipe=p.recipe)
-        if p.stage == "dif":
+                               init_seed=s.seed, seed=s.seed, recipe=p.recipe, conditioning=p.conditioning)
+        if p.stage == "dif" and p.enc_path is not None:
             # The chosen class encoder (from-scratch presets: and the UNet it trained).
             ck.load_parts(p.enc_path, ck.enc_parts(model))
         batches = TrainBatches(splits.x_train, splits.y_train, p.batch_size, model.image_size,

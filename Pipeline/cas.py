@@ -205,8 +205,15 @@ def run(settings, log=print):
                             f"{run_info['num_classes']} classes, not {spec.name}'s")
     else:
         if folder is not None:
+            from Data.synthetic_writer import read_manifest
+
             metadata = {"source": str(folder), "resize_method": RESIZE_METHOD,
                         "synthetic_report": short_report(report)}
+            # Which conditioning method made the images (our generated sets record it; files from
+            # before the methods existed: the class encoder).
+            manifest = read_manifest(Path(folder))
+            if manifest:
+                metadata["conditioning"] = (manifest.get("settings") or {}).get("conditioning", "class_encoder")
         else:
             x_train, y_train = splits.x_train, splits.y_train
             metadata = {"source": f"real {spec.name} train split"}

@@ -15,7 +15,7 @@ v1 as `--preset sd1`); `reproduce.py` gives its own (the embedded digits and
 the from-scratch preset).
 """
 
-from Utils.cli import experiment_id, folder, non_negative_int, positive_int
+from Utils.cli import existing_file, experiment_id, folder, non_negative_int, positive_int
 from Utils.settings import ADDED, PAPER, setting
 
 PRESET_HELP = ("diffusion preset: sd1 (the paper: Stable Diffusion v1, GPU), sd2, small (trained from "
@@ -81,6 +81,36 @@ def preset_setting(default="sd1"):
 
 def data_dir_setting(help="folder with the real dataset files (default $SDDG_DATA_DIR or the data cache)"):
     return setting(None, type=folder, group=ADDED, help=help)
+
+
+def conditioning_setting():
+    from Models.diffusion.conditioning import CONDITIONINGS, DEFAULT_CONDITIONING
+
+    return setting(DEFAULT_CONDITIONING, choices=CONDITIONINGS, group=ADDED,
+                   help=f"how a label becomes the UNet's context (default {DEFAULT_CONDITIONING}, the paper's): "
+                        "class_encoder, text (prompts from --prompt_template over the label names, CLIP text "
+                        "encoder), textual_inversion (a learned token per class); Models/diffusion/conditioning.py")
+
+
+def prompt_template_setting():
+    return setting(None, type=existing_file, group=ADDED, metavar="FILE",
+                   help="text methods: prompt templates, one per line, each with {label} (default: "
+                        "'a photo of a {label}.' and 7 more); each image draws one by (seed, class, index)")
+
+
+def ti_tokens_setting():
+    return setting(1, type=positive_int, group=ADDED,
+                   help="textual_inversion: new tokens per class")
+
+
+def conditioning_spec(settings):
+    """The ConditioningSpec of the settings' --conditioning, --prompt_template and --ti_tokens."""
+    from Models.diffusion.conditioning import DEFAULT_TEMPLATES, ConditioningSpec, read_templates
+
+    path = getattr(settings, "prompt_template", None)
+    templates = read_templates(path) if path else DEFAULT_TEMPLATES
+    return ConditioningSpec(getattr(settings, "conditioning", "class_encoder"), templates,
+                            getattr(settings, "ti_tokens", 1))
 
 
 def sampler_setting():

@@ -31,9 +31,10 @@ from pathlib import Path
 from Data.balance import per_class_counts
 from Data.shards import parse_shard, shard_from_environment
 from Utils.cli import UserError, existing_folder, folder, non_negative_float, non_negative_int, positive_int
-from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting,
-                                      dataset_spec, experiment_setting, image_size_setting, load_real,
-                                      preset_setting, sampler_setting, train_subset_seed_setting,
+from Pipeline.common_settings import (accept_unverified_setting, conditioning_setting, conditioning_spec,
+                                      data_dir_setting, dataset_setting, dataset_spec, experiment_setting,
+                                      image_size_setting, load_real, preset_setting, prompt_template_setting,
+                                      sampler_setting, ti_tokens_setting, train_subset_seed_setting,
                                       train_subset_setting)
 from Models.diffusion.presets import GENERATION_BATCH_SIZE
 from Models.diffusion.schedulers import DDIM
@@ -44,9 +45,9 @@ SCRIPT = "generate_dataset.py"
 # Images per sampler call (the paper's); it does not change the images.
 # The manifest's settings that come straight from the flags (the others follow from the checkpoints).
 _FLAG_KEYS = ("dataset", "preset", "img_total", "exp", "enc_epoch", "dif_epoch", "inf_steps", "ugs", "eta",
-              "seed", "mixed_precision", "sampler")
+              "seed", "mixed_precision", "sampler", "conditioning")
 # What a manifest without the key was made with (written before the key existed).
-_MANIFEST_DEFAULTS = {"sampler": DDIM.name}
+_MANIFEST_DEFAULTS = {"sampler": DDIM.name, "conditioning": "class_encoder"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +77,9 @@ class GenerateSettings(RuntimeSettings):
     seed: int = setting(0, type=non_negative_int, help="seed of the images' noise")
     eta: float = setting(0.0, type=non_negative_float, help="DDIM eta (0: deterministic)")
     sampler: str = sampler_setting()
+    conditioning: str = conditioning_setting()
+    prompt_template: str = prompt_template_setting()
+    ti_tokens: int = ti_tokens_setting()
     only_class: int = setting(None, type=non_negative_int,
                               help="generate only this class's images of the data set (default: every class)")
     shard: str = setting(None, help="K/N: write only images n with n %% N == K (default: the array job's task, "
@@ -219,11 +223,14 @@ def _plan(settings):
         raise UserError(f"--only_class must be in [0, {spec.num_classes - 1}] for {spec.name}, got {r.only_class}")
     if r.img_total < spec.num_classes:
         raise UserError(f"--img_total {r.img_total} is fewer than {spec.name}'s {spec.num_classes} classes")
-    _check_default_epoch(settings.enc_epoch, r.enc_epoch, r.exp, spec.name, "enc", "--enc_epoch",
-                         "class-encoder", preset.name)
+    conditioning = conditioning_spec(r)
+    if ck.needs_enc_checkpoint(preset, conditioning):
+        _check_default_epoch(settings.enc_epoch, r.enc_epoch, r.exp, spec.name, "enc", "--enc_epoch",
+                             "class-encoder", preset.name)
     _check_default_epoch(settings.dif_epoch, r.dif_epoch, r.exp, spec.name, "dif", "--dif_epoch",
                          "fine-tuned UNet", preset.name)
-    enc_settings, used = ck.resolve_generation_checkpoints(preset, spec, r.exp, r.enc_epoch, r.dif_epoch)
+    enc_settings, used = ck.resolve_generation_checkpoints(preset, spec, r.exp, r.enc_epoch, r.dif_epoch,
+                                                           conditioning)
     generation_size = ck.image_size_for(preset, spec)
     manifest_settings = {
         "dataset": spec.name, "preset": preset.name, "img_total": r.img_total, "exp": r.exp,
@@ -231,6 +238,7 @@ def _plan(settings):
         "eta": float(r.eta), "sampler": r.sampler, "seed": r.seed, "native_size": spec.image_size,
         "generation_size": generation_size, "random_init": enc_settings["random_init"],
         "init_seed": enc_settings.get("init_seed", 0), "mixed_precision": r.mixed_precision,
+        **conditioning.record(),
     }
     stored = (read_manifest(r.output_folder()) or {}).get("settings") or {}
     for key, default in _MANIFEST_DEFAULTS.items():
@@ -282,7 +290,7 @@ def run(settings, log=print):
 
         jit = configure_runtime(seed=r.seed, mixed_precision=r.mixed_precision, xla=r.xla)
         model = _cached_model(r, preset, spec, used, enc_settings, lambda: ck.load_generation_model(
-            preset, spec, r.exp, r.enc_epoch, r.dif_epoch)[0])
+            preset, spec, r.exp, r.enc_epoch, r.dif_epoch, conditioning_spec(r))[0])
         writer.begin(used)
         labels = np.array([c for c, _ in todo], np.int64)
         indices = np.array([n for _, n in todo], np.int64)
@@ -316,7 +324,8 @@ def _cached_model(r, preset, spec, used, enc_settings, load):
 
     files = [p for p in used.values() if p]
     key = (preset.name, spec.name, r.mixed_precision, r.multi_gpu, enc_settings["random_init"],
-           enc_settings.get("init_seed", 0), tuple((p, os.stat(p).st_mtime_ns) for p in files))
+           enc_settings.get("init_seed", 0), tuple((p, os.stat(p).st_mtime_ns) for p in files),
+           repr(conditioning_spec(r)))
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
         with distribution_scope(r.multi_gpu):

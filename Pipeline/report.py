@@ -246,13 +246,43 @@ def tuning_section(exp, dataset, storage_url, figures_dir):
     return lines
 
 
+def methods_section(dataset):
+    """The CAS of every conditioning method recorded for `dataset`, one row per experiment
+    (each method runs in its own --exp: its checkpoints and data sets are its own)."""
+    import json
+
+    from Utils.paths import results_dir
+
+    rows = []
+    for path in sorted(results_dir().glob("test_accuracies_exp*.json")):
+        try:
+            entry = json.loads(path.read_text()).get(dataset) or {}
+        except (OSError, ValueError):
+            continue
+        exp = path.stem[len("test_accuracies_exp"):]
+        multiples = sorted(_multiple_keys(entry), key=lambda k: int(k[1:]))
+        methods = {entry[k].get("conditioning") for k in multiples if isinstance(entry.get(k), dict)} - {None}
+        if not multiples or not methods:
+            continue
+        cells = " ".join(f"{k} {_pct(entry[k].get('top1'))}" for k in multiples)
+        rows.append(f"| {', '.join(sorted(methods))} | {exp} | {_pct((entry.get('real') or {}).get('top1'))} "
+                    f"| {cells} |")
+    if len({row.split('|')[1] for row in rows}) < 2:
+        return []  # one method: the CAS table above says it all
+    return ["## Conditioning methods compared", "",
+            f"CAS top-1 on the real {dataset} test split, per conditioning method (`--conditioning`) and experiment.",
+            "", "| conditioning | exp | real | synthetic |", "| --- | --- | --- | --- |", *rows, ""]
+
+
 def generation_section(manifest):
     lines = ["## The generated dataset", ""]
     if not manifest:
         return lines + ["Not generated yet.", ""]
     settings = {**manifest.get("settings", {}), "resize_method": manifest.get("resize_method"),
                 "complete": manifest.get("complete")}
-    shown = {k: settings[k] for k in ("img_total", "enc_epoch", "dif_epoch", "inf_steps", "ugs", "sampler", "eta",
+    settings.setdefault("conditioning", "class_encoder")
+    shown = {k: settings[k] for k in ("conditioning", "img_total", "enc_epoch", "dif_epoch", "inf_steps", "ugs",
+                                      "sampler", "eta",
                                       "seed", "preset", "generation_size", "native_size", "resize_method",
                                       "complete")
              if settings.get(k) is not None}
@@ -407,6 +437,7 @@ def write_report(exp, dataset, preset, budget, stage_log, command, storage_url=N
                   "paper (see Pipeline/stages.py, BUDGETS); `--budget paper` runs the paper's sizes.", ""]
     lines += data_section(splits)
     lines += cas_section(exp, dataset, splits, figures_dir)
+    lines += methods_section(dataset)
     lines += pipeline_section(exp, dataset)
     lines += tuning_section(exp, dataset, storage_url, figures_dir)
     lines += generation_section(manifest)

@@ -159,7 +159,8 @@ class Pipeline:
     def __init__(self, dataset, preset, budget, exp="0", seed=0, data_dir=None, storage=None,
                  runtime=RuntimeSettings(), command="python reproduce.py", log=print, quality=False,
                  image_size=None, accept_unverified_data=False, sampler=DEFAULT_SAMPLER, search_samplers=None,
-                 train_subset=None, train_subset_seed=0):
+                 train_subset=None, train_subset_seed=0, conditioning="class_encoder", prompt_template=None,
+                 ti_tokens=1):
         from Data.registry import get_spec
         from Models.diffusion.presets import get_preset
 
@@ -173,6 +174,10 @@ class Pipeline:
         self.runtime = runtime
         self.quality = bool(quality)
         self.sampler = sampler
+        # The conditioning method's flags, passed to every stage that has them (non-default only).
+        self.conditioning = {key: value for key, value in (("conditioning", conditioning),
+                             ("prompt_template", prompt_template), ("ti_tokens", ti_tokens))
+                             if value not in (None, "class_encoder", 1)}
         self.search_samplers = tuple(search_samplers) if search_samplers else None
         self.command = command
         self.log = log
@@ -195,6 +200,7 @@ class Pipeline:
         if self.train_subset:
             # Also where no real data is read: x1 (generation, --take) means the subset's size.
             common.update(train_subset=self.train_subset, train_subset_seed=self.train_subset_seed)
+        common.update(self.conditioning)
         fields = {f.name for f in dataclasses.fields(settings_class)}
         return {key: value for key, value in common.items() if key in fields}
 

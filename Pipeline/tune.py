@@ -35,9 +35,10 @@ from Pipeline.tuning.results import STAGE_KEYS, cell_key, cell_matches, read_cel
 from Pipeline.tuning.space import CHECKPOINT_PARAM, SAMPLER_PARAM, STAGES, STEPS_PARAM, UGS_PARAM
 from Pipeline.tuning.storage import default_storage_path, default_storage_url, open_storage
 from Utils.cli import UserError, non_negative_float, non_negative_int, positive_int
-from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting,
-                                      dataset_spec, experiment_setting, image_size_setting, load_real,
-                                      preset_setting, sampler_setting, train_subset_seed_setting,
+from Pipeline.common_settings import (accept_unverified_setting, conditioning_setting, conditioning_spec,
+                                      data_dir_setting, dataset_setting, dataset_spec, experiment_setting,
+                                      image_size_setting, load_real, preset_setting, prompt_template_setting,
+                                      sampler_setting, ti_tokens_setting, train_subset_seed_setting,
                                       train_subset_setting)
 from Models.diffusion.schedulers import DEFAULT_SAMPLER, SAMPLERS
 from Utils.runtime import RuntimeSettings
@@ -112,6 +113,9 @@ class TuneSettings(RuntimeSettings):
                                           "than one standard error of the validation accuracy; for short studies "
                                           "(reproduce.py's quick budget), off in the paper")
     sampler: str = sampler_setting()
+    conditioning: str = conditioning_setting()
+    prompt_template: str = prompt_template_setting()
+    ti_tokens: int = ti_tokens_setting()
     search_samplers: tuple = setting(None, choices=tuple(SAMPLERS), nargs="+", metavar="SAMPLER", group=ADDED,
                                      help="also search the sampler among these, a categorical beside steps and "
                                           "UGS (default: not searched, every trial uses --sampler; the paper's "
@@ -280,6 +284,8 @@ def plan(settings, log=print):
     from Utils.paths import diffusion_checkpoint_dir
 
     epochs = checkpoints.available_epochs(s.exp, spec.name, s.train_model)
+    if s.train_model == "enc" and not checkpoints.needs_enc_checkpoint(preset, conditioning_spec(s)):
+        epochs = [0]  # the text method on a pretrained preset: no enc checkpoint, the published model
     if not epochs:
         raise UserError(f"no {s.train_model} checkpoints in "
                         f"{diffusion_checkpoint_dir(s.exp, spec.name, s.train_model)}: run SD_adapting.py "
@@ -329,7 +335,8 @@ def run(settings, log=print):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec, stage = p.spec, s.train_model
     source = DiffusionImageSource(s.exp, spec.name, p.preset, stage, enc_epoch=s.enc_epoch,
-                                  batch_size=s.generation_batch_size, jit_compile=s.xla, sampler=s.sampler)
+                                  batch_size=s.generation_batch_size, jit_compile=s.xla, sampler=s.sampler,
+                                  conditioning=conditioning_spec(s))
     splits = load_real(s)
     config = ClassifierConfig(epochs=int(s.classifier_epochs), batch_size=int(s.batch_size))
     if not s.optimize:

@@ -140,6 +140,9 @@ GENERATE = ["--dataset", "digits", "--preset", "tiny", "--enc_epoch", "1", "--im
     (["--ugs", "nan"], "argument --ugs: expected a finite number, got 'nan'"),
     (["--ugs", "inf"], "argument --ugs: expected a finite number, got 'inf'"),
     (["--out_dir", "{file}"], "argument --out_dir: expected a folder, but"),
+    (["--conditioning", "lora"], "argument --conditioning: invalid choice: 'lora'"),
+    (["--conditioning", "text", "--prompt_template", "{file}_missing"], "argument --prompt_template:"),
+    (["--conditioning", "text", "--prompt_template", "{file}"], "must hold {label} exactly once"),
 ])
 def test_generate_dataset_probes(tmp_path, args, message):
     root = tmp_path / "root"

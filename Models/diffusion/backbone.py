@@ -1,6 +1,7 @@
 """The networks of class-conditional Stable Diffusion, and how each is called.
 
-`ClassConditionalBackbone` holds the class encoder (one-hot label -> context), the
+`ClassConditionalBackbone` holds the conditioning (label -> context: the paper's class encoder,
+or a text method, Models/diffusion/conditioning.py), the
 UNet (noisy x_t + timestep + context -> its prediction) and, for latent presets, the
 frozen autoencoder (images <-> latents x 0.18215). It knows nothing about noise
 schedules, sampling or training: `ClassConditionalGenerator` (generator.py) samples
@@ -15,10 +16,10 @@ Example:
 """
 
 import keras
-import numpy as np
 from keras import ops
 
 from Models.diffusion.class_encoder import ClassEncoder
+from Models.diffusion.conditioning import ClassEncoderConditioning
 from Models.diffusion.presets import get_preset
 from Models.diffusion.unet import build_unet, timestep_embedding
 
@@ -36,6 +37,8 @@ class ClassConditionalBackbone(keras.layers.Layer):
         image_channels: the dataset's channels (1 or 3); pixel presets model them.
         unet, class_encoder, image_encoder, image_decoder: prebuilt parts (default: built here;
             the autoencoder of latent presets is built on first use).
+        conditioning: a prebuilt conditioning layer (`Models.diffusion.conditioning`; default: the
+            class encoder, `class_encoder` or a new one).
 
     Example:
         >>> backbone = ClassConditionalBackbone("sd1", num_classes=5, image_size=128)
@@ -44,22 +47,25 @@ class ClassConditionalBackbone(keras.layers.Layer):
     """
 
     def __init__(self, preset, num_classes, image_size, image_channels=3, unet=None, class_encoder=None,
-                 image_encoder=None, image_decoder=None, **kwargs):
+                 image_encoder=None, image_decoder=None, conditioning=None, **kwargs):
         kwargs.setdefault("name", "class_conditional_backbone")
         super().__init__(**kwargs)
         self.preset = get_preset(preset)
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
         self.image_channels = int(image_channels)
-        # Tracked in this order (UNet, class encoder, autoencoder): the order of the trained
+        # Tracked in this order (UNet, conditioning, autoencoder): the order of the trained
         # variables, which optimizer checkpoints rely on.
-        self.unet = unet or build_unet(self.preset, self.image_size, self.preset.context_length,
-                                       image_channels=self.image_channels)
-        self.class_encoder = class_encoder or ClassEncoder(
-            self.num_classes, self.preset.context_length, self.preset.context_dim,
-            hidden=self.preset.class_encoder_hidden, name="class_encoder")
-        if not self.class_encoder.built:
-            self.class_encoder.build((None, self.num_classes))
+        length = conditioning.context_length if conditioning is not None else self.preset.context_length
+        self.unet = unet or build_unet(self.preset, self.image_size, length, image_channels=self.image_channels)
+        if conditioning is None:
+            class_encoder = class_encoder or ClassEncoder(
+                self.num_classes, self.preset.context_length, self.preset.context_dim,
+                hidden=self.preset.class_encoder_hidden, name="class_encoder")
+            if not class_encoder.built:
+                class_encoder.build((None, self.num_classes))
+            conditioning = ClassEncoderConditioning(class_encoder)
+        self.conditioning = conditioning
         self._image_encoder = image_encoder
         self._image_decoder = image_decoder
         self.freeze_autoencoder()
@@ -125,15 +131,22 @@ class ClassConditionalBackbone(keras.layers.Layer):
             return self.image_decoder.predict_on_batch(x0)
         return x0
 
-    # ----- the class encoder and the UNet ---------------------------------------------------
+    # ----- the conditioning and the UNet ----------------------------------------------------
+    @property
+    def class_encoder(self):
+        """The class encoder of the `class_encoder` method (None for the text methods)."""
+        return getattr(self.conditioning, "class_encoder", None)
+
     def encode_labels(self, one_hot, training=False):
-        """One-hot labels (B, num_classes) -> contexts (B, L, D); the all-zero row is the unconditional one."""
+        """One-hot labels (B, num_classes) -> contexts (B, L, D) of the class encoder; the all-zero row
+        is the unconditional one."""
         return self.class_encoder(one_hot, training=training)
 
-    def contexts(self, labels):
-        """Conditional contexts (B, L, D) for integer labels, and the unconditional one (1, L, D)."""
-        one_hot = ops.one_hot(ops.convert_to_tensor(np.asarray(labels), "int32"), self.num_classes)
-        return self.class_encoder(one_hot), self.class_encoder(ops.zeros((1, self.num_classes)))
+    def contexts(self, labels, indices=None, seed=0):
+        """Conditional contexts (B, L, D) for integer labels, and the unconditional one (1, L, D).
+
+        `indices` (each image's index within its class) and `seed` choose the prompts of the text methods."""
+        return self.conditioning.contexts(labels, indices=indices, seed=seed)
 
     def predict(self, x_t, timesteps, context, training=False):
         """The UNet's output (noise or v, float32) for noisy x_t (B, s, s, C) at integer timesteps (B,)."""

@@ -36,6 +36,7 @@ import h5py
 import keras
 
 from Models.diffusion.backbone import ClassConditionalBackbone
+from Models.diffusion.conditioning import ConditioningSpec, context_length
 from Models.diffusion.generator import ClassConditionalGenerator, schedule_for
 from Models.diffusion.presets import get_preset
 from Models.diffusion.trainer import DiffusionTrainer
@@ -48,8 +49,10 @@ SETTINGS_FILE = "settings.json"
 # The noise schedule and what the UNet predicts are fixed by the stage that first trains the
 # UNet (sd: its pretraining) and read back by every later stage and by generation.
 SCHEDULE_KEYS = ("beta_schedule", "prediction_type", "rescale_betas_zero_snr", "timestep_spacing")
+# How labels become contexts (Models/diffusion/conditioning.py); files without them: the class encoder's.
+CONDITIONING_KEYS = ("conditioning", "prompt_templates", "ti_tokens")
 IDENTITY_KEYS = ("preset", "dataset", "num_classes", "image_size", "context_length", "context_dim",
-                 "unet_channels", "random_init", "init_seed", *SCHEDULE_KEYS)
+                 "unet_channels", "random_init", "init_seed", *SCHEDULE_KEYS, *CONDITIONING_KEYS)
 TRAINED_GROUP = "trained_weights"  # in the optimizer file: the weights themselves when the weights file holds averages
 _WEIGHTS_RE = re.compile(r"^epoch_(\d+)\.weights\.h5$")
 
@@ -68,15 +71,17 @@ def image_size_for(preset, spec):
     return int(preset.image_size or spec.image_size)
 
 
-def model_identity(preset, spec, random_init, init_seed, recipe=None):
-    """The identity part of settings.json (see IDENTITY_KEYS); `recipe` overrides the preset's schedule."""
+def model_identity(preset, spec, random_init, init_seed, recipe=None, conditioning=None):
+    """The identity part of settings.json (see IDENTITY_KEYS); `recipe` overrides the preset's schedule;
+    `conditioning`: a ConditioningSpec (default the class encoder)."""
     preset = get_preset(preset)
     recipe = {**preset.recipe(), **(recipe or {})}
+    conditioning = conditioning or ConditioningSpec()
     return {"preset": preset.name, "dataset": spec.name, "num_classes": spec.num_classes,
-            "image_size": image_size_for(preset, spec), "context_length": preset.context_length,
+            "image_size": image_size_for(preset, spec), "context_length": context_length(conditioning, preset),
             "context_dim": preset.context_dim, "unet_channels": preset.unet_channels(spec.channels),
             "random_init": bool(random_init or not preset.pretrained), "init_seed": int(init_seed),
-            **{key: recipe[key] for key in SCHEDULE_KEYS}}
+            **{key: recipe[key] for key in SCHEDULE_KEYS}, **conditioning.record()}
 
 
 def schedule_settings(settings):
@@ -189,8 +194,10 @@ def check_settings(folder, expected, keys=None):
     stored = read_settings(folder)
     if stored is None:
         return None
+    # Files written before the conditioning methods existed were made with the class encoder.
+    stored_conditioning = ConditioningSpec.from_record(stored).record()
     for key in keys or expected.keys():
-        if stored.get(key) != expected.get(key):
+        if stored.get(key, stored_conditioning.get(key)) != expected.get(key):
             raise CheckpointError(f"{folder} holds checkpoints made with {key}={stored.get(key)!r}, not "
                                   f"{expected.get(key)!r}; use another --exp or the same settings")
     return stored
@@ -207,25 +214,30 @@ def require_checkpoint(folder, epoch, what):
 
 
 # ----- building and loading models ---------------------------------------------------------
-def build_backbone(preset, spec, random_init=False, init_seed=0, with_autoencoder=True):
+def build_backbone(preset, spec, random_init=False, init_seed=0, with_autoencoder=True, conditioning=None):
     """A ClassConditionalBackbone for `spec`, initialised as the pipeline does.
 
     The parts are built in a fixed order right after seeding with `init_seed`,
     so random weights (pixel presets, or `random_init`) are the same in every script.
     For sd presets without `random_init`, keras-cv's published UNet and
     autoencoder weights are loaded (Models/diffusion/weights.py; offline and
-    missing: a one-line CheckpointError).
+    missing: a one-line CheckpointError). `conditioning`: a ConditioningSpec (default: the
+    class encoder); the text methods' CLIP text encoder is keras-cv's for sd presets.
     """
-    from Models.diffusion.class_encoder import ClassEncoder
+    from Models.diffusion.conditioning import build_conditioning
     from Models.diffusion.unet import build_unet
 
     preset = get_preset(preset)
+    conditioning = conditioning or ConditioningSpec()
     size = image_size_for(preset, spec)
     keras.utils.set_random_seed(int(init_seed))
-    unet = build_unet(preset, size, preset.context_length, image_channels=spec.channels)
-    encoder = ClassEncoder(spec.num_classes, preset.context_length, preset.context_dim,
-                           hidden=preset.class_encoder_hidden, name="class_encoder")
-    encoder.build((None, spec.num_classes))
+    unet = build_unet(preset, size, context_length(conditioning, preset), image_channels=spec.channels)
+    text_encoder = None
+    if conditioning.uses_text and preset.pretrained and not random_init:
+        from Models.text.text_encoder import build_text_encoder
+
+        text_encoder = build_text_encoder(preset.text, pretrained=True)
+    encoder = build_conditioning(conditioning, preset, spec.label_names, text_encoder=text_encoder)
     image_encoder = image_decoder = None
     if preset.latent and with_autoencoder:
         from Models.diffusion.autoencoder import build_image_decoder, build_image_encoder
@@ -240,12 +252,12 @@ def build_backbone(preset, spec, random_init=False, init_seed=0, with_autoencode
             load_pretrained_weights(image_encoder, "encoder")
             load_pretrained_weights(image_decoder, "decoder")
     return ClassConditionalBackbone(preset, spec.num_classes, size, image_channels=spec.channels, unet=unet,
-                                    class_encoder=encoder, image_encoder=image_encoder,
+                                    conditioning=encoder, image_encoder=image_encoder,
                                     image_decoder=image_decoder)
 
 
 def build_model(preset, spec, stage="enc", random_init=False, init_seed=0, seed=0, with_autoencoder=True,
-                recipe=None):
+                recipe=None, conditioning=None):
     """A DiffusionTrainer of `stage` over `build_backbone(preset, spec, random_init, init_seed)`.
 
     `seed` seeds the training draws (noise, timesteps, label dropout) and, afterwards, Keras'
@@ -256,19 +268,20 @@ def build_model(preset, spec, stage="enc", random_init=False, init_seed=0, seed=
     preset = get_preset(preset)
     recipe = {**preset.recipe(), **(recipe or {})}
     backbone = build_backbone(preset, spec, random_init=random_init, init_seed=init_seed,
-                              with_autoencoder=with_autoencoder)
+                              with_autoencoder=with_autoencoder, conditioning=conditioning)
     keras.utils.set_random_seed(int(seed))
     return DiffusionTrainer(backbone, stage=stage, cond_dropout=recipe["cond_dropout"],
                             snr_gamma=recipe["snr_gamma"], schedule=schedule_for(recipe), seed=seed)
 
 
 def enc_parts(model):
-    """What an "enc" checkpoint holds: the class encoder, + the UNet when it trained from scratch.
+    """What an "enc" checkpoint holds: the conditioning's trained weights (the class encoder, textual
+    inversion's embeddings, nothing for text), + the UNet when it trained from scratch.
 
     `model`: a ClassConditionalBackbone, or anything holding one as `.backbone` (trainer, generator).
     """
     backbone = getattr(model, "backbone", model)
-    parts = {"class_encoder": backbone.class_encoder}
+    parts = dict(backbone.conditioning.trained_parts())
     if not backbone.preset.pretrained:
         parts["unet"] = backbone.unet
     return parts
@@ -288,29 +301,43 @@ class WeightsOrigin:
     unet: str
 
 
-def resolve_generation_checkpoints(preset, spec, exp, enc_epoch, dif_epoch):
-    """Checks the enc (and dif) checkpoints exist and fit; returns their settings and paths."""
+def needs_enc_checkpoint(preset, conditioning):
+    """Whether generation needs an enc-stage checkpoint: not for the text method on a pretrained
+    preset, whose enc stage trains nothing (the model is keras-cv's text encoder and UNet)."""
+    return conditioning is None or conditioning.trains() or not get_preset(preset).pretrained
+
+
+def resolve_generation_checkpoints(preset, spec, exp, enc_epoch, dif_epoch, conditioning=None):
+    """Checks the enc (and dif) checkpoints exist and fit (and were made with `conditioning`, a
+    ConditioningSpec, when given); returns their settings and paths ("enc": None where the method
+    needs no enc checkpoint, `needs_enc_checkpoint`)."""
     preset = get_preset(preset)
-    enc_dir = diffusion_checkpoint_dir(exp, spec.name, "enc")
-    enc_path = require_checkpoint(enc_dir, enc_epoch, "class-encoder")
-    enc_settings = read_settings(enc_dir)
-    identity = model_identity(preset, spec, enc_settings.get("random_init"), enc_settings.get("init_seed", 0),
-                              schedule_settings(enc_settings))
-    check_settings(enc_dir, identity, IDENTITY_KEYS)
-    used = {"enc": str(enc_path), "dif": None}
+    if not needs_enc_checkpoint(preset, conditioning):
+        # The pretrained model as published: its identity stands in for an enc stage's settings.json.
+        enc_settings = identity = model_identity(preset, spec, False, 0, None, conditioning)
+        used = {"enc": None, "dif": None}
+    else:
+        enc_dir = diffusion_checkpoint_dir(exp, spec.name, "enc")
+        enc_path = require_checkpoint(enc_dir, enc_epoch, "class-encoder")
+        enc_settings = read_settings(enc_dir)
+        identity = model_identity(preset, spec, enc_settings.get("random_init"), enc_settings.get("init_seed", 0),
+                                  schedule_settings(enc_settings),
+                                  conditioning or ConditioningSpec.from_record(enc_settings))
+        check_settings(enc_dir, identity, IDENTITY_KEYS)
+        used = {"enc": str(enc_path), "dif": None}
     if dif_epoch:
         dif_dir = diffusion_checkpoint_dir(exp, spec.name, "dif")
         dif_path = require_checkpoint(dif_dir, dif_epoch, "fine-tuned UNet")
         check_settings(dif_dir, identity, IDENTITY_KEYS)
         trained_with = read_settings(dif_dir).get("enc_epoch")
-        if trained_with != enc_epoch:
+        if used["enc"] and trained_with != enc_epoch:
             raise CheckpointError(f"the UNet in {dif_dir} was fine-tuned with the class encoder of epoch "
                                   f"{trained_with}, not --enc_epoch {enc_epoch}")
         used["dif"] = str(dif_path)
     return enc_settings, used
 
 
-def load_generation_model(preset, spec, exp, enc_epoch, dif_epoch=0):
+def load_generation_model(preset, spec, exp, enc_epoch, dif_epoch=0, conditioning=None):
     """The model that generates for (enc_epoch, dif_epoch): in memory, for scripts and tuning.
 
     dif_epoch 0 = the UNet without fine-tuning (sd: keras-cv's pretrained one;
@@ -318,9 +345,10 @@ def load_generation_model(preset, spec, exp, enc_epoch, dif_epoch=0):
     (pretrained or random, and its seed) follows the enc stage's settings.json.
     Returns (ClassConditionalGenerator, {"enc": path, "dif": path or None}).
     """
-    enc_settings, used = resolve_generation_checkpoints(preset, spec, exp, enc_epoch, dif_epoch)
+    enc_settings, used = resolve_generation_checkpoints(preset, spec, exp, enc_epoch, dif_epoch, conditioning)
     backbone = build_backbone(preset, spec, random_init=enc_settings["random_init"],
-                              init_seed=enc_settings.get("init_seed", 0))
+                              init_seed=enc_settings.get("init_seed", 0),
+                              conditioning=ConditioningSpec.from_record(enc_settings))
     _load_generation_parts(backbone, used)
     generator = ClassConditionalGenerator(backbone, schedule_for(schedule_settings(enc_settings)),
                                           origin=_origin(backbone.preset, enc_settings, used))
@@ -328,14 +356,16 @@ def load_generation_model(preset, spec, exp, enc_epoch, dif_epoch=0):
 
 
 def _load_generation_parts(backbone, used):
-    load_parts(used["enc"], enc_parts(backbone))
+    if used["enc"]:
+        load_parts(used["enc"], enc_parts(backbone))
     if used["dif"]:
         load_parts(used["dif"], {"unet": backbone.unet})
 
 
 def _origin(preset, enc_settings, used):
     init = (bool(enc_settings.get("random_init")), int(enc_settings.get("init_seed", 0)),
-            tuple(schedule_settings(enc_settings).items()))
+            tuple(schedule_settings(enc_settings).items()),
+            repr(ConditioningSpec.from_record(enc_settings)))
     return WeightsOrigin(init, used["dif"] or ("init" if preset.pretrained else used["enc"]))
 
 
@@ -352,7 +382,7 @@ def recorded_enc_epoch(exp, dataset):
     return settings.get("enc_epoch")
 
 
-def load_for_generation(exp, dataset, preset, stage, epoch, enc_epoch=None, model=None):
+def load_for_generation(exp, dataset, preset, stage, epoch, enc_epoch=None, model=None, conditioning=None):
     """The model of one checkpoint of `stage`, for in-memory generation (hyp_opt.py's trials).
 
     stage "enc": class-encoder checkpoint `epoch`, UNet without fine-tuning.
@@ -365,6 +395,7 @@ def load_for_generation(exp, dataset, preset, stage, epoch, enc_epoch=None, mode
 
     spec = get_spec(dataset)
     if stage == "enc":
+        # epoch 0: no enc checkpoint (the text method on a pretrained preset)
         enc, dif = int(epoch), 0
     elif stage == "dif":
         enc = recorded_enc_epoch(exp, spec.name) if enc_epoch is None else int(enc_epoch)
@@ -373,7 +404,7 @@ def load_for_generation(exp, dataset, preset, stage, epoch, enc_epoch=None, mode
         dif = int(epoch)
     else:
         raise ModelSettingsError(f"stage must be enc or dif, got {stage!r}")
-    enc_settings, used = resolve_generation_checkpoints(preset, spec, exp, enc, dif)
+    enc_settings, used = resolve_generation_checkpoints(preset, spec, exp, enc, dif, conditioning)
     origin = _origin(get_preset(preset), enc_settings, used)
     previous = getattr(model, "origin", None)
     reusable = (isinstance(model, ClassConditionalGenerator) and previous is not None
@@ -382,7 +413,7 @@ def load_for_generation(exp, dataset, preset, stage, epoch, enc_epoch=None, mode
                 # the un-fine-tuned UNet of sd presets is not in any checkpoint file
                 and (used["dif"] or not model.preset.pretrained or previous.unet == "init"))
     if not reusable:
-        model, used = load_generation_model(preset, spec, exp, enc, dif)
+        model, used = load_generation_model(preset, spec, exp, enc, dif, conditioning)
     else:
         _load_generation_parts(model.backbone, used)
         model.origin = origin

@@ -110,9 +110,9 @@ class ClassConditionalGenerator:
             self._sampler_key = key
         return self._sampler
 
-    def contexts(self, labels):
+    def contexts(self, labels, indices=None, seed=0):
         """Conditional contexts (B, L, D) for integer labels, and the unconditional one (1, L, D)."""
-        return self.backbone.contexts(labels)
+        return self.backbone.contexts(labels, indices=indices, seed=seed)
 
     def generate(self, labels, num_steps=None, guidance_scale=None, seed=0, eta=0.0, batch_size=64,
                  indices=None, jit_compile=False, progress=False, sampler=DEFAULT_SAMPLER):
@@ -164,8 +164,9 @@ class ClassConditionalGenerator:
                 noise, generators = initial_noise(seed, labels[chunk], indices[chunk], shape)
                 pad = size - n
                 batch_labels = np.concatenate([labels[chunk], np.zeros(pad, np.int64)])
+                batch_indices = np.concatenate([indices[chunk], np.zeros(pad, np.int64)])
                 noise = np.concatenate([noise, np.zeros((pad,) + shape, np.float32)])
-                context, uncond = self.contexts(batch_labels)
+                context, uncond = self.contexts(batch_labels, batch_indices, seed)
 
                 def step_noise(_, generators=generators, pad=pad):
                     z = [g.standard_normal(shape, dtype=np.float32) for g in generators]

@@ -42,6 +42,37 @@ TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 @dataclass(frozen=True)
+class TextEncoderPreset:
+    """A CLIP text encoder (`Models/text/text_encoder.py`): keras-cv's `TextEncoder` / `TextEncoderV2`
+    layout, read by the text conditioning methods (`Models/diffusion/conditioning.py`)."""
+
+    name: str
+    width: int                   # token width (= the UNet's context_dim)
+    layers: int                  # transformer layers
+    heads: int                   # attention heads
+    activation: str              # the MLP's: "quick_gelu" (CLIP ViT-L/14) or "gelu_approximate" (keras-cv's sd2)
+    weights: object = None       # Models/diffusion/weights.py key of keras-cv's published file; None: random only
+    max_length: int = 77         # tokens per prompt (the context length the UNet attends to)
+    vocab_size: int = 49408      # CLIP's BPE vocabulary (Models/text/clip_tokenizer.py)
+    pad_with_end: bool = True    # pad prompts with <end_of_text>, as keras-cv's Stable Diffusion; else 0 (open_clip)
+
+
+TEXT_ENCODERS = {
+    # Stable Diffusion v1's: OpenAI CLIP ViT-L/14's text side (keras-cv's TextEncoder).
+    "clip_vit_l14": TextEncoderPreset("clip_vit_l14", width=768, layers=12, heads=12, activation="quick_gelu",
+                                      weights="text_encoder_sd1"),
+    # Stable Diffusion v2's: OpenCLIP ViT-H/14 without its last layer (keras-cv's TextEncoderV2, which
+    # uses the tanh-approximated GELU).
+    "open_clip_vit_h14": TextEncoderPreset("open_clip_vit_h14", width=1024, layers=23, heads=16,
+                                           activation="gelu_approximate", weights="text_encoder_sd2"),
+    # The test model's: the same blocks, random weights, as wide as tiny's context; prompts of up to
+    # 16 tokens (the templates' are shorter), which keeps the UNet's cross-attention CPU-sized.
+    "tiny_clip": TextEncoderPreset("tiny_clip", width=64, layers=2, heads=4, activation="quick_gelu",
+                                   max_length=16),
+}
+
+
+@dataclass(frozen=True)
 class DiffusionPreset:
     """Everything that differs between the UNet presets (see the module docstring)."""
 
@@ -81,6 +112,13 @@ class DiffusionPreset:
     cond_dropout: float = 0.0       # probability of training on the all-zero (unconditional) label
     ema_decay: float = 0.0          # 0: no moving average of the weights
     snr_gamma: float = 0.0          # 0: plain MSE; else min-SNR-gamma weighting
+    # The text encoder of the text conditioning methods (a TEXT_ENCODERS key; its width is context_dim).
+    text_encoder: str = "tiny_clip"
+
+    @property
+    def text(self):
+        """The `TextEncoderPreset` of the text conditioning methods."""
+        return TEXT_ENCODERS[self.text_encoder]
 
     @property
     def latent_channels(self):
@@ -139,6 +177,7 @@ PRESETS = {
         linear_attention_projection=False,
         gelu_approximate=True,  # keras-cv's; the PyTorch original uses the exact GELU
         context_dim=768,
+        text_encoder="clip_vit_l14",
         **_SD_TRAINING,
     ),
     "sd2": DiffusionPreset(
@@ -149,6 +188,7 @@ PRESETS = {
         linear_attention_projection=True,
         gelu_approximate=True,
         context_dim=1024,
+        text_encoder="open_clip_vit_h14",
         **_SD_TRAINING,
     ),
     "tiny": DiffusionPreset(
@@ -208,6 +248,9 @@ def _check(preset):
         if channels % heads or channels % preset.norm_groups:
             raise ValueError(f"preset {preset.name}: {channels} channels not divisible by "
                              f"{heads} heads and {preset.norm_groups} groups")
+    if preset.text.width != preset.context_dim:
+        raise ValueError(f"preset {preset.name}: text encoder {preset.text.name} is {preset.text.width} wide, "
+                         f"the UNet's context {preset.context_dim}")
 
 
 for _preset in PRESETS.values():

@@ -116,6 +116,7 @@ class DiffusionTrainer(keras.Model):
     unet_channels = property(lambda self: self.backbone.unet_channels)
     unet = property(lambda self: self.backbone.unet)
     class_encoder = property(lambda self: self.backbone.class_encoder)
+    conditioning = property(lambda self: self.backbone.conditioning)
     image_encoder = property(lambda self: self.backbone.image_encoder)
     image_decoder = property(lambda self: self.backbone.image_decoder)
 
@@ -134,20 +135,22 @@ class DiffusionTrainer(keras.Model):
         if stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
         self.stage = stage
-        if stage == "enc":
-            self.class_encoder.trainable = True
-            # tiny/small: no pretrained UNet, so it trains from scratch here (stand-in for pretraining).
-            self.unet.trainable = not self.preset.pretrained
-        else:
-            self.class_encoder.trainable = False
-            self.unet.trainable = True
+        conditioning = self.backbone.conditioning
+        # Only the method's own weights train with it (the CLIP text encoder stays frozen).
+        conditioning.trainable = stage == "enc"
+        for part in conditioning.trained_parts().values():
+            part.trainable = stage == "enc"
+        if getattr(conditioning, "text_encoder", None) is not None:
+            conditioning.text_encoder.trainable = False
+        # tiny/small: no pretrained UNet, so it trains from scratch in the enc stage (stand-in for pretraining).
+        self.unet.trainable = stage == "dif" or not self.preset.pretrained
         self.backbone.freeze_autoencoder()
 
     def trained_parts(self):
         """{name: layer} of the parts this stage trains (what its checkpoints hold)."""
         if self.stage == "dif":
             return {"unet": self.unet}
-        parts = {"class_encoder": self.class_encoder}
+        parts = dict(self.backbone.conditioning.trained_parts())
         if not self.preset.pretrained:
             parts["unet"] = self.unet
         return parts
@@ -167,12 +170,12 @@ class DiffusionTrainer(keras.Model):
         timesteps = keras.random.randint((batch,), 0, schedule.num_train_timesteps,
                                          dtype="int32", seed=self.seed_generator)
         x_t = schedule.add_noise(x0, noise, timesteps)
-        one_hot = ops.one_hot(ops.cast(ops.reshape(labels, (-1,)), "int32"), self.num_classes)
+        keep = None
         if self.cond_dropout > 0:
-            # Classifier-free-guidance training: some labels become the all-zero vector.
+            # Classifier-free-guidance training: some images get the unconditional context.
             keep = keras.random.uniform((batch, 1), seed=self.seed_generator) >= self.cond_dropout
-            one_hot = one_hot * ops.cast(keep, one_hot.dtype)
-        context = self.backbone.encode_labels(one_hot, training=training)
+        labels = ops.cast(ops.reshape(labels, (-1,)), "int32")
+        context = self.backbone.conditioning.training_context(labels, keep, self.seed_generator, training=training)
         output = self.backbone.predict(x_t, timesteps, context, training=training)
         target = schedule.training_target(x0, noise, timesteps)
         if self.snr_gamma > 0:
@@ -211,9 +214,9 @@ class DiffusionTrainer(keras.Model):
         """`ClassConditionalGenerator.sampler`."""
         return self.generator.sampler(jit_compile)
 
-    def contexts(self, labels):
+    def contexts(self, labels, indices=None, seed=0):
         """`ClassConditionalGenerator.contexts`."""
-        return self.generator.contexts(labels)
+        return self.generator.contexts(labels, indices, seed)
 
     def generate(self, *args, **kwargs):
         """`ClassConditionalGenerator.generate` with the weights as they are (see `sampling_weights`)."""

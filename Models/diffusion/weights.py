@@ -37,7 +37,7 @@ class WeightFile:
 
 
 # Names, addresses and hashes as in keras-cv 0.9 (keras_cv/src/models/stable_diffusion/
-# diffusion_model.py, image_encoder.py, decoder.py).
+# diffusion_model.py, image_encoder.py, decoder.py, text_encoder.py, clip_tokenizer.py).
 WEIGHT_FILES = {
     "unet_sd1": WeightFile(
         "kcv_diffusion_model.h5",
@@ -58,6 +58,23 @@ WEIGHT_FILES = {
         "kcv_decoder.h5",
         "https://huggingface.co/fchollet/stable-diffusion/resolve/main/kcv_decoder.h5",
         "ad350a65cc8bc4a80c8103367e039a3329b4231c2469a1093869a345f55b1962",
+    ),
+    # CLIP's text side (keras-cv 0.9: text_encoder.py, clip_tokenizer.py). The vocabulary is
+    # also found inside an installed open-clip-torch (Models/text/clip_tokenizer.py).
+    "text_encoder_sd1": WeightFile(
+        "kcv_encoder.h5",
+        "https://huggingface.co/fchollet/stable-diffusion/resolve/main/kcv_encoder.h5",
+        "4789e63e07c0e54d6a34a29b45ce81ece27060c499a709d556c7755b42bb0dc4",
+    ),
+    "text_encoder_sd2": WeightFile(
+        "text_encoder_v2_1.h5",
+        "https://huggingface.co/ianstenbit/keras-sd2.1/resolve/main/text_encoder_v2_1.h5",
+        "985002e68704e1c5c3549de332218e99c5b9b745db7171d5f31fcd9a6089f25b",
+    ),
+    "clip_vocabulary": WeightFile(
+        "bpe_simple_vocab_16e6.txt.gz",
+        "https://github.com/openai/CLIP/blob/main/clip/bpe_simple_vocab_16e6.txt.gz?raw=true",
+        "924691ac288e54409236115652ad4aa250f48203de50a9e4722a6ecd48d6804a",
     ),
 }
 
@@ -152,7 +169,8 @@ def fetch_weights(which, folder=None, url=None, timeout=DOWNLOAD_TIMEOUT):
 
 
 def load_pretrained_weights(model, which, folder=None, url=None, timeout=DOWNLOAD_TIMEOUT):
-    """Loads keras-cv's published weights `which` ('unet_sd1', 'unet_sd2', 'encoder', 'decoder') into model.
+    """Loads keras-cv's published weights `which` ('unet_sd1', 'unet_sd2', 'encoder', 'decoder',
+    'text_encoder_sd1', 'text_encoder_sd2') into model.
 
     The model must come from the matching builder (`build_unet(get_preset('sd1'), ...)`,
     `build_image_encoder`, ...); any image size and context length work.

@@ -43,10 +43,11 @@ class DiffusionImageSource:
         batch_size: images per sampler call (does not change the images).
         jit_compile: compile the sampling step with XLA.
         sampler: the sampler of a trial whose settings name none (schedulers.SAMPLERS).
+        conditioning: the ConditioningSpec the checkpoints must have been trained with (None: theirs).
     """
 
     def __init__(self, exp, dataset, preset, stage, enc_epoch=None, batch_size=GENERATION_BATCH_SIZE,
-                 jit_compile=False, sampler=DEFAULT_SAMPLER):
+                 jit_compile=False, sampler=DEFAULT_SAMPLER, conditioning=None):
         from Data.registry import get_spec
         from Models.diffusion import checkpoints
 
@@ -57,6 +58,7 @@ class DiffusionImageSource:
         self.batch_size = int(batch_size)
         self.jit_compile = bool(jit_compile)
         self.sampler = sampler
+        self.conditioning = conditioning
         self._checkpoints = checkpoints
         self._model = None
         self._loaded = None
@@ -71,7 +73,7 @@ class DiffusionImageSource:
         if self._loaded != key:
             self._model = self._checkpoints.load_for_generation(
                 self.exp, self.spec.name, self.preset, self.stage, int(epoch),
-                enc_epoch=self.enc_epoch, model=self._model)
+                enc_epoch=self.enc_epoch, model=self._model, conditioning=self.conditioning)
             self._loaded = key
         return self._model
 
