@@ -74,10 +74,16 @@ def run_watched(command, min_available_gib):
     import psutil
 
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) as child:
+        largest = 0
         while child.poll() is None:
+            try:
+                largest = max(largest, psutil.Process(child.pid).memory_info().rss)
+            except psutil.NoSuchProcess:
+                pass
             if psutil.virtual_memory().available < min_available_gib * 2**30:
                 child.kill()
                 child.wait()
+                print(f"stopped at {largest / 2**30:.2f} GiB RSS", flush=True)
                 return None
             time.sleep(0.2)
         out = child.stdout.read()

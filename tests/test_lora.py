@@ -201,6 +201,7 @@ def test_lora_fine_tuning_checkpoints_adapters_resumes_and_generates_merged(tmp_
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
     folders = _runs(tmp_path)
     folder = folders["uninterrupted"]
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path / "uninterrupted"))
     settings = ck.read_settings(folder)
     assert (settings["unet_tuning"], settings["lora_rank"], settings["lora_alpha"]) == ("lora", 2, 3.0)
 
@@ -278,7 +279,7 @@ def test_reproduce_with_lora_fine_tuning_runs_to_a_report(tmp_path):
 
     command = [sys.executable, str(REPO / "reproduce.py"), *TINY_BUDGET, "--max_steps", "5",
                "--unet_tuning", "lora", "--lora_rank", "2"]
-    done = subprocess.run(command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
+    done = subprocess.run(command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     experiment = tmp_path / "Experiments" / "Exp_0" / "digits"
     report = (experiment / "REPORT.md").read_text()

@@ -113,7 +113,8 @@ def diffusers_lora_tensors(unet, preset):
         b = ops.convert_to_numpy(layer.lora_kernel_b).astype(np.float32)
         module = f"unet.{names[id(layer)]}"
         tensors[f"{module}.lora_A.weight"] = np.ascontiguousarray(a.T)
-        tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(adapter_scale(layer.lora_rank, layer.lora_alpha) * b.T)
+        scale = adapter_scale(layer.lora_rank, layer.lora_alpha)
+        tensors[f"{module}.lora_B.weight"] = np.ascontiguousarray(scale * b.T)
     if not tensors:
         raise CheckpointError("the UNet has no adapters to export")
     return tensors
