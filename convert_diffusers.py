@@ -5,6 +5,8 @@
     # the UNet as a fine-tuned-UNet checkpoint beside an existing class encoder, for generate_dataset.py
     python convert_diffusers.py to-keras path/to/unet --dataset retinamnist --exp 0 --enc_epoch 37 --dif_epoch 1
     python generate_dataset.py --dataset retinamnist --img_total 1080 --enc_epoch 37 --dif_epoch 1 --exp 0
+    # LoRA adapters (SD_adapting.py --unet_tuning lora) for a PyTorch pipeline's load_lora_weights
+    python convert_diffusers.py lora-to-diffusers --dataset retinamnist --exp 0 --dif_epoch 10 --out exported/lora
     # our UNet (e.g. fine-tuned here) as a diffusers UNet2DConditionModel folder
     python convert_diffusers.py to-diffusers --preset sd1 --unet_weights converted/sd15/unet.weights.h5 \\
         --out exported/unet
@@ -46,14 +48,15 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Models.diffusion.diffusers_folders import (UNET_PRESET, convert_to_diffusers, convert_to_keras,  # noqa: E402
-                                                install_unet_checkpoint)
+                                                export_lora_checkpoint, install_unet_checkpoint)
 from Models.diffusion.presets import PRESETS  # noqa: E402
 from Utils.cli import (ArgumentParser, UserError, existing_file, existing_folder, experiment_id,  # noqa: E402
                        folder, positive_int, run_cli)
 
 parser = ArgumentParser(description=__doc__.split("\n\n")[0],
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-directions = parser.add_subparsers(dest="direction", required=True, metavar="{to-keras,to-diffusers}")
+directions = parser.add_subparsers(dest="direction", required=True,
+                                   metavar="{to-keras,to-diffusers,lora-to-diffusers}")
 to_keras = directions.add_parser("to-keras", help="diffusers folder -> our Keras weights")
 to_keras.add_argument("source", type=existing_folder,
                       help="a diffusers pipeline folder (with unet/ and/or vae/) or one model folder")
@@ -85,12 +88,23 @@ to_diffusers.add_argument("--sample_size", type=positive_int, default=None,
                           help="the config's sample_size: latent (or pixel) size pipelines default to "
                                "(default: the preset's image size / 8, or 32)")
 
+lora_out = directions.add_parser("lora-to-diffusers",
+                                 help="LoRA adapters (SD_adapting.py --unet_tuning lora) -> pytorch_lora_weights.safetensors")
+lora_out.add_argument("--dataset", required=True, help="the dataset the adapters were fine-tuned on")
+lora_out.add_argument("--exp", type=experiment_id, default="0", help="experiment identifier (default 0)")
+lora_out.add_argument("--dif_epoch", type=positive_int, required=True, help="the LoRA checkpoint to export")
+lora_out.add_argument("--out", type=folder, required=True, help="the folder to write the safetensors file into")
+
 
 def main(argv=None):
     args = parser.parse_args(argv)
     for name in ("source", "out", "unet_weights"):  # checked as text by the parser; paths below
         if getattr(args, name, None) is not None:
             setattr(args, name, Path(getattr(args, name)))
+    if args.direction == "lora-to-diffusers":
+        path = export_lora_checkpoint(args.dataset, args.exp, args.dif_epoch, args.out)
+        print(f"wrote {path}")
+        return 0
     if args.direction == "to-keras":
         if args.dataset is not None:
             return install_unet_checkpoint(args.source, args.dataset, args.exp, args.enc_epoch,

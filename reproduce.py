@@ -26,6 +26,8 @@ from Pipeline.common_settings import (accept_unverified_setting, data_dir_settin
                                       conditioning_setting, prompt_template_setting, ti_tokens_setting,
                                       train_subset_seed_setting, train_subset_setting)
 from Models.diffusion.schedulers import SAMPLERS  # noqa: E402
+from Pipeline.adapt import (check_unet_tuning, lora_alpha_setting, lora_rank_setting,  # noqa: E402
+                            unet_tuning_setting)
 from Pipeline.stages import BUDGETS, DEFAULT_PRESET  # noqa: E402
 from Utils.cli import non_negative_int, positive_int, run_cli  # noqa: E402
 from Utils.runtime import RuntimeSettings  # noqa: E402
@@ -60,6 +62,9 @@ class ReproduceSettings(RuntimeSettings):
     search_samplers: tuple = setting(None, choices=tuple(SAMPLERS), nargs="+", metavar="SAMPLER",
                                      help="the studies also search the sampler among these (hyp_opt.py's flag; "
                                           "default: not searched); generation uses study #2's winner's")
+    unet_tuning: str = unet_tuning_setting()
+    lora_rank: int = lora_rank_setting()
+    lora_alpha: float = lora_alpha_setting()
     enc_epochs: int = setting(None, type=positive_int, group=OVERRIDES, help="class-encoder training epochs")
     dif_epochs: int = setting(None, type=positive_int, group=OVERRIDES, help="UNet fine-tuning epochs")
     n_trials_enc: int = setting(None, type=positive_int, group=OVERRIDES, help="trials of study #1")
@@ -74,6 +79,10 @@ class ReproduceSettings(RuntimeSettings):
     generation_batch_size: int = setting(None, type=positive_int, group=OVERRIDES, help="images per sampler call")
     max_steps: int = setting(None, type=positive_int, group=OVERRIDES, help="top of the inference-steps search range")
 
+    def unet_tuning_flags(self):
+        """The dif stage's --unet_tuning / --lora_rank / --lora_alpha as set (checked by that stage)."""
+        return {name: getattr(self, name) for name in ("unet_tuning", "lora_rank", "lora_alpha")}
+
     def budget_overrides(self):
         return {name: getattr(self, name) for name in (
             "enc_epochs", "dif_epochs", "n_trials_enc", "n_trials_dif", "num_imgs", "tuning_classifier_epochs",
@@ -87,6 +96,7 @@ def main(argv=None):
     settings = ReproduceSettings.from_namespace(parser.parse_args(argv))
     from Pipeline.stages import Pipeline, budget_with
 
+    check_unet_tuning(**settings.unet_tuning_flags())
     budget = budget_with(BUDGETS[settings.budget], **settings.budget_overrides())
     command = " ".join(["python", "reproduce.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     pipeline = Pipeline(settings.dataset, settings.preset, budget, exp=settings.exp, seed=settings.seed,
@@ -95,7 +105,8 @@ def main(argv=None):
                         accept_unverified_data=settings.accept_unverified_data, sampler=settings.sampler,
                         search_samplers=settings.search_samplers, train_subset=settings.train_subset,
                         train_subset_seed=settings.train_subset_seed, conditioning=settings.conditioning,
-                        prompt_template=settings.prompt_template, ti_tokens=settings.ti_tokens)
+                        prompt_template=settings.prompt_template, ti_tokens=settings.ti_tokens,
+                        unet_tuning=settings.unet_tuning_flags())
     # The first stage would find missing real data only after the pipeline started its stage log.
     pipeline.real_splits()
     pipeline.run(stop_after=settings.stop_after)

@@ -37,6 +37,25 @@ from Utils.runtime import RuntimeSettings
 from Utils.settings import ADDED, PAPER, setting
 
 SCRIPT = "SD_adapting.py"
+UNET_TUNINGS = ("full", "lora")  # full: the paper's; lora: Models/diffusion/lora.py
+DEFAULT_LORA_RANK = 4             # diffusers' train_text_to_image_lora.py (its alpha defaults to the rank)
+
+
+def unet_tuning_setting():
+    """--unet_tuning, shared with reproduce.py."""
+    return setting("full", choices=UNET_TUNINGS, group=ADDED,
+                   help="dif: fine-tune every UNet weight (full, the paper's) or train LoRA adapters on the "
+                        "attention projections, the rest frozen (lora; Models/diffusion/lora.py)")
+
+
+def lora_rank_setting():
+    return setting(DEFAULT_LORA_RANK, type=positive_int, group=ADDED,
+                   help=f"--unet_tuning lora: the adapters' rank (default {DEFAULT_LORA_RANK}, diffusers')")
+
+
+def lora_alpha_setting():
+    return setting(None, type=positive_float, group=ADDED,
+                   help="--unet_tuning lora: the adapters' alpha, scale alpha / rank (default: the rank)")
 RECIPE = "training recipe (diffusers' names; default: the preset's, Models/diffusion/presets.py: the paper's for sd1/sd2)"
 
 
@@ -94,6 +113,15 @@ class AdaptSettings(RuntimeSettings):
     grid_freq: int = setting(1, type=positive_int, group=ADDED,
                              help="draw the grid every GRID_FREQ epochs (at checkpoints, and at the last)")
     verbose: int = setting(2, type=int, choices=(0, 1, 2), group=ADDED, help="Keras fit verbosity")
+    unet_tuning: str = unet_tuning_setting()
+    lora_rank: int = lora_rank_setting()
+    lora_alpha: float = lora_alpha_setting()
+
+
+def check_unet_tuning(unet_tuning, lora_rank, lora_alpha):
+    """--lora_rank / --lora_alpha only with --unet_tuning lora (else they would be silently ignored)."""
+    if unet_tuning != "lora" and (lora_rank != DEFAULT_LORA_RANK or lora_alpha is not None):
+        raise UserError("--lora_rank and --lora_alpha are for --unet_tuning lora")
 
 
 @dataclass(frozen=True)
@@ -145,6 +173,9 @@ def plan(settings):
     lr = getattr(preset, f"{stage}_lr") if s.lr is None else s.lr
     if stage == "enc" and s.dif_epoch is not None:
         raise UserError("--dif_epoch is for --train_model dif")
+    if stage == "enc" and s.unet_tuning != "full":
+        raise UserError(f"--unet_tuning {s.unet_tuning} is for --train_model dif")
+    check_unet_tuning(s.unet_tuning, s.lora_rank, s.lora_alpha)
     random_init = bool(s.random_init or not preset.pretrained)
     folder = diffusion_checkpoint_dir(s.exp, spec.name, stage)
     asked_recipe = {key: getattr(s, key) for key in preset.recipe() if getattr(s, key) is not None}
@@ -182,6 +213,7 @@ def plan(settings):
         if enc_path is not None:
             ck.check_settings(enc_dir, identity, ck.IDENTITY_KEYS)
         record["enc_epoch"] = enc_epoch
+        record |= ck.unet_tuning_record(s.unet_tuning, s.lora_rank, s.lora_alpha)
     # Reusing the folder: every setting that shaped the checkpoints must match (not freq).
     ck.check_settings(folder, record, [k for k in record if k != "mixed_precision"])
 
@@ -235,6 +267,13 @@ def run(settings, log=print):
         if p.stage == "dif" and p.enc_path is not None:
             # The chosen class encoder (from-scratch presets: and the UNet it trained).
             ck.load_parts(p.enc_path, ck.enc_parts(model))
+            if p.record["unet_tuning"] == "lora":
+                from Models.diffusion import lora
+
+                # After the base weights are in place; seeded so A is the same in every run.
+                keras.utils.set_random_seed(s.seed)
+                lora.add_adapters(model.unet, p.record["lora_rank"], p.record["lora_alpha"])
+                model.set_stage("dif")
         batches = TrainBatches(splits.x_train, splits.y_train, p.batch_size, model.image_size,
                                seed=s.seed, epoch=p.start)
         # The average warms up over weights that start random; fine-tuning starts from an average.

@@ -139,6 +139,19 @@ def cas_section(exp, dataset, splits, figures_dir):
     return lines
 
 
+def unet_tuning_lines(exp, dataset):
+    """How the UNet was fine-tuned (the dif stage's settings.json): every weight, or LoRA adapters."""
+    from Utils.paths import diffusion_checkpoint_dir
+
+    settings = read_json(diffusion_checkpoint_dir(exp, dataset, "dif") / "settings.json", default=None) or {}
+    if settings.get("unet_tuning") != "lora":
+        return []
+    return [f"**UNet fine-tuning:** LoRA adapters (rank {settings['lora_rank']}, alpha {settings['lora_alpha']:g}) "
+            "on the attention projections, the base UNet frozen (`--unet_tuning lora`, "
+            "Models/diffusion/lora.py), merged into the UNet for generation; the paper fine-tunes every "
+            "weight.", ""]
+
+
 def pipeline_section(exp, dataset):
     table = (read_json(pipeline_results_json(exp), default={}) or {}).get(dataset, {})
     published = read_json(PUBLISHED_CAS_JSON, default={}) if PUBLISHED_CAS_JSON.exists() else {}
@@ -435,6 +448,7 @@ def write_report(exp, dataset, preset, budget, stage_log, command, storage_url=N
     if budget != "paper":
         lines += [f"**Note:** the `{budget}` budget uses far fewer trials, images and epochs than the "
                   "paper (see Pipeline/stages.py, BUDGETS); `--budget paper` runs the paper's sizes.", ""]
+    lines += unet_tuning_lines(exp, dataset)
     lines += data_section(splits)
     lines += cas_section(exp, dataset, splits, figures_dir)
     lines += methods_section(dataset)

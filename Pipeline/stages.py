@@ -152,6 +152,8 @@ class Pipeline:
         sampler: the studies' sampler (hyp_opt.py --sampler; DDIM, the paper's).
         search_samplers: samplers the studies also search (hyp_opt.py --search_samplers; None: not searched).
             The generate stage samples with study #2's winner's sampler.
+        unet_tuning: the dif stage's {unet_tuning, lora_rank, lora_alpha} (SD_adapting.py's flags;
+            None or unet_tuning "full": the paper's full fine-tuning, its command line unchanged).
         command: the reproduce.py command line, for the report.
         log: where progress lines go.
     """
@@ -160,7 +162,7 @@ class Pipeline:
                  runtime=RuntimeSettings(), command="python reproduce.py", log=print, quality=False,
                  image_size=None, accept_unverified_data=False, sampler=DEFAULT_SAMPLER, search_samplers=None,
                  train_subset=None, train_subset_seed=0, conditioning="class_encoder", prompt_template=None,
-                 ti_tokens=1):
+                 ti_tokens=1, unet_tuning=None):
         from Data.registry import get_spec
         from Models.diffusion.presets import get_preset
 
@@ -179,6 +181,9 @@ class Pipeline:
                              ("prompt_template", prompt_template), ("ti_tokens", ti_tokens))
                              if value not in (None, "class_encoder", 1)}
         self.search_samplers = tuple(search_samplers) if search_samplers else None
+        # Only what differs from the defaults is passed on, so the paper's dif command stays the paper's.
+        defaults = {f.name: f.default for f in dataclasses.fields(adapt.AdaptSettings)}
+        self.unet_tuning = {key: value for key, value in (unet_tuning or {}).items() if value != defaults[key]}
         self.command = command
         self.log = log
         self.enc_epochs = budget.enc_epochs or self.preset.enc_epochs
@@ -232,7 +237,7 @@ class Pipeline:
     # ----- the stages' settings ----------------------------------------------------------
     def adapt_settings(self, stage):
         b = self.budget
-        extra = dict(enc_epoch=self.winner("enc")["enc_epoch"]) if stage == "dif" else {}
+        extra = dict(enc_epoch=self.winner("enc")["enc_epoch"], **self.unet_tuning) if stage == "dif" else {}
         return adapt.AdaptSettings(train_model=stage, **self.common(adapt.AdaptSettings), **extra,
                                    epochs=self.enc_epochs if stage == "enc" else self.dif_epochs,
                                    freq=1, grid_freq=b.grid_freq, **self.runtime_settings())

@@ -31,6 +31,7 @@ Example:
 
 import dataclasses
 import re
+from pathlib import Path
 
 import h5py
 import keras
@@ -53,6 +54,8 @@ SCHEDULE_KEYS = ("beta_schedule", "prediction_type", "rescale_betas_zero_snr", "
 CONDITIONING_KEYS = ("conditioning", "prompt_templates", "ti_tokens")
 IDENTITY_KEYS = ("preset", "dataset", "num_classes", "image_size", "context_length", "context_dim",
                  "unet_channels", "random_init", "init_seed", *SCHEDULE_KEYS, *CONDITIONING_KEYS)
+# Keys added to settings.json after checkpoints existed: what their absence meant.
+ABSENT_MEANS = {"unet_tuning": "full"}
 TRAINED_GROUP = "trained_weights"  # in the optimizer file: the weights themselves when the weights file holds averages
 _WEIGHTS_RE = re.compile(r"^epoch_(\d+)\.weights\.h5$")
 
@@ -197,10 +200,19 @@ def check_settings(folder, expected, keys=None):
     # Files written before the conditioning methods existed were made with the class encoder.
     stored_conditioning = ConditioningSpec.from_record(stored).record()
     for key in keys or expected.keys():
-        if stored.get(key, stored_conditioning.get(key)) != expected.get(key):
-            raise CheckpointError(f"{folder} holds checkpoints made with {key}={stored.get(key)!r}, not "
+        have = stored.get(key, stored_conditioning.get(key, ABSENT_MEANS.get(key)))
+        if have != expected.get(key):
+            raise CheckpointError(f"{folder} holds checkpoints made with {key}={have!r}, not "
                                   f"{expected.get(key)!r}; use another --exp or the same settings")
     return stored
+
+
+def unet_tuning_record(unet_tuning, rank, alpha):
+    """settings.json's record of how the dif stage tuned the UNet: every weight ("full", the paper's),
+    or LoRA adapters (lora.py) of `rank` and `alpha` (None: the rank), which its checkpoints then hold."""
+    if unet_tuning == "lora":
+        return {"unet_tuning": "lora", "lora_rank": int(rank), "lora_alpha": float(rank if alpha is None else alpha)}
+    return {"unet_tuning": "full"}
 
 
 def require_checkpoint(folder, epoch, what):
@@ -359,7 +371,35 @@ def _load_generation_parts(backbone, used):
     if used["enc"]:
         load_parts(used["enc"], enc_parts(backbone))
     if used["dif"]:
-        load_parts(used["dif"], {"unet": backbone.unet})
+        dif_settings = read_settings(Path(used["dif"]).parent)
+        if dif_settings.get("unet_tuning") == "lora":
+            merge_adapter_checkpoint(used["dif"], backbone.unet, dif_settings["lora_alpha"])
+        else:
+            load_parts(used["dif"], {"unet": backbone.unet})
+
+
+def adapter_values(path):
+    """The adapter weights (A, B, ...) of a LoRA checkpoint, in `lora.Adapters` order."""
+    from Models.diffusion.lora import ADAPTERS_PART
+
+    try:
+        with h5py.File(path, "r") as f:
+            if ADAPTERS_PART not in f:
+                raise CheckpointError(f"{path} holds no LoRA adapters (it has: {', '.join(f.keys()) or 'nothing'})")
+            return _read_values(f[ADAPTERS_PART])
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}") from None
+
+
+def merge_adapter_checkpoint(path, unet, alpha):
+    """A LoRA checkpoint merged into the base `unet` (without adapters): what generation samples with."""
+    from Models.diffusion.lora import merge_adapters
+
+    merge_adapters(unet, adapter_values(path), alpha)
+
+
+def is_lora_checkpoint(path):
+    return path is not None and (read_settings(Path(path).parent) or {}).get("unet_tuning") == "lora"
 
 
 def _origin(preset, enc_settings, used):
@@ -410,6 +450,8 @@ def load_for_generation(exp, dataset, preset, stage, epoch, enc_epoch=None, mode
     reusable = (isinstance(model, ClassConditionalGenerator) and previous is not None
                 and model.preset.name == get_preset(preset).name and model.num_classes == spec.num_classes
                 and previous.init == origin.init
+                # a LoRA checkpoint merges into the base UNet, which only the enc file holds (tiny, small)
+                and not (is_lora_checkpoint(used["dif"]) and model.preset.pretrained)
                 # the un-fine-tuned UNet of sd presets is not in any checkpoint file
                 and (used["dif"] or not model.preset.pretrained or previous.unet == "init"))
     if not reusable:

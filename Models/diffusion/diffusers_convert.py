@@ -545,6 +545,12 @@ def unet_entries(unet, preset):
     return _entries(_plan(unet, _unet_block_prefixes(get_preset(preset))))
 
 
+def unet_module_names(unet, preset):
+    """{id(Keras leaf layer): its diffusers module name} of our UNet (e.g. an attention projection ->
+    "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"); LoRA export names adapters by it."""
+    return {id(leaf): prefix for prefix, leaf, _ in _plan(unet, _unet_block_prefixes(get_preset(preset)))}
+
+
 def load_unet_weights(unet, preset, tensors):
     """Assigns diffusers UNet `tensors` ({name: array}) to our `unet` (built from `preset`)."""
     _load_entries(unet_entries(unet, preset), tensors, "diffusers UNet")

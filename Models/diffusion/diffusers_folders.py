@@ -153,6 +153,35 @@ def install_unet_checkpoint(source, dataset, exp, enc_epoch, dif_epoch, preset_n
     return 0
 
 
+def export_lora_checkpoint(dataset, exp, dif_epoch, out):
+    """LoRA checkpoint `dif_epoch` of (exp, dataset) (SD_adapting.py --unet_tuning lora) as diffusers'
+    `out/pytorch_lora_weights.safetensors`, which `StableDiffusionPipeline.load_lora_weights(out)` loads
+    over the base UNet it was fine-tuned from (the pipeline's own, converted from ours with
+    to-diffusers for pixel presets). Returns the file's path."""
+    from Data.registry import get_spec
+    from Models.diffusion import checkpoints as ck
+    from Models.diffusion import lora
+    from Models.diffusion.unet import build_unet
+    from Utils.paths import diffusion_checkpoint_dir
+
+    spec = get_spec(dataset)
+    folder = diffusion_checkpoint_dir(exp, spec.name, "dif")
+    path = ck.require_checkpoint(folder, dif_epoch, "fine-tuned UNet")
+    settings = ck.read_settings(folder)
+    if settings.get("unet_tuning") != "lora":
+        raise CheckpointError(f"{folder} holds a fully fine-tuned UNet, not LoRA adapters: export it with to-diffusers")
+    preset = get_preset(settings["preset"])
+    # Only the layers' shapes matter here: the adapters are exported, not the base weights.
+    unet = build_unet(preset, settings["image_size"], settings["context_length"],
+                      image_channels=None if preset.latent else settings["unet_channels"])
+    adapters = lora.add_adapters(unet, settings["lora_rank"], settings["lora_alpha"])
+    values = ck.adapter_values(path)
+    if [v.shape for v in values] != [tuple(w.shape) for w in adapters.weights]:
+        raise CheckpointError(f"the adapters in {path} do not fit its settings.json")
+    adapters.set_weights(values)
+    return lora.save_diffusers_lora(unet, preset, out)
+
+
 def convert_to_diffusers(preset_text, unet_weights, out, sample_size=None, image_channels=None):
     preset = resolve_preset(preset_text)
     if not unet_weights.is_file():

@@ -8,7 +8,8 @@ one trainer:
   `small`) the "enc" stage trains the UNet from scratch together with the
   class encoder: a documented stand-in for Stable Diffusion's pretraining,
   so that the two-stage pipeline runs end to end on a CPU.
-- stage "dif": the UNet is fine-tuned with the (chosen) class encoder frozen.
+- stage "dif": the UNet is fine-tuned with the (chosen) class encoder frozen; with LoRA
+  adapters added to the UNet (lora.py, `--unet_tuning lora`) only the adapters train.
 
 Training objective (both stages): images / 127.5 - 1 (pixel presets keep the
 dataset's channels: one for grey data), for latent presets encoded by the frozen
@@ -45,6 +46,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from Models.diffusion import lora
 from Models.diffusion.backbone import ClassConditionalBackbone
 from Models.diffusion.generator import ClassConditionalGenerator, schedule_for
 from Models.diffusion.optimizer import ema_optimizer
@@ -144,11 +146,16 @@ class DiffusionTrainer(keras.Model):
             conditioning.text_encoder.trainable = False
         # tiny/small: no pretrained UNet, so it trains from scratch in the enc stage (stand-in for pretraining).
         self.unet.trainable = stage == "dif" or not self.preset.pretrained
+        if stage == "dif" and lora.has_adapters(self.unet):
+            lora.freeze_base_weights(self.unet)  # LoRA fine-tuning: only the adapters train
         self.backbone.freeze_autoencoder()
 
     def trained_parts(self):
-        """{name: layer} of the parts this stage trains (what its checkpoints hold)."""
+        """{name: layer} of the parts this stage trains (what its checkpoints hold): in "dif" with
+        LoRA adapters (lora.py), the adapters alone."""
         if self.stage == "dif":
+            if lora.has_adapters(self.unet):
+                return {lora.ADAPTERS_PART: lora.Adapters(self.unet)}
             return {"unet": self.unet}
         parts = dict(self.backbone.conditioning.trained_parts())
         if not self.preset.pretrained:
