@@ -84,7 +84,7 @@ def data_dir_setting(help="folder with the real dataset files (default $SDDG_DAT
 
 
 def conditioning_setting():
-    from Models.diffusion.conditioning import CONDITIONINGS, DEFAULT_CONDITIONING
+    from Models.diffusion.presets import CONDITIONINGS, DEFAULT_CONDITIONING
 
     return setting(DEFAULT_CONDITIONING, choices=CONDITIONINGS, group=ADDED,
                    help=f"how a label becomes the UNet's context (default {DEFAULT_CONDITIONING}, the paper's): "

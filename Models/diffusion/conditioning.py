@@ -37,8 +37,7 @@ from keras import ops
 
 from Models.errors import ModelSettingsError
 
-CONDITIONINGS = ("class_encoder", "text", "textual_inversion")
-DEFAULT_CONDITIONING = "class_encoder"
+from Models.diffusion.presets import CONDITIONINGS, DEFAULT_CONDITIONING
 # The prompts of the text methods, after CLIP's zero-shot ImageNet templates.
 DEFAULT_TEMPLATES = (
     "a photo of a {label}.",

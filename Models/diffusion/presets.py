@@ -35,6 +35,11 @@ STAGES = ("enc", "dif")
 # The paper's generation batch: images per sampler call (generation and tuning trials).
 GENERATION_BATCH_SIZE = 250
 
+# How a label becomes the UNet's context (Models/diffusion/conditioning.py); here, without Keras, so
+# that the scripts' flags are declared before TensorFlow starts.
+CONDITIONINGS = ("class_encoder", "text", "textual_inversion")
+DEFAULT_CONDITIONING = "class_encoder"
+
 # The names diffusers gives these settings (`Models/diffusion/schedule.py` implements them).
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
