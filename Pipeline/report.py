@@ -259,14 +259,15 @@ def tuning_section(exp, dataset, storage_url, figures_dir):
     return lines
 
 
-def methods_section(dataset):
+def methods_section(dataset, figures_dir=None):
     """The CAS of every conditioning method recorded for `dataset`, one row per experiment
-    (each method runs in its own --exp: its checkpoints and data sets are its own)."""
+    (each method runs in its own --exp: its checkpoints and data sets are its own), and with
+    `figures_dir` their CAS curves in one figure (figures/methods_cas.png)."""
     import json
 
     from Utils.paths import results_dir
 
-    rows = []
+    rows, curves = [], {}
     for path in sorted(results_dir().glob("test_accuracies_exp*.json")):
         try:
             entry = json.loads(path.read_text()).get(dataset) or {}
@@ -280,11 +281,39 @@ def methods_section(dataset):
         cells = " ".join(f"{k} {_pct(entry[k].get('top1'))}" for k in multiples)
         rows.append(f"| {', '.join(sorted(methods))} | {exp} | {_pct((entry.get('real') or {}).get('top1'))} "
                     f"| {cells} |")
+        curves[f"{', '.join(sorted(methods))} (exp {exp})"] = [
+            (int(k[1:]), entry[k]["top1"]) for k in multiples if entry[k].get("top1") is not None]
     if len({row.split('|')[1] for row in rows}) < 2:
         return []  # one method: the CAS table above says it all
-    return ["## Conditioning methods compared", "",
-            f"CAS top-1 on the real {dataset} test split, per conditioning method (`--conditioning`) and experiment.",
-            "", "| conditioning | exp | real | synthetic |", "| --- | --- | --- | --- |", *rows, ""]
+    lines = ["## Conditioning methods compared", "",
+             f"CAS top-1 on the real {dataset} test split, per conditioning method (`--conditioning`) and experiment.",
+             "", "| conditioning | exp | real | synthetic |", "| --- | --- | --- | --- |", *rows, ""]
+    if figures_dir is not None:
+        name = "methods_cas.png"
+        _methods_figure(curves, dataset, Path(figures_dir) / name)
+        lines += [f"![CAS of each conditioning method]({FIGURES}/{name})", ""]
+    return lines
+
+
+def _methods_figure(curves, dataset, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in curves.items():
+        if points:
+            ax.plot(*zip(*[(n, 100 * top1) for n, top1 in points]), marker="o", label=label)
+    ax.set_xlabel("synthetic training set (x the real training split)")
+    ax.set_ylabel("CAS top-1 (%)")
+    ax.set_title(f"{dataset}: conditioning methods")
+    ax.legend(fontsize=8)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    finally:
+        plt.close(fig)
 
 
 def generation_section(manifest):
@@ -451,7 +480,7 @@ def write_report(exp, dataset, preset, budget, stage_log, command, storage_url=N
     lines += unet_tuning_lines(exp, dataset)
     lines += data_section(splits)
     lines += cas_section(exp, dataset, splits, figures_dir)
-    lines += methods_section(dataset)
+    lines += methods_section(dataset, figures_dir)
     lines += pipeline_section(exp, dataset)
     lines += tuning_section(exp, dataset, storage_url, figures_dir)
     lines += generation_section(manifest)

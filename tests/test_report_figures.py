@@ -183,3 +183,28 @@ def test_samples_section_of_an_rgb_dataset_has_no_speckle_table(tmp_path, monkey
     assert "(figures/real_vs_generated.png)" in text
     assert "upscaled 3x with nearest neighbour to 96 px" in text
     assert "channels disagree" not in text
+
+
+def test_methods_section_compares_conditioning_methods_in_a_table_and_a_figure(tmp_path, monkeypatch):
+    """Two experiments of one dataset made with two conditioning methods: one row and one curve each."""
+    import json
+
+    from Pipeline.report import methods_section
+
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
+    results = tmp_path / "CAS Results"
+    results.mkdir()
+    for exp, method, cas in (("1", "class_encoder", (0.9, 0.95)), ("2", "text", (0.5, 0.6))):
+        entry = {"real": {"top1": 0.99}, **{f"x{i + 1}": {"top1": c, "conditioning": method} for i, c in enumerate(cas)}}
+        (results / f"test_accuracies_exp{exp}.json").write_text(json.dumps({"digits": entry}))
+    figures = tmp_path / "figures"
+    figures.mkdir()
+    lines = methods_section("digits", figures)
+    assert "| class_encoder | 1 | 99.0 % | x1 90.0 % x2 95.0 % |" in lines
+    assert "| text | 2 | 99.0 % | x1 50.0 % x2 60.0 % |" in lines
+    assert "![CAS of each conditioning method](figures/methods_cas.png)" in lines
+    with Image.open(figures / "methods_cas.png") as image:
+        assert image.size[0] > 300 and image.size[1] > 200
+    # One method alone: no comparison.
+    (results / "test_accuracies_exp2.json").unlink()
+    assert methods_section("digits", figures) == []
