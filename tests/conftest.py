@@ -22,6 +22,16 @@ from Utils.paths import SHARED_DIR  # noqa: E402
 SHARED_DATA = SHARED_DIR / "data"
 
 
+def run_in_fresh_process(function, *args):
+    """`function(*args)` in a new Python process (spawned: no TensorFlow state shared), its result
+    returned and its exceptions raised here. For the full-size models: their memory goes back to
+    the system when that process ends instead of staying with the test worker (see
+    `release_memory_after_each_file`). `function` must be a module-level function of a test file."""
+    import multiprocessing
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(function, args)
+
+
 def require_shared_file(name):
     """Path of a file in ../shared/data; skips when absent, but fails under CI=true."""
     path = SHARED_DATA / name
@@ -206,10 +216,11 @@ def postgres_url():
 
 # The longest test files, longest first (pytest --durations): run them first so the
 # two xdist workers (pytest.ini) end together instead of one finishing a long file alone.
-LONGEST_FILES_FIRST = ("test_reproduce.py", "test_multi_worker_storage.py", "test_hyp_opt.py",
-                       "test_keras_cv_parity.py", "test_sd_adapting.py", "test_classifier_training.py", "test_learns_digits.py",
-                       "test_sd1_full_size.py", "test_generate_dataset.py", "test_diffusers_parity.py",
-                       "test_rating_page.py")
+LONGEST_FILES_FIRST = ("test_lora.py", "test_conditioning_pipeline.py", "test_recipe.py", "test_train_subset.py",
+                       "test_reproduce.py", "test_sd_adapting.py", "test_diffusers_convert.py", "test_hyp_opt.py",
+                       "test_recipe_jax.py", "test_keras_cv_parity.py", "test_diffusers_parity.py",
+                       "test_classifier_training.py", "test_learns_digits.py", "test_multi_worker_storage.py",
+                       "test_conditioning.py", "test_sd1_full_size.py", "test_generate_dataset.py")
 
 
 def pytest_collection_modifyitems(items):
@@ -218,3 +229,26 @@ def pytest_collection_modifyitems(items):
         return LONGEST_FILES_FIRST.index(name) if name in LONGEST_FILES_FIRST else len(LONGEST_FILES_FIRST)
 
     items.sort(key=rank)  # stable: the order within a file is kept
+
+
+# Each xdist worker runs many test files in one process. Models a file built (module fixtures, Keras'
+# global state, TensorFlow's traced functions) would otherwise stay in memory until the worker ends,
+# and two workers that each hold several full-size models exhaust a 24 GiB machine.
+@pytest.fixture(autouse=True, scope="module")
+def release_memory_after_each_file(request):
+    yield
+    if "keras" in sys.modules:
+        sys.modules["keras"].backend.clear_session(free_memory=True)
+    import gc
+    gc.collect()
+    try:  # hand freed heap pages back to the system (glibc keeps them otherwise)
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    log = os.environ.get("SDDG_TEST_MEMORY_LOG")
+    if log:  # diagnosis: each file's resident memory after it ends, per worker
+        import psutil
+        with open(log, "a") as f:
+            f.write(f"{os.environ.get('PYTEST_XDIST_WORKER', 'main')} {request.node.path.name} "
+                    f"rss_after={psutil.Process().memory_info().rss / 2**30:.2f}GiB\n")

@@ -106,6 +106,13 @@ def test_an_unknown_architecture_keeps_the_nearest_presets_defaults():
     assert preset.name == "diffusers" and not preset.pretrained and preset.latent
     assert preset.level_channels == (64, 128, 256, 256) and preset.timestep_embedding_dim == 64
     assert preset.context_length == get_preset("sd1").context_length
+    assert preset.text_encoder == get_preset("sd1").text_encoder
+    # An SD 2.x-like UNet (linear attention projections) keeps sd2's defaults: its text encoder.
+    sd2_like = dict(SD21_UNET, block_out_channels=[64, 128, 256, 256], attention_head_dim=[2, 4, 8, 8],
+                    norm_num_groups=16)
+    preset = dc.unet_preset_from_config(sd2_like)
+    assert preset.name == "diffusers" and preset.linear_attention_projection and preset.context_dim == 1024
+    assert preset.text_encoder == get_preset("sd2").text_encoder != get_preset("sd1").text_encoder
 
 
 @pytest.mark.parametrize("change, named", [

@@ -29,6 +29,7 @@ from Models.diffusion.layers import PaddedConv2D
 from Models.diffusion.presets import get_preset
 from Models.diffusion.unet import build_unet, timestep_embedding
 from Models.errors import CheckpointError, ModelSettingsError
+from conftest import run_in_fresh_process
 
 SIZE, CONTEXT_LENGTH = 64, 16
 # At 64 px the middle block's attention sees one token (1x1): softmax over it is 1, harmlessly.
@@ -41,9 +42,14 @@ def save_legacy_h5(model, path):
         save_weights_to_hdf5_group(f, model)
 
 
-def unet_parity(reference_class, preset_name, folder):
+def unet_parity(reference_name, preset_name, folder):
     """(max |ours - keras-cv|, max |ours before loading - keras-cv|, output scale, parameter counts,
-    how many 3x3 convolutions ran as Conv2D and as one matrix product)."""
+    how many 3x3 convolutions ran as Conv2D and as one matrix product), against keras-cv's
+    `reference_name` (DiffusionModel or DiffusionModelV2). Runs in a process of its own
+    (`run_in_fresh_process`): two full-size UNets, whose memory then goes back to the system."""
+    from keras_cv.src.models.stable_diffusion import diffusion_model
+
+    reference_class = getattr(diffusion_model, reference_name)
     preset = get_preset(preset_name)
     rng = np.random.default_rng(0)
     inputs = [
@@ -79,16 +85,12 @@ def unet_parity(reference_class, preset_name, folder):
 
 @pytest.fixture(scope="module")
 def sd1_parity(tmp_path_factory):
-    from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModel
-
-    return unet_parity(DiffusionModel, "sd1", tmp_path_factory.mktemp("sd1"))
+    return run_in_fresh_process(unet_parity, "DiffusionModel", "sd1", tmp_path_factory.mktemp("sd1"))
 
 
 @pytest.fixture(scope="module")
 def sd2_parity(tmp_path_factory):
-    from keras_cv.src.models.stable_diffusion.diffusion_model import DiffusionModelV2
-
-    return unet_parity(DiffusionModelV2, "sd2", tmp_path_factory.mktemp("sd2"))
+    return run_in_fresh_process(unet_parity, "DiffusionModelV2", "sd2", tmp_path_factory.mktemp("sd2"))
 
 
 @pytest.mark.slow
@@ -145,9 +147,13 @@ def http_server(small_weight_file):
 
 
 def test_published_files_are_keras_cvs():
-    assert set(W.WEIGHT_FILES) == {"unet_sd1", "unet_sd2", "encoder", "decoder"}
-    for spec in W.WEIGHT_FILES.values():
-        assert spec.url.startswith("https://huggingface.co/") and spec.url.endswith("/" + spec.filename)
+    assert set(W.WEIGHT_FILES) == {"unet_sd1", "unet_sd2", "encoder", "decoder",
+                                   "text_encoder_sd1", "text_encoder_sd2", "clip_vocabulary"}
+    for key, spec in W.WEIGHT_FILES.items():
+        if key == "clip_vocabulary":  # CLIP's own repository, as keras-cv's tokenizer fetches it
+            assert spec.url.startswith("https://github.com/openai/CLIP/") and spec.filename in spec.url
+        else:
+            assert spec.url.startswith("https://huggingface.co/") and spec.url.endswith("/" + spec.filename)
         assert len(spec.sha256) == 64 and int(spec.sha256, 16) >= 0
     assert W.unet_weights_key(get_preset("sd2")) == "unet_sd2"
     with pytest.raises(ModelSettingsError, match="no published weights"):

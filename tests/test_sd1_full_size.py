@@ -3,7 +3,8 @@
 Random weights (`random_init`): keras-cv's files cannot be downloaded here. At
 128 px, as the paper: one class-encoder training step (the UNet and the
 autoencoder frozen), then a 2-step guided DDIM generation decoded to pixels.
-The peak memory (RSS) is printed for BENCHMARKS.md.
+The peak memory (RSS) is printed for BENCHMARKS.md. It runs in a process of its own
+(`run_in_fresh_process`), so its peak is its own and its memory is returned when it ends.
 """
 
 import resource
@@ -16,10 +17,15 @@ from Data.registry import get_spec
 from Models.diffusion import checkpoints as ck
 from Models.diffusion.optimizer import make_optimizer
 from Models.diffusion.trainer import TrainBatches
+from conftest import run_in_fresh_process
 
 
 @pytest.mark.slow
 def test_sd1_class_encoder_step_and_generation_at_128px():
+    run_in_fresh_process(sd1_class_encoder_step_and_generation)
+
+
+def sd1_class_encoder_step_and_generation():
     spec = get_spec("digits")
     splits = load_dataset("digits")
     model = ck.build_model("sd1", spec, stage="enc", random_init=True, init_seed=0)

@@ -221,8 +221,9 @@ def unet_preset_from_config(config, base=None):
     Everything else comes from `base`:
     a preset (or its name) that the architecture must then equal, apart from the GELU
     flavour, which is always diffusers' exact GELU. Without `base`, the first preset whose
-    architecture matches (sd1, sd2, tiny, small: `presets_with_architecture`) is used, else sd1's (latent UNets) or
-    tiny's (pixel-space UNets) defaults under the name "diffusers".
+    architecture matches (sd1, sd2, tiny, small: `presets_with_architecture`) is used, else the
+    defaults of sd2 (latent UNets with linear attention projections), sd1 (other latent UNets)
+    or tiny (pixel-space UNets) under the name "diffusers".
 
     Raises ModelSettingsError naming the first unsupported option, or the fields that differ
     from `base`.
@@ -306,7 +307,12 @@ def unet_preset_from_config(config, base=None):
     matching = presets_with_architecture(architecture)
     if matching:
         return dataclasses.replace(PRESETS[matching[0]], **architecture)
-    defaults = PRESETS["sd1"] if architecture["latent"] else PRESETS["tiny"]
+    if architecture["latent"]:
+        # Stable Diffusion 2's UNets project attention linearly, version 1's with 1x1 convolutions;
+        # the family decides the rest (its text encoder, for the text conditioning methods).
+        defaults = PRESETS["sd2" if architecture["linear_attention_projection"] else "sd1"]
+    else:
+        defaults = PRESETS["tiny"]
     return dataclasses.replace(defaults, name="diffusers", pretrained=False, **architecture)
 
 
