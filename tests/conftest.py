@@ -231,9 +231,10 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: the order within a file is kept
 
 
-# Each xdist worker runs many test files in one process. Models a file built (module fixtures, Keras'
-# global state, TensorFlow's traced functions) would otherwise stay in memory until the worker ends,
-# and two workers that each hold several full-size models exhaust a 24 GiB machine.
+# Each xdist worker runs many test files in one process: after each file it drops what it can
+# (Keras' global state, garbage, glibc's free pages). A process never hands back all of the peak
+# of a file that built full-size models (measured: BENCHMARKS.md, "The whole test suite"), and two
+# workers holding such peaks exhaust a 24 GiB machine: those tests use `run_in_fresh_process`.
 @pytest.fixture(autouse=True, scope="module")
 def release_memory_after_each_file(request):
     yield
