@@ -58,6 +58,9 @@ parser.add_argument("--with_real", action="store_true",
 parser.add_argument("--rgb", action="store_true", help="model grey data as three free channels")
 parser.add_argument("--level_channels", default=None,
                     help="another UNet size: channels per level, e.g. 32,64,128 (attention at the lowest only)")
+parser.add_argument("--class_proportions", default="balanced",
+                    help="the generated set's classes: balanced (the paper's), real (the real training split's "
+                         "counts), or both separated by a comma: one row each from the same generated images")
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", default="bench_recipe.jsonl")
 parser.add_argument("--cond_dropout", type=float)
@@ -84,10 +87,14 @@ def train_from_scratch(preset, model_spec, splits, recipe, epochs, batch_size, l
     return model, history, time.perf_counter() - started, time.process_time() - cpu_started
 
 
-def x1_counts(spec, splits):
-    """Images per class of x1: the real training split's size, balanced over classes."""
+def x1_counts(spec, splits, proportions):
+    """Images per class of x1: the real training split's size, balanced over classes or in its counts."""
     import numpy as np
 
+    if proportions == "real":
+        return np.bincount(splits.y_train.reshape(-1), minlength=spec.num_classes)
+    if proportions != "balanced":
+        raise SystemExit(f"--class_proportions: balanced or real, not {proportions!r}")
     return np.bincount(np.arange(len(splits.y_train)) % spec.num_classes, minlength=spec.num_classes)
 
 
@@ -150,16 +157,20 @@ def main():
     model, history, train_s, train_cpu_s = train_from_scratch(preset, model_spec, splits, recipe, epochs,
                                                               batch_size, lr, args.seed)
 
-    per_class_x1 = x1_counts(spec, splits)
-    labels = np.repeat(np.arange(spec.num_classes), per_class_x1 * args.multiples)
+    x1_by_proportions = {p: x1_counts(spec, splits, p) for p in args.class_proportions.split(",")}
+    # One generated set holds every proportion's x1..xN: the first k images of each class.
+    most_per_class = np.max(list(x1_by_proportions.values()), axis=0)
+    labels = np.repeat(np.arange(spec.num_classes), most_per_class * args.multiples)
     guidances = ([preset.default_guidance_scale] if args.guidance is None
                  else [float(g) for g in args.guidance.split(",")])
     step_counts = ([preset.default_inference_steps] if args.steps is None
                    else [int(n) for n in args.steps.split(",")])
     cas = cas_scorer(spec, splits, args.classifier_epochs, args.classifier_batch_size, args.seed)
     distances = distance_scorer(splits, args.seed)
+    real_row = {}  # the real row's figures, computed once
+    out = Path(args.out)
     for steps, guidance in itertools.product(step_counts, guidances):
-        tag = args.tag + (f"_g{guidance:g}" if len(guidances) > 1 else "") + \
+        base_tag = args.tag + (f"_g{guidance:g}" if len(guidances) > 1 else "") + \
             (f"_s{steps}" if len(step_counts) > 1 else "")
         started = time.perf_counter()
         with model.sampling_weights():
@@ -167,35 +178,41 @@ def main():
                                     batch_size=250, progress=True)
         generate_s = time.perf_counter() - started
 
-        def first_of_each_class(k):  # x_k: the first k x (x1 count) images of each class
-            return np.concatenate([np.flatnonzero(labels == c)[:k * per_class_x1[c]] for c in range(spec.num_classes)])
+        for proportions, per_class_x1 in x1_by_proportions.items():
+            tag = base_tag + ("" if proportions == "balanced" else f"_{proportions}")
 
-        cas_by_multiple = {}
-        for k in range(1, args.multiples + 1):
-            chosen = first_of_each_class(k)
-            cas_by_multiple[f"x{k}"] = cas(images[chosen], labels[chosen])
-        x1 = first_of_each_class(1)
-        kid, fid = distances(images[x1])
-        row = {"tag": tag, "dataset": spec.name, "preset": preset.name, "rgb": bool(args.rgb),
-               "level_channels": list(preset.level_channels),
-               **recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-               "steps": steps,
-               "guidance": guidance,
-               "classifier_epochs": args.classifier_epochs, "classifier_batch_size": args.classifier_batch_size,
-               "final_loss": float(history.history["loss"][-1]), "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1),
-               "generate_s": round(generate_s, 1), "cas_x1_top1": cas_by_multiple["x1"], "cas": cas_by_multiple,
-               "kid": kid, "fid": fid, "speckle": float(speckle_share(images)), "seed": args.seed,
-               "unet_parameters": int(model.unet.count_params())}
-        if args.with_real:
-            row["real_top1"] = cas(splits.x_train, splits.y_train)
-            row["real_train_kid"], row["real_train_fid"] = distances(splits.x_train)
-        print(json.dumps(row))
-        out = Path(args.out)
-        with open(out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            def first_of_each_class(k):  # x_k: the first k x (x1 count) images of each class
+                return np.concatenate([np.flatnonzero(labels == c)[:k * per_class_x1[c]]
+                                       for c in range(spec.num_classes)])
+
+            cas_by_multiple = {}
+            for k in range(1, args.multiples + 1):
+                chosen = first_of_each_class(k)
+                cas_by_multiple[f"x{k}"] = cas(images[chosen], labels[chosen])
+            x1 = first_of_each_class(1)
+            kid, fid = distances(images[x1])
+            row = {"tag": tag, "dataset": spec.name, "preset": preset.name, "rgb": bool(args.rgb),
+                   "level_channels": list(preset.level_channels),
+                   **recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                   "steps": steps,
+                   "guidance": guidance, "class_proportions": proportions,
+                   "classifier_epochs": args.classifier_epochs, "classifier_batch_size": args.classifier_batch_size,
+                   "final_loss": float(history.history["loss"][-1]), "train_s": round(train_s, 1),
+                   "train_cpu_s": round(train_cpu_s, 1),
+                   "generate_s": round(generate_s, 1), "cas_x1_top1": cas_by_multiple["x1"], "cas": cas_by_multiple,
+                   "kid": kid, "fid": fid, "speckle": float(speckle_share(images[x1])), "seed": args.seed,
+                   "unet_parameters": int(model.unet.count_params())}
+            if args.with_real:
+                if "real_top1" not in real_row:
+                    real_row["real_top1"] = cas(splits.x_train, splits.y_train)
+                    real_row["real_train_kid"], real_row["real_train_fid"] = distances(splits.x_train)
+                row.update(real_row)
+            print(json.dumps(row))
+            with open(out, "a") as f:
+                f.write(json.dumps(row) + "\n")
         pick = np.concatenate([np.flatnonzero(labels == c)[:8] for c in range(spec.num_classes)])
-        save_image_grid(images[pick], labels[pick], spec.label_names, out.with_name(f"{out.stem}_{tag}.png"),
-                        per_class=8, title=tag)
+        save_image_grid(images[pick], labels[pick], spec.label_names, out.with_name(f"{out.stem}_{base_tag}.png"),
+                        per_class=8, title=base_tag)
 
 
 if __name__ == "__main__":

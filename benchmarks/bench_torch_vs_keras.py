@@ -548,6 +548,8 @@ def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fi
         keras_fit = KerasFit(preset, case, fit_steps)
         _, fit_model, _ = build_pair(preset, case["image_size"], case["channels"], unet=keras_fit.trainer.unet)
         fitting = {"keras": keras_fit, "torch": TorchFit(fit_model, keras_fit.trainer, preset, case, fit_steps)}
+        if xla and BACKEND == "tensorflow":  # under JAX the step is XLA-compiled already
+            fitting["keras_xla"] = KerasFit(preset, case, fit_steps, jit_compile=True)
         seconds = side_by_side(fitting, rounds)
         result["fit_steps"] = fit_steps
         result["fit_s"] = {side: [value / fit_steps for value in values] for side, values in seconds.items()}

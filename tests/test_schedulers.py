@@ -183,17 +183,48 @@ def test_ddim_with_eta_matches_diffusers_given_the_same_noise(prediction_type):
         check_parity("ddim", schedule, num_steps, eta=0.7)
 
 
-@pytest.mark.parametrize("name", [name for name in SAMPLERS if name != "euler_ancestral"])
+@pytest.mark.parametrize("name", list(SAMPLERS))
 def test_steps_guidance_and_noise_changes_reuse_the_compiled_loop(name):
+    """Stochastic samplers too: their per-step noise comes in fixed-size chunks."""
     unet = FormulaUNet()
     sampler = DiffusionSampler(unet, NoiseSchedule(), DIM, sampler=name)
     first = sampler.sample(*inputs_for(0), num_steps=5, guidance_scale=2.0)
     traces = unet.traces
     assert traces >= 1
-    second = sampler.sample(*inputs_for(1), num_steps=20, guidance_scale=4.0)
+    second = sampler.sample(*inputs_for(1), num_steps=23, guidance_scale=4.0)
     sampler.sample(*inputs_for(2), num_steps=1, guidance_scale=0.0)
+    sampler.sample(*inputs_for(2), num_steps=15, guidance_scale=1.0)
     assert unet.traces == traces, f"{name} retraced"
     assert not np.allclose(first, second)
+
+
+def test_ddim_with_eta_reuses_the_compiled_loop_across_step_counts():
+    unet = FormulaUNet()
+    sampler = DiffusionSampler(unet, NoiseSchedule(), DIM, sampler="ddim")
+    sampler.sample(*inputs_for(0), num_steps=5, guidance_scale=2.0, eta=0.5)
+    traces = unet.traces
+    sampler.sample(*inputs_for(1), num_steps=37, guidance_scale=3.0, eta=1.0)
+    assert unet.traces == traces
+
+
+@pytest.mark.parametrize("name, eta", [("euler_ancestral", 0.0), ("ddim", 0.7)])
+@pytest.mark.parametrize("num_steps", [7, 10, 23])
+def test_chunked_noise_gives_the_whole_loops_images(name, eta, num_steps):
+    """`sample` runs a stochastic sampler NOISE_CHUNK steps per call; one call over all steps is the same."""
+    sampler = our_sampler(name, NoiseSchedule("squaredcos_cap_v2", "v_prediction"))
+    noises = torch_noises(3, num_steps)
+    noise, context, uncond = inputs_for(4)
+    whole = sampler.model.predict_on_batch(
+        sampler.inputs(noise, context, uncond, num_steps, GUIDANCE, eta=eta, step_noise=lambda i: noises[i]))
+    drawn = []
+
+    def in_order(i):  # the generator's draw ignores i: the chunks must ask for the steps in order
+        drawn.append(i)
+        return noises[i]
+
+    chunked = sampler.sample(noise, context, uncond, num_steps, GUIDANCE, eta=eta, step_noise=in_order)
+    assert drawn == list(range(num_steps))
+    np.testing.assert_allclose(chunked, np.asarray(whole), rtol=0, atol=1e-6)
 
 
 def test_unknown_sampler_and_eta_off_ddim_are_refused():

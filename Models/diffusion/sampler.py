@@ -17,9 +17,12 @@ and conditional halves into one batch of 2B, calls the UNet once, combines
 
 `predict_on_batch` lets every backend compile the loop once (XLA with
 `jit_compile=True`). The timesteps and the scheduler's per-step coefficients are
-inputs padded to a fixed length and the number of steps is an input too, so
+inputs padded to a fixed length and the first and last step are inputs too, so
 changing the steps, the guidance scale or the seed never recompiles (only the
-batch size and, for a sampler that draws per-step noise, the steps do).
+batch size does). A sampler that draws fresh noise every step (DDIM with eta > 0,
+Euler ancestral) gets it from the host `NOISE_CHUNK` steps at a time, one loop
+call per chunk with x_t carried over: the noise input keeps one shape whatever
+the step count, and holds 10 steps' noise instead of all of them.
 
 Example:
     >>> sampler = DiffusionSampler(unet, schedule, preset.timestep_embedding_dim, sampler="dpmsolver++")
@@ -34,6 +37,9 @@ from Models.diffusion.schedule import MAX_INFERENCE_STEPS, NoiseSchedule, split_
 from Models.diffusion.schedulers import DEFAULT_SAMPLER, make_scheduler
 from Models.diffusion.unet import timestep_embedding
 
+# Steps of per-step noise handed to the loop per call (stochastic samplers only).
+NOISE_CHUNK = 10
+
 
 class GuidedSampler(keras.Model):
     """The guided loop over one scheduler as a Keras model (compile it, then `predict_on_batch`).
@@ -44,13 +50,17 @@ class GuidedSampler(keras.Model):
         context         (B, L, D)     conditional context
         uncond_context  (B, L, D)     unconditional context
         guidance        (B,)          guidance scale per image
-        num_steps       (B,) int      number of steps (the same for every image)
+        first_step      (B,) int      the step this call starts at (0 for the whole loop)
+        num_steps       (B,) int      the step it stops before (the same for every image)
         timestep, model_alpha, and one entry per name in `scheduler.coefficient_names`
                         (B, T)        the scheduler's per-step tables (`Scheduler.tables`),
                                       padded to any T >= num_steps
-        noise           (B, N, S, S, C)  z of step i is noise[:, min(i, N - 1)]; N = 1 of
-                                      zeros for a deterministic sampler
-    Output: x_0 (B, S, S, C), float32.
+        noise           (B, N, S, S, C)  z of step i is noise[:, min(i - first_step, N - 1)];
+                                      N = 1 of zeros for a deterministic sampler
+    Output: x after step num_steps - 1 (x_0 when num_steps is the step count) (B, S, S, C),
+    float32. A call from first_step > 0 starts from `latent` = the previous call's output
+    with the scheduler's state at zeros, so only a stateless scheduler (`state_size` 0) may
+    be run in chunks.
 
     The loop's own arithmetic stays float32 even under a mixed-precision
     policy; only the UNet runs in the compute dtype.
@@ -93,6 +103,7 @@ class GuidedSampler(keras.Model):
         contexts = ops.concatenate([inputs["uncond_context"], inputs["context"]], axis=0)
         noise = inputs["noise"]
         last_noise = ops.shape(noise)[1] - 1
+        first_step = ops.cast(inputs["first_step"][0], "int32")
 
         def body(i, carry):
             x, state = carry[0], tuple(carry[1:])
@@ -103,13 +114,13 @@ class GuidedSampler(keras.Model):
             x0, eps = self.guided_prediction(x, column("timestep"), contexts, inputs["guidance"],
                                              column("model_alpha"))
             coefficients = {name: _per_image(column(name)) for name in self.scheduler.coefficient_names}
-            z = ops.cast(ops.take(noise, ops.minimum(i, last_noise), axis=1), "float32")
+            z = ops.cast(ops.take(noise, ops.minimum(i - first_step, last_noise), axis=1), "float32")
             x, state = self.scheduler.step(coefficients, x, x0, eps, state, z)
             return (x,) + tuple(state)
 
         # The state (earlier x0s, the previous sample) starts as zeros; a step reads it only once written.
         carry = (latent,) + tuple(ops.zeros_like(latent) for _ in range(self.scheduler.state_size))
-        return ops.fori_loop(0, ops.cast(inputs["num_steps"][0], "int32"), body, carry)[0]
+        return ops.fori_loop(first_step, ops.cast(inputs["num_steps"][0], "int32"), body, carry)[0]
 
     def get_config(self):
         return {"unet": keras.saving.serialize_keras_object(self.unet), "sampler": self.scheduler.name,
@@ -156,7 +167,16 @@ class DiffusionSampler:
         self.model.compile(jit_compile=bool(jit_compile))
 
     def inputs(self, noise, context, uncond_context, num_steps, guidance_scale, eta=0.0, step_noise=None):
-        """The loop's input dict for `self.model.predict_on_batch` (see `sample` for the arguments)."""
+        """The loop's input dict for `self.model.predict_on_batch`, all steps in one call
+        (see `sample` for the arguments)."""
+        inputs, tables = self._inputs_without_noise(noise, context, uncond_context, num_steps, guidance_scale, eta)
+        if tables.stochastic:
+            steps = len(tables.timesteps)
+            inputs["noise"] = _step_noise(step_noise, inputs["latent"].shape, 0, steps, steps)
+        return inputs
+
+    def _inputs_without_noise(self, noise, context, uncond_context, num_steps, guidance_scale, eta):
+        """(inputs with zero noise, the scheduler's tables)."""
         latent = np.asarray(noise, dtype="float32")
         batch = latent.shape[0]
         tables = self.scheduler.tables(num_steps, eta)
@@ -173,24 +193,20 @@ class DiffusionSampler:
             padded[:steps] = values
             return np.broadcast_to(padded, (batch, MAX_INFERENCE_STEPS)).copy()
 
-        if tables.stochastic:
-            draw = step_noise or (lambda i: np.random.default_rng(i).standard_normal(latent.shape))
-            z = np.stack([np.asarray(draw(i), dtype="float32") for i in range(steps)], axis=1)
-        else:
-            z = np.zeros((batch, 1) + latent.shape[1:], dtype="float32")
         inputs = {
             "latent": latent,
             "context": context,
             "uncond_context": uncond_context,
             "guidance": np.broadcast_to(np.asarray(guidance_scale, dtype="float32"), (batch,)).copy(),
+            "first_step": np.zeros((batch,), dtype="int32"),
             "num_steps": np.full((batch,), steps, dtype="int32"),
             "timestep": table(tables.timesteps, 0),
             "model_alpha": table(tables.model_alpha, 1),
-            "noise": z,
+            "noise": np.zeros((batch, 1) + latent.shape[1:], dtype="float32"),
         }
         for name in self.scheduler.coefficient_names:
             inputs[name] = table(tables.coefficients[name], 0)
-        return inputs
+        return inputs, tables
 
     def sample(self, noise, context, uncond_context, num_steps, guidance_scale, eta=0.0, step_noise=None):
         """Denoises `noise` (B, S, S, C) into x_0 (NumPy float32, same shape).
@@ -208,8 +224,29 @@ class DiffusionSampler:
                 steps in order (default: NumPy noise seeded by the step index;
                 `ClassConditionalGenerator` ties it to each image instead).
         """
-        inputs = self.inputs(noise, context, uncond_context, num_steps, guidance_scale, eta, step_noise)
-        return np.asarray(self.model.predict_on_batch(inputs), dtype="float32")
+        inputs, tables = self._inputs_without_noise(noise, context, uncond_context, num_steps, guidance_scale, eta)
+        steps = len(tables.timesteps)
+        if tables.stochastic and self.scheduler.state_size:
+            inputs["noise"] = _step_noise(step_noise, inputs["latent"].shape, 0, steps, steps)
+        if not tables.stochastic or self.scheduler.state_size:
+            return np.asarray(self.model.predict_on_batch(inputs), dtype="float32")
+        x = inputs["latent"]
+        for first in range(0, steps, NOISE_CHUNK):
+            last = min(first + NOISE_CHUNK, steps)
+            inputs.update(latent=x, first_step=np.full_like(inputs["first_step"], first),
+                          num_steps=np.full_like(inputs["num_steps"], last),
+                          noise=_step_noise(step_noise, x.shape, first, last, NOISE_CHUNK))
+            x = np.asarray(self.model.predict_on_batch(inputs), dtype="float32")
+        return x
+
+
+def _step_noise(draw, shape, first, last, length):
+    """(B, length, S, S, C): draw(i) for steps first..last - 1, zeros after (never read)."""
+    draw = draw or (lambda i: np.random.default_rng(i).standard_normal(shape))
+    z = np.zeros((shape[0], length) + tuple(shape[1:]), dtype="float32")
+    for k, i in enumerate(range(first, last)):
+        z[:, k] = np.asarray(draw(i), dtype="float32")
+    return z
 
 
 class DDIMSampler(DiffusionSampler):
