@@ -226,19 +226,17 @@ class DiffusionSampler:
         """
         inputs, tables = self._inputs_without_noise(noise, context, uncond_context, num_steps, guidance_scale, eta)
         steps = len(tables.timesteps)
-        if tables.stochastic and self.scheduler.state_size:
-            inputs["noise"] = _step_noise(step_noise, inputs["latent"].shape, 0, steps, steps)
-        if not tables.stochastic or self.scheduler.state_size:
-            return np.asarray(self.model.predict_on_batch(inputs), dtype="float32")
+        # A stateless sampler that draws per-step noise gets it NOISE_CHUNK steps per call; the rest, one call.
+        chunk = NOISE_CHUNK if tables.stochastic and not self.scheduler.state_size else steps
         x = inputs["latent"]
-        for first in range(0, steps, NOISE_CHUNK):
-            last = min(first + NOISE_CHUNK, steps)
+        for first in range(0, steps, chunk):
+            last = min(first + chunk, steps)
             inputs.update(latent=x, first_step=np.full_like(inputs["first_step"], first),
-                          num_steps=np.full_like(inputs["num_steps"], last),
-                          noise=_step_noise(step_noise, x.shape, first, last, NOISE_CHUNK))
+                          num_steps=np.full_like(inputs["num_steps"], last))
+            if tables.stochastic:
+                inputs["noise"] = _step_noise(step_noise, x.shape, first, last, chunk)
             x = np.asarray(self.model.predict_on_batch(inputs), dtype="float32")
         return x
-
 
 def _step_noise(draw, shape, first, last, length):
     """(B, length, S, S, C): draw(i) for steps first..last - 1, zeros after (never read)."""
