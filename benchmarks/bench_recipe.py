@@ -13,7 +13,9 @@ One run = one row of BENCHMARKS.md's ablation table ("From-scratch recipe"):
    disagree by more than 48/255). --with_real adds the real row under the same protocol
    and the real training split's KID/FID (the floor).
 
-Rows are appended to `--out` (JSON lines); a sample grid goes beside it.
+Rows are appended to `--out` (JSON lines); a sample grid goes beside it; `--save_images FILE.npz`
+keeps the generated set (images and labels, every multiple) for scoring under other classifier
+protocols.
 
     python benchmarks/bench_recipe.py --tag recipe                       # small's defaults
     python benchmarks/bench_recipe.py --tag no_ema --ema_decay 0
@@ -62,6 +64,8 @@ parser.add_argument("--class_proportions", default="balanced",
                     help="the generated set's classes: balanced (the paper's), real (the real training split's "
                          "counts), or both separated by a comma: one row each from the same generated images")
 parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--save_images", default=None,
+                    help="also write each generated set (all multiples) to this .npz, for other classifier protocols")
 parser.add_argument("--out", default="bench_recipe.jsonl")
 parser.add_argument("--cond_dropout", type=float)
 parser.add_argument("--ema_decay", type=float)
@@ -177,6 +181,12 @@ def main():
             images = model.generate(labels, num_steps=steps, guidance_scale=guidance, seed=args.seed,
                                     batch_size=250, progress=True)
         generate_s = time.perf_counter() - started
+        if args.save_images:
+            from Utils.io import atomic_path
+
+            target = Path(args.save_images.format(tag=base_tag))
+            with atomic_path(target) as tmp, open(tmp, "wb") as f:
+                np.savez(f, images=images, labels=labels)
 
         for proportions, per_class_x1 in x1_by_proportions.items():
             tag = base_tag + ("" if proportions == "balanced" else f"_{proportions}")
@@ -185,12 +195,13 @@ def main():
                 return np.concatenate([np.flatnonzero(labels == c)[:k * per_class_x1[c]]
                                        for c in range(spec.num_classes)])
 
-            cas_by_multiple = {}
+            cas_by_multiple, kid_by_multiple, fid_by_multiple = {}, {}, {}
             for k in range(1, args.multiples + 1):
                 chosen = first_of_each_class(k)
                 cas_by_multiple[f"x{k}"] = cas(images[chosen], labels[chosen])
+                kid_by_multiple[f"x{k}"], fid_by_multiple[f"x{k}"] = distances(images[chosen])
             x1 = first_of_each_class(1)
-            kid, fid = distances(images[x1])
+            kid, fid = kid_by_multiple["x1"], fid_by_multiple["x1"]
             row = {"tag": tag, "dataset": spec.name, "preset": preset.name, "rgb": bool(args.rgb),
                    "level_channels": list(preset.level_channels),
                    **recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -200,7 +211,8 @@ def main():
                    "final_loss": float(history.history["loss"][-1]), "train_s": round(train_s, 1),
                    "train_cpu_s": round(train_cpu_s, 1),
                    "generate_s": round(generate_s, 1), "cas_x1_top1": cas_by_multiple["x1"], "cas": cas_by_multiple,
-                   "kid": kid, "fid": fid, "speckle": float(speckle_share(images[x1])), "seed": args.seed,
+                   "kid": kid, "fid": fid, "kid_by_multiple": kid_by_multiple, "fid_by_multiple": fid_by_multiple,
+                   "speckle": float(speckle_share(images[x1])), "seed": args.seed,
                    "unet_parameters": int(model.unet.count_params())}
             if args.with_real:
                 if "real_top1" not in real_row:

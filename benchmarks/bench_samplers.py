@@ -9,7 +9,8 @@ so the seam's cost shows. tiny at 32 px by default; sd1 (Stable Diffusion v1's U
 quality: trains `small` (the enc stage's model) from scratch on a dataset once (default digits,
 the preset's epochs; bench_recipe.py's functions), then for each sampler and step count generates
 x1 (as many images as the real training split) and scores CAS x1 (a ResNet20, the quick budget's
-8 epochs) and KID against the real test split; rows as JSON lines into --out.
+8 epochs) and KID against the real test split; rows as JSON lines into --out, after a first row
+that scores the real training split the same way (the floor).
 
     python benchmarks/bench_samplers.py speed                              # tiny, every sampler
     python benchmarks/bench_samplers.py speed --sd1 --batch 2 --steps 5
@@ -145,13 +146,23 @@ def bench_quality(args):
     splits = load_dataset(spec.name, data_dir=args.data_dir)
     recipe = preset.recipe()
     epochs = args.epochs or preset.enc_epochs
+    cas = cas_scorer(spec, splits, args.classifier_epochs, 64, args.seed)
+    distances = distance_scorer(splits, args.seed)
+    # The floor: the real training split scored like a generated set (same extractor, same classifier).
+    real_kid, real_fid = distances(splits.x_train)
+    floor = {"sampler": "real training split", "cas_x1_top1": cas(splits.x_train, splits.y_train),
+             "kid": real_kid, "fid": real_fid, "dataset": spec.name, "classifier_epochs": args.classifier_epochs,
+             "seed": args.seed}
+    print(json.dumps(floor), flush=True)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(floor) + "\n")
+    if args.floor_only:
+        return
     model, history, train_s, _ = train_from_scratch(preset, spec, splits, recipe, epochs, preset.enc_batch_size,
                                                     preset.enc_lr, args.seed)
     print(f"trained {preset.name} on {spec.name}: {epochs} epochs, {train_s:.0f} s, "
           f"final loss {history.history['loss'][-1]:.4f}", flush=True)
-    labels = np.repeat(np.arange(spec.num_classes), x1_counts(spec, splits))
-    cas = cas_scorer(spec, splits, args.classifier_epochs, 64, args.seed)
-    distances = distance_scorer(splits, args.seed)
+    labels = np.repeat(np.arange(spec.num_classes), x1_counts(spec, splits, "balanced"))
     guidance = preset.default_guidance_scale if args.guidance is None else args.guidance
     for steps in [int(n) for n in args.steps.split(",")]:
         for name in args.samplers:
@@ -192,6 +203,7 @@ def main(argv=None):
     quality.add_argument("--classifier_epochs", type=int, default=8)
     quality.add_argument("--seed", type=int, default=0)
     quality.add_argument("--out", default="bench_samplers.jsonl")
+    quality.add_argument("--floor_only", action="store_true", help="only the real training split's row")
     for p in (speed, quality):
         p.add_argument("--samplers", nargs="+", choices=tuple(SAMPLERS), default=list(SAMPLERS))
     args = parser.parse_args(argv)
