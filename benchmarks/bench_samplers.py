@@ -136,6 +136,12 @@ def bench_speed(preset_name, image_size, batch, steps, guidance, repeats, sample
     return rows
 
 
+def _append_row(row, out):
+    print(json.dumps(row), flush=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def bench_quality(args):
     from benchmarks.bench_recipe import cas_scorer, distance_scorer, train_from_scratch, x1_counts
     from Data.loaders import load_dataset
@@ -153,9 +159,7 @@ def bench_quality(args):
     floor = {"sampler": "real training split", "cas_x1_top1": cas(splits.x_train, splits.y_train),
              "kid": real_kid, "fid": real_fid, "dataset": spec.name, "classifier_epochs": args.classifier_epochs,
              "seed": args.seed}
-    print(json.dumps(floor), flush=True)
-    with open(args.out, "a") as f:
-        f.write(json.dumps(floor) + "\n")
+    _append_row(floor, args.out)
     if args.floor_only:
         return
     model, history, train_s, _ = train_from_scratch(preset, spec, splits, recipe, epochs, preset.enc_batch_size,
@@ -176,9 +180,7 @@ def bench_quality(args):
                    "cas_x1_top1": cas(images, labels), "kid": kid, "fid": fid, "generate_s": round(generate_s, 1),
                    "dataset": spec.name, "preset": preset.name, "epochs": epochs,
                    "classifier_epochs": args.classifier_epochs, "seed": args.seed}
-            print(json.dumps(row), flush=True)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            _append_row(row, args.out)
 
 
 def main(argv=None):

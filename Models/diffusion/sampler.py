@@ -238,6 +238,7 @@ class DiffusionSampler:
             x = np.asarray(self.model.predict_on_batch(inputs), dtype="float32")
         return x
 
+
 def _step_noise(draw, shape, first, last, length):
     """(B, length, S, S, C): draw(i) for steps first..last - 1, zeros after (never read)."""
     draw = draw or (lambda i: np.random.default_rng(i).standard_normal(shape))
