@@ -7,14 +7,24 @@ and its first execution (graph optimisation); the second `fit` of `--steps` step
 cost. `--profile` prints where the first `fit` spends its time (cProfile, cumulative; the
 profiler itself slows tracing down).
 
+`--vs_keras_step` measures the project's optimizer (`PaperAdam`: the step's scalars once per
+step) against the same optimizer with Keras' own step (every scalar again for each variable),
+each run in a fresh process, alternating, `--rounds` times; medians, the ratio, and whether the
+trained weights are equal.
+
     python benchmarks/bench_first_step.py                   # tiny
     python benchmarks/bench_first_step.py --preset small --profile
+    python benchmarks/bench_first_step.py --vs_keras_step --rounds 5
 """
 
 import argparse
 import cProfile
+import hashlib
+import json
 import os
 import pstats
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,21 +40,39 @@ def main():
     parser.add_argument("--first_steps", type=int, default=4)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--keras_step", action="store_true",
+                        help="the optimizer with Keras' own step (every scalar per variable)")
+    parser.add_argument("--vs_keras_step", action="store_true",
+                        help="ours against --keras_step, fresh processes, alternating")
+    parser.add_argument("--rounds", type=int, default=3, help="with --vs_keras_step: runs of each")
+    parser.add_argument("--json", action="store_true", help="print one JSON line (for --vs_keras_step)")
+    parser.add_argument("--save_weights", default=None, help="write the trained weights to this .npz")
     args = parser.parse_args()
+    if args.vs_keras_step:
+        return side_by_side(args)
 
+    import keras
     import numpy as np
 
-    from Models.diffusion.optimizer import make_optimizer
+    from Models.diffusion.optimizer import AdamWithEMA, make_optimizer
     from Models.diffusion.trainer import DiffusionTrainer, TrainBatches
+
+    class KerasOwnStep(AdamWithEMA):
+        def _backend_apply_gradients(self, grads, trainable_variables):
+            keras.optimizers.Adam._backend_apply_gradients(self, grads, trainable_variables)
 
     rng = np.random.default_rng(0)
     n = args.batch_size * max(args.first_steps, args.steps)
     images = rng.integers(0, 256, (n, 8, 8, 1), dtype="uint8")
     labels = rng.integers(0, 10, n)
 
+    keras.utils.set_random_seed(0)
     start = time.perf_counter()
     trainer = DiffusionTrainer.from_preset(args.preset, num_classes=10, image_size=8, stage="enc", image_channels=1)
-    trainer.compile(optimizer=make_optimizer(1e-3, total_steps=1000, ema_decay=trainer.preset.ema_decay))
+    optimizer = make_optimizer(1e-3, total_steps=1000, ema_decay=trainer.preset.ema_decay)
+    if args.keras_step:
+        optimizer = KerasOwnStep.from_config(optimizer.get_config())
+    trainer.compile(optimizer=optimizer)
     trainer.optimizer.build(trainer.trainable_variables)
     built = time.perf_counter() - start
 
@@ -65,11 +93,44 @@ def main():
     trainer.fit(steady, epochs=1, verbose=0)
     per_step = (time.perf_counter() - start) / args.steps
 
+    digest = hashlib.sha256(b"".join(keras.ops.convert_to_numpy(v).tobytes() for v in trainer.trainable_variables)).hexdigest()
+    if args.save_weights:
+        np.savez(args.save_weights, *[keras.ops.convert_to_numpy(v) for v in trainer.trainable_variables])
+    if args.json:
+        print(json.dumps({"build_s": built, "first_fit_s": first_fit, "step_s": per_step, "weights": digest}))
+        return
     print(f"{args.preset}: {len(trainer.trainable_variables)} trained variables; build {built:.1f} s; "
           f"first fit ({args.first_steps} steps) {first_fit:.1f} s; steady {per_step * 1000:.0f} ms per step "
-          f"(batch {args.batch_size})")
+          f"(batch {args.batch_size}); weights sha256 {digest[:12]}")
     if profiler:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+
+
+def side_by_side(args):
+    """Fresh processes (a first fit is only first once per process), ours and Keras' step alternating."""
+    base = [sys.executable, __file__, "--preset", args.preset, "--batch_size", str(args.batch_size),
+            "--first_steps", str(args.first_steps), "--steps", str(args.steps), "--json"]
+    runs = {"ours": [], "keras": []}
+    for _ in range(args.rounds):
+        for name, extra in (("ours", []), ("keras", ["--keras_step"])):
+            done = subprocess.run(base + extra, capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(f"{args.preset}, batch {args.batch_size}, medians of {args.rounds} fresh processes each, alternating")
+    print("| optimizer step | build s | first fit s | steady ms per step |")
+    print("| --- | --- | --- | --- |")
+    medians = {}
+    for name, label in (("keras", "Keras' own (scalars per variable)"), ("ours", "PaperAdam (scalars once per step)")):
+        medians[name] = {k: statistics.median(r[k] for r in runs[name]) for k in ("build_s", "first_fit_s", "step_s")}
+        m = medians[name]
+        print(f"| {label} | {m['build_s']:.1f} | {m['first_fit_s']:.1f} | {m['step_s'] * 1000:.0f} |")
+    print(f"first fit: Keras' / ours = {medians['keras']['first_fit_s'] / medians['ours']['first_fit_s']:.2f}; "
+          f"steady step: {medians['keras']['step_s'] / medians['ours']['step_s']:.2f}")
+    digests = {name: {r["weights"] for r in runs[name]} for name in runs}
+    print("trained weights: " + "; ".join(
+        f"{name} {'the same in every run' if len(d) == 1 else f'{len(d)} different results'}"
+        for name, d in digests.items()) + "; ours against Keras' "
+        + ("equal" if digests["ours"] == digests["keras"] else
+           "different (TensorFlow's graph optimiser rounds the two graphs differently; equal with it off)"))
 
 
 if __name__ == "__main__":

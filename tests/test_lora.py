@@ -278,7 +278,7 @@ def test_reproduce_with_lora_fine_tuning_runs_to_a_report(tmp_path):
 
     from test_reproduce import REPO, TINY_BUDGET, _env
 
-    command = [sys.executable, str(REPO / "reproduce.py"), *TINY_BUDGET, "--max_steps", "5",
+    command = [sys.executable, str(REPO / "reproduce.py"), *TINY_BUDGET,
                "--unet_tuning", "lora", "--lora_rank", "2"]
     done = subprocess.run(command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

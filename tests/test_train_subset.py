@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 from Data.balance import stratified_subset  # noqa: E402
 from Data.errors import DataError  # noqa: E402
 from Data.loaders import load_dataset  # noqa: E402
+from tests.test_reproduce import TINY_BUDGET  # noqa: E402
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -120,14 +121,9 @@ def test_fashion_mnist_cas_real_row_runs_on_a_subset(run_script, tmp_path):
 
 # --------------------------------------------------------- the pipeline ----
 
-TINY_BUDGET = ["--preset", "tiny", "--enc_epochs", "1", "--dif_epochs", "1", "--n_trials_enc", "1",
-               "--n_trials_dif", "1", "--num_imgs", "30", "--tuning_classifier_epochs", "1",
-               "--classifier_epochs", "1", "--classifier_batch_size", "64", "--max_multiple", "1"]
-
-
 def test_reproduce_on_a_subset_means_x1_is_the_subset(tmp_path):
     env = dict(os.environ, SDDG_OUTPUT_ROOT=str(tmp_path), PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, str(REPO / "reproduce.py"), *TINY_BUDGET, "--max_steps", "5",
+    done = subprocess.run([sys.executable, str(REPO / "reproduce.py"), *TINY_BUDGET,
                            "--train_subset", "120", "--train_subset_seed", "1"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

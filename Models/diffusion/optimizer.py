@@ -1,4 +1,4 @@
-"""The paper's optimiser, and `AdamWithEMA`: Adam with a moving average of the trained weights.
+"""The paper's optimiser (`PaperAdam`), and `AdamWithEMA`: the same with a moving average of the weights.
 
 The average lives in the optimizer (its variables), so optimizer checkpoints carry it and a
 resumed run continues it exactly; `DiffusionTrainer.sampling_weights` swaps it in for sampling
@@ -30,12 +30,60 @@ def make_optimizer(learning_rate, total_steps, ema_decay=0.0, ema_warmup=True):
     if ema_decay:
         return AdamWithEMA(learning_rate=schedule, weight_decay=0.004, epsilon=1e-8, global_clipnorm=10.0,
                            use_ema=True, ema_momentum=float(ema_decay), ema_warmup=bool(ema_warmup))
-    return keras.optimizers.Adam(learning_rate=schedule, weight_decay=0.004, epsilon=1e-8,
-                                 global_clipnorm=10.0)
+    return PaperAdam(learning_rate=schedule, weight_decay=0.004, epsilon=1e-8, global_clipnorm=10.0)
 
 
 @keras.saving.register_keras_serializable(package="sddg")
-class AdamWithEMA(keras.optimizers.Adam):
+class PaperAdam(keras.optimizers.Adam):
+    """Keras' Adam with the scalars of a step computed once per step instead of once per variable.
+
+    Keras evaluates the learning-rate schedule, Adam's bias corrections and the weight-decay
+    learning rate again for every variable (`Adam.update_step`, `_apply_weight_decay`): with
+    the cosine schedule some 25 graph ops per variable, for the ~300 variables of a
+    from-scratch UNet, all of which TensorFlow traces and optimises before the first step.
+    Here `_backend_apply_gradients` computes them once and the per-variable updates read
+    them, with Keras' expressions in Keras' order: the optimizer's updates are Keras' to the
+    last bit (tests/test_recipe.py). In a whole TensorFlow train step the graph optimiser
+    (Grappler) rewrites the two graphs differently, so trained weights can differ from
+    Keras' in the last bits (equal with Grappler off). The first `fit` of `tiny` takes ~1.5x
+    less time (BENCHMARKS.md, `benchmarks/bench_first_step.py --vs_keras_step`).
+    """
+
+    _step_scalars = None  # {learning_rate, alpha} while a step's updates are being built
+
+    def _backend_apply_gradients(self, grads, trainable_variables):
+        learning_rate = super()._get_current_learning_rate()
+        local_step = ops.cast(self.iterations + 1, "float32")
+        beta_1_power = ops.power(ops.cast(self.beta_1, "float32"), local_step)
+        beta_2_power = ops.power(ops.cast(self.beta_2, "float32"), local_step)
+        alpha = ops.cast(learning_rate, "float32") * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        self._step_scalars = {"learning_rate": learning_rate, "alpha": alpha}
+        try:
+            super()._backend_apply_gradients(grads, trainable_variables)
+        finally:
+            self._step_scalars = None
+
+    def _get_current_learning_rate(self):
+        # Read per variable by the weight decay (and by `update_step`'s caller) within a step.
+        if self._step_scalars is not None:
+            return self._step_scalars["learning_rate"]
+        return super()._get_current_learning_rate()
+
+    def update_step(self, gradient, variable, learning_rate):
+        if self._step_scalars is None or self.amsgrad or variable.dtype != "float32":
+            return super().update_step(gradient, variable, learning_rate)
+        m = self._momentums[self._get_variable_index(variable)]
+        v = self._velocities[self._get_variable_index(variable)]
+        gradient = ops.cast(gradient, variable.dtype)
+        # Keras' Adam.update_step, its expressions unchanged, the bias-corrected rate shared.
+        self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
+        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
+        self.assign_sub(variable, ops.divide(ops.multiply(m, self._step_scalars["alpha"]),
+                                             ops.add(ops.sqrt(v), self.epsilon)))
+
+
+@keras.saving.register_keras_serializable(package="sddg")
+class AdamWithEMA(PaperAdam):
     """Adam with Keras' moving average of the weights, warmed up as diffusers' `EMAModel`.
 
     The average starts as the weights. With `ema_warmup` its decay at update t is
