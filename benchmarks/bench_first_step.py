@@ -93,9 +93,10 @@ def main():
     trainer.fit(steady, epochs=1, verbose=0)
     per_step = (time.perf_counter() - start) / args.steps
 
-    digest = hashlib.sha256(b"".join(keras.ops.convert_to_numpy(v).tobytes() for v in trainer.trainable_variables)).hexdigest()
+    weights = [keras.ops.convert_to_numpy(v) for v in trainer.trainable_variables]
+    digest = hashlib.sha256(b"".join(w.tobytes() for w in weights)).hexdigest()
     if args.save_weights:
-        np.savez(args.save_weights, *[keras.ops.convert_to_numpy(v) for v in trainer.trainable_variables])
+        np.savez(args.save_weights, *weights)
     if args.json:
         print(json.dumps({"build_s": built, "first_fit_s": first_fit, "step_s": per_step, "weights": digest}))
         return
