@@ -19,7 +19,9 @@ both alike:
             --fit_steps batches of a `TrainBatches`, compiled as Pipeline/adapt.py does
             (Adam, weight decay, clipping, cosine decay, EMA; jax.jit on JAX), against
             the same UNet and class encoder in PyTorch with AdamW, clipping and an EMA;
-            reported per batch;
+            reported per batch. Caveat: alternating with a Keras `fit`, the PyTorch turn
+            was measured at about twice its standalone time (BENCHMARKS.md), so the fit
+            ratios flatter Keras; the training rows do not have this problem;
   profile   (--profile) the forward time per block type (ResBlocks, transformers, ...)
             and micro-benchmarks of the ops inside the slowest, to say why.
 
