@@ -19,9 +19,11 @@ both alike:
             --fit_steps batches of a `TrainBatches`, compiled as Pipeline/adapt.py does
             (Adam, weight decay, clipping, cosine decay, EMA; jax.jit on JAX), against
             the same UNet and class encoder in PyTorch with AdamW, clipping and an EMA;
-            reported per batch. Caveat: alternating with a Keras `fit`, the PyTorch turn
-            was measured at about twice its standalone time (BENCHMARKS.md), so the fit
-            ratios flatter Keras; the training rows do not have this problem;
+            reported per batch. Caveat: in one process the two `fit`s disturb each other.
+            Alternating, PyTorch's fit step took about twice its standalone time; with
+            --fit_torch_first (all PyTorch rounds first) Keras' did (BENCHMARKS.md). Read
+            the training rows, which do not show this, until the fits run in separate
+            processes;
   profile   (--profile) the forward time per block type (ResBlocks, transformers, ...)
             and micro-benchmarks of the ops inside the slowest, to say why.
 
@@ -515,7 +517,7 @@ def op_profile(preset, case, rounds):
 
 
 # ----- report -------------------------------------------------------------------------------
-def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fit_steps=10):
+def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fit_steps=10, fit_torch_first=False):
     preset = get_preset(name)
     case = {**CASES[name], **{key: value for key, value in (overrides or {}).items() if value is not None}}
     case["channels"] = preset.unet_channels(case["channels"])
@@ -552,7 +554,12 @@ def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fi
         fitting = {"keras": keras_fit, "torch": TorchFit(fit_model, keras_fit.trainer, preset, case, fit_steps)}
         if xla and BACKEND == "tensorflow":  # under JAX the step is XLA-compiled already
             fitting["keras_xla"] = KerasFit(preset, case, fit_steps, jit_compile=True)
-        seconds = side_by_side(fitting, rounds)
+        if fit_torch_first:
+            # All PyTorch rounds before any Keras `fit` (see the module docstring's caveat).
+            seconds = side_by_side({"torch": fitting.pop("torch")}, rounds)
+            seconds.update(side_by_side(fitting, rounds))
+        else:
+            seconds = side_by_side(fitting, rounds)
         result["fit_steps"] = fit_steps
         result["fit_s"] = {side: [value / fit_steps for value in values] for side, values in seconds.items()}
         del fitting, keras_fit, fit_model
@@ -621,6 +628,8 @@ def main(argv=None):
                         help="Keras backend (read before keras is imported; default $KERAS_BACKEND or "
                              "tensorflow). jax: the training step is one jax.jit")
     parser.add_argument("--fit_steps", type=int, default=10, help="batches per timed fit epoch")
+    parser.add_argument("--fit_torch_first", action="store_true",
+                        help="fit: all PyTorch rounds before the Keras ones instead of alternating")
     parser.add_argument("--loss_check", action="store_true",
                         help="only print the losses of 5 training steps from NumPy-drawn weights "
                              "(equal across Keras backends and PyTorch)")
@@ -639,7 +648,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    results = [run_preset(name, args.rounds, args.profile, name in args.xla, overrides, measures, args.fit_steps)
+    results = [run_preset(name, args.rounds, args.profile, name in args.xla, overrides, measures, args.fit_steps,
+                          args.fit_torch_first)
                for name in args.presets]
     env = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "machine": platform.processor(),
            "tensorflow": tf.__version__, "keras": keras.__version__, "keras_backend": BACKEND, "torch": torch.__version__,
