@@ -92,7 +92,6 @@ def main(argv=None):
         theirs.set_weights([rng.standard_normal(w.shape).astype("float32") for w in theirs.weights])
         ours.set_weights(theirs.get_weights())
         difference = float(np.max(np.abs(ours(x).numpy() - theirs(x).numpy())))
-        torch_fwd = torch_both = None
         ours_fwd, theirs_fwd, *torch_fwd = side_by_side(
             tf.function(ours.__call__), tf.function(theirs.__call__), x, args.repeats,
             torch_group_norm(x, theirs, groups, backward=False) if args.torch else None)
