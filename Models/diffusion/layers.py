@@ -7,6 +7,12 @@ and inside each layer its weights in the order the sub-layers were created. So e
 block below creates its sub-layers in exactly keras-cv's order (the comments say where
 that order is not the obvious one); do not reorder attribute assignments.
 
+Every block builds its sub-layers in `build`, in the order its `call` first uses them (so
+seeded initial weights are drawn in the same order as a first call would), and gives its
+`compute_output_shape`. Without them Keras builds a block by running its `call` on symbolic
+inputs, and then runs it again: once more for every level of nesting, so building sd1's UNet
+traced the attention layers four times over (BENCHMARKS.md, "Building the UNet").
+
 Layers (all with `get_config`):
     GroupNorm            Keras' GroupNormalization, computed with adjacent-axis reductions
     PaddedConv2D         explicit zero padding + Conv2D (keras-cv's, not padding="same");
@@ -70,6 +76,11 @@ class GroupNorm(keras.layers.GroupNormalization):
 def _group_norm(groups, epsilon=1e-5):
     # keras-cv uses epsilon 1e-5 everywhere (PyTorch's default), not Keras' 1e-3.
     return GroupNorm(groups=groups, epsilon=epsilon)
+
+
+def _with_channels(shape, channels):
+    """`shape` with its last axis replaced by `channels`."""
+    return (*tuple(shape)[:-1], channels)
 
 
 # TensorFlow's CPU convolutions (oneDNN) pay a per-call cost above batch 1 that grows with the
@@ -174,9 +185,20 @@ class UNetResBlock(keras.layers.Layer):
         self.residual_projection = None
 
     def build(self, input_shape):
+        x_shape, embedding_shape = input_shape
+        out_shape = _with_channels(x_shape, self.output_dim)
+        self.norm1.build(x_shape)
+        self.conv1.build(x_shape)
+        self.embedding_dense.build(embedding_shape)
+        self.norm2.build(out_shape)
+        self.conv2.build(out_shape)
         # Created here, after the other sub-layers, so its weights come last (as keras-cv's).
-        if input_shape[0][-1] != self.output_dim:
+        if x_shape[-1] != self.output_dim:
             self.residual_projection = PaddedConv2D(self.output_dim, 1)
+            self.residual_projection.build(x_shape)
+
+    def compute_output_shape(self, input_shape):
+        return _with_channels(input_shape[0], self.output_dim)
 
     def call(self, inputs):
         inputs, embeddings = inputs
@@ -209,6 +231,12 @@ class GEGLU(keras.layers.Layer):
         self.output_dim = output_dim
         self.approximate = approximate
         self.dense = keras.layers.Dense(output_dim * 2)
+
+    def build(self, input_shape):
+        self.dense.build(input_shape)
+
+    def compute_output_shape(self, input_shape):
+        return _with_channels(input_shape, self.output_dim)
 
     def call(self, inputs):
         x = self.dense(inputs)
@@ -243,6 +271,16 @@ class CrossAttention(keras.layers.Layer):
         self.to_k = keras.layers.Dense(width, use_bias=False)
         self.to_v = keras.layers.Dense(width, use_bias=False)
         self.out_proj = keras.layers.Dense(width)
+
+    def build(self, inputs_shape, context_shape=None):
+        context_shape = inputs_shape if context_shape is None else context_shape
+        self.to_q.build(inputs_shape)
+        self.to_k.build(context_shape)
+        self.to_v.build(context_shape)
+        self.out_proj.build(_with_channels(inputs_shape, self.num_heads * self.head_size))
+
+    def compute_output_shape(self, inputs_shape, context_shape=None):
+        return _with_channels(inputs_shape, self.num_heads * self.head_size)
 
     def _split_heads(self, x):
         # (batch, tokens, heads * size) -> (batch, heads, tokens, size)
@@ -291,6 +329,19 @@ class TransformerBlock(keras.layers.Layer):
         self.geglu = GEGLU(dim * 4, approximate=gelu_approximate)
         self.dense = keras.layers.Dense(dim)
 
+    def build(self, input_shape):
+        x_shape, context_shape = input_shape
+        self.norm1.build(x_shape)
+        self.attn1.build(x_shape)
+        self.norm2.build(x_shape)
+        self.attn2.build(x_shape, context_shape)
+        self.norm3.build(x_shape)
+        self.geglu.build(x_shape)
+        self.dense.build(_with_channels(x_shape, self.dim * 4))
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
     def call(self, inputs):
         x, context = inputs
         x = self.attn1(self.norm1(x)) + x
@@ -338,6 +389,18 @@ class SpatialTransformer(keras.layers.Layer):
             return keras.layers.Dense(channels)
         return PaddedConv2D(channels, 1)
 
+    def build(self, input_shape):
+        x_shape, context_shape = input_shape
+        batch, height, width, channels = x_shape
+        pixels = height * width if height is not None and width is not None else None
+        self.norm.build(x_shape)
+        self.proj_in.build(x_shape)
+        self.transformer_block.build([(batch, pixels, channels), context_shape])
+        self.proj_out.build(x_shape)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[0])
+
     def call(self, inputs):
         inputs, context = inputs
         shape = ops.shape(inputs)
@@ -369,6 +432,13 @@ class Upsample(keras.layers.Layer):
         self.channels = channels
         self.ups = keras.layers.UpSampling2D(2)
         self.conv = PaddedConv2D(channels, 3, padding=1)
+
+    def build(self, input_shape):
+        self.ups.build(input_shape)
+        self.conv.build(self.ups.compute_output_shape(input_shape))
+
+    def compute_output_shape(self, input_shape):
+        return self.conv.compute_output_shape(self.ups.compute_output_shape(input_shape))
 
     def call(self, inputs):
         return self.conv(self.ups(inputs))
@@ -402,9 +472,18 @@ class VAEResBlock(keras.layers.Layer):
         self.residual_projection = None
 
     def build(self, input_shape):
+        out_shape = _with_channels(input_shape, self.output_dim)
+        self.norm1.build(input_shape)
+        self.conv1.build(input_shape)
+        self.norm2.build(out_shape)
+        self.conv2.build(out_shape)
         # Last in the weight order, as keras-cv's ResnetBlock.
         if input_shape[-1] != self.output_dim:
             self.residual_projection = PaddedConv2D(self.output_dim, 1)
+            self.residual_projection.build(input_shape)
+
+    def compute_output_shape(self, input_shape):
+        return _with_channels(input_shape, self.output_dim)
 
     def call(self, inputs):
         x = self.conv1(ops.silu(self.norm1(inputs)))
@@ -437,6 +516,13 @@ class VAEAttentionBlock(keras.layers.Layer):
         self.v = PaddedConv2D(output_dim, 1)
         self.proj_out = PaddedConv2D(output_dim, 1)
 
+    def build(self, input_shape):
+        for layer in (self.norm, self.q, self.k, self.v, self.proj_out):
+            layer.build(input_shape)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
     def call(self, inputs):
         x = self.norm(inputs)
         shape = ops.shape(x)
@@ -467,3 +553,6 @@ class LatentScale(keras.layers.Layer):
 
     def call(self, inputs):
         return inputs[..., :4] * LATENT_SCALE
+
+    def compute_output_shape(self, input_shape):
+        return _with_channels(input_shape, 4)
