@@ -214,13 +214,14 @@ def postgres_url():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-# The longest test files, longest first (pytest --durations): run them first so the
-# two xdist workers (pytest.ini) end together instead of one finishing a long file alone.
-LONGEST_FILES_FIRST = ("test_lora.py", "test_conditioning_pipeline.py", "test_recipe.py", "test_train_subset.py",
-                       "test_reproduce.py", "test_sd_adapting.py", "test_diffusers_convert.py", "test_hyp_opt.py",
-                       "test_recipe_jax.py", "test_keras_cv_parity.py", "test_diffusers_parity.py",
-                       "test_classifier_training.py", "test_learns_digits.py", "test_multi_worker_storage.py",
-                       "test_conditioning.py", "test_sd1_full_size.py", "test_generate_dataset.py")
+# The longest test files, longest first (pytest --durations=0): run them first so the two
+# xdist workers (pytest.ini) end together instead of one finishing a long file alone.
+LONGEST_FILES_FIRST = ("test_conditioning_pipeline.py", "test_lora.py", "test_sd_adapting.py",
+                       "test_diffusers_convert.py", "test_recipe.py", "test_hyp_opt.py", "test_train_subset.py",
+                       "test_recipe_jax.py", "test_reproduce.py", "test_classifier_training.py",
+                       "test_learns_digits.py", "test_sd1_full_size.py", "test_generate_dataset.py",
+                       "test_conditioning.py", "test_keras_cv_parity.py", "test_multi_worker_storage.py",
+                       "test_pinned_images.py", "test_model_split.py", "test_diffusers_parity.py")
 
 
 def pytest_collection_modifyitems(items):
