@@ -19,11 +19,11 @@ both alike:
             --fit_steps batches of a `TrainBatches`, compiled as Pipeline/adapt.py does
             (Adam, weight decay, clipping, cosine decay, EMA; jax.jit on JAX), against
             the same UNet and class encoder in PyTorch with AdamW, clipping and an EMA;
-            reported per batch. Caveat: in one process the two `fit`s disturb each other.
-            Alternating, PyTorch's fit step took about twice its standalone time; with
-            --fit_torch_first (all PyTorch rounds first) Keras' did (BENCHMARKS.md). Read
-            the training rows, which do not show this, until the fits run in separate
-            processes;
+            reported per batch. In one process the two `fit`s disturb each other:
+            alternating, PyTorch's fit step took about twice its standalone time; with
+            --fit_torch_first (all PyTorch rounds first) Keras' did (BENCHMARKS.md).
+            --fit_processes N times each side in N fresh processes of its own instead
+            (alternating which side starts), the figure to quote;
   profile   (--profile) the forward time per block type (ResBlocks, transformers, ...)
             and micro-benchmarks of the ops inside the slowest, to say why.
 
@@ -38,6 +38,8 @@ Usage (the figures in BENCHMARKS.md):
     # fit step (Adam + EMA) as well; run the TensorFlow line with `--only training fit` to compare
     .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --only training fit --threads 2 \
         --keras_backend jax
+    # the product's fit step against PyTorch's, each framework alone in its process (3 processes each)
+    .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --only fit --threads 2 --fit_processes 3
     # correctness: the losses of 5 SGD steps from NumPy-drawn weights, equal on every backend
     .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --loss_check --keras_backend jax
 
@@ -53,7 +55,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -517,7 +521,9 @@ def op_profile(preset, case, rounds):
 
 
 # ----- report -------------------------------------------------------------------------------
-def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fit_steps=10, fit_torch_first=False):
+def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fit_steps=10, fit_torch_first=False,
+               fit_side=None):
+    """fit_side: time only this side's fit ("keras" with its XLA variant, or "torch"), for --fit_processes."""
     preset = get_preset(name)
     case = {**CASES[name], **{key: value for key, value in (overrides or {}).items() if value is not None}}
     case["channels"] = preset.unet_channels(case["channels"])
@@ -552,8 +558,12 @@ def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fi
         keras_fit = KerasFit(preset, case, fit_steps)
         _, fit_model, _ = build_pair(preset, case["image_size"], case["channels"], unet=keras_fit.trainer.unet)
         fitting = {"keras": keras_fit, "torch": TorchFit(fit_model, keras_fit.trainer, preset, case, fit_steps)}
-        if xla and BACKEND == "tensorflow":  # under JAX the step is XLA-compiled already
+        if xla and BACKEND == "tensorflow" and fit_side != "torch":  # under JAX the step is XLA-compiled already
             fitting["keras_xla"] = KerasFit(preset, case, fit_steps, jit_compile=True)
+        if fit_side == "keras":
+            del fitting["torch"]
+        elif fit_side == "torch":  # the Keras trainer is built (its weights are PyTorch's) but never fits
+            del fitting["keras"]
         if fit_torch_first:
             # All PyTorch rounds before any Keras `fit` (see the module docstring's caveat).
             seconds = side_by_side({"torch": fitting.pop("torch")}, rounds)
@@ -569,6 +579,47 @@ def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fi
     return result
 
 
+def _without(argv, flag):
+    """argv less `flag` and its values (either spelling; no value of this script starts with "--")."""
+    kept, skipping = [], False
+    for arg in argv:
+        if arg == flag:
+            skipping = True
+        elif skipping and not arg.startswith("--"):
+            continue
+        else:
+            skipping = False
+            if not arg.startswith(flag + "="):
+                kept.append(arg)
+    return kept
+
+
+def fit_in_processes(name, args, argv):
+    """The fit measurement with each framework alone in its process: args.fit_processes fresh processes
+    per side, alternating which side starts; each process compiles (one warm-up epoch) and then times
+    args.rounds epochs. Per-batch seconds of all processes are pooled (median over processes x rounds)."""
+    child_argv = _without(_without(_without(argv, "--fit_processes"), "--presets"), "--preset")
+    result, sides = None, ("keras", "torch")
+    seconds = {}
+    for index in range(args.fit_processes):
+        for side in (sides if index % 2 == 0 else sides[::-1]):
+            with tempfile.TemporaryDirectory() as folder:
+                out = Path(folder) / "fit.json"
+                command = [sys.executable, str(Path(__file__).resolve()), *child_argv, "--presets", name,
+                           "--fit_side", side, "--json", str(out)]
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                child = json.loads(out.read_text())["results"][0]
+            for each_side, values in child["fit_s"].items():
+                seconds.setdefault(each_side, []).extend(values)
+            print(f"{name}: {side} process {index + 1}/{args.fit_processes}: "
+                  + ", ".join(f"{s} {statistics.median(v):.4f} s/batch" for s, v in child["fit_s"].items()),
+                  file=sys.stderr, flush=True)
+            result = result or {key: value for key, value in child.items() if key != "fit_s"}
+    result["fit_s"] = seconds
+    result["fit_processes"] = args.fit_processes
+    return result
+
+
 def markdown(results):
     name = {"tensorflow": "TF", "jax": "JAX"}.get(BACKEND, BACKEND)
     lines = [f"| preset | what | Keras/{name} s | PyTorch s | Keras img/s | PyTorch img/s | Keras / PyTorch (time) |",
@@ -580,7 +631,9 @@ def markdown(results):
             continue
         for what, key, images in (("guided DDIM step", "sampling_s", r["sample_batch"]),
                                   ("training step (SGD)", "training_s", r["train_batch"]),
-                                  ("fit step (Adam + EMA, per batch)", "fit_s", r["train_batch"])):
+                                  ("fit step (Adam + EMA, per batch)" + (
+                                      ", each framework in its own processes" if r.get("fit_processes") else ""),
+                                   "fit_s", r["train_batch"])):
             if key not in r:
                 continue
             unit = f"{images} img" if key == "sampling_s" else f"batch {images}"
@@ -630,6 +683,10 @@ def main(argv=None):
     parser.add_argument("--fit_steps", type=int, default=10, help="batches per timed fit epoch")
     parser.add_argument("--fit_torch_first", action="store_true",
                         help="fit: all PyTorch rounds before the Keras ones instead of alternating")
+    parser.add_argument("--fit_processes", type=int, default=0, metavar="N",
+                        help="fit: time each side in N fresh processes of its own (alternating which side "
+                             "starts), --rounds rounds each, so that neither framework's threads disturb the other")
+    parser.add_argument("--fit_side", choices=("keras", "torch"), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--loss_check", action="store_true",
                         help="only print the losses of 5 training steps from NumPy-drawn weights "
                              "(equal across Keras backends and PyTorch)")
@@ -648,15 +705,22 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    results = [run_preset(name, args.rounds, args.profile, name in args.xla, overrides, measures, args.fit_steps,
-                          args.fit_torch_first)
-               for name in args.presets]
+    if args.fit_processes and args.only != ["fit"]:
+        raise SystemExit("error: --fit_processes times the fit alone: use it with --only fit")
+    if args.fit_processes:
+        results = [fit_in_processes(name, args, argv if argv is not None else sys.argv[1:])
+                   for name in args.presets]
+    else:
+        results = [run_preset(name, args.rounds, args.profile, name in args.xla, overrides, measures, args.fit_steps,
+                              args.fit_torch_first, args.fit_side)
+                   for name in args.presets]
     env = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "machine": platform.processor(),
            "tensorflow": tf.__version__, "keras": keras.__version__, "keras_backend": BACKEND, "torch": torch.__version__,
            "diffusers": diffusers.__version__, "torch_threads": torch.get_num_threads(),
            "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
            "load_average": os.getloadavg(), "command": " ".join(sys.argv)}
-    print(markdown(results))
+    if not args.fit_side:  # a --fit_processes child times one side: its parent prints the table
+        print(markdown(results))
     print(json.dumps({"env": env, "results": results}))
     if args.json:
         args.json.write_text(json.dumps({"env": env, "results": results}, indent=1))
