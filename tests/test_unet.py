@@ -1,5 +1,6 @@
 """The diffusion presets, UNet layers and the tiny UNet (fast: no full-size model here)."""
 
+import functools
 import math
 
 import keras
@@ -121,6 +122,31 @@ def test_image_size_must_halve_through_every_level():
         build_unet(TINY, 7)
     with pytest.raises(ModelSettingsError, match="multiple of 64"):
         build_unet(get_preset("sd1"), 100)
+
+
+def test_building_the_unet_and_autoencoder_runs_no_block_call(monkeypatch):
+    """Every block builds its sub-layers and gives its output shape, so building a model calls no
+    block's `call` (Keras would otherwise build a block by running `call` on symbolic inputs, once
+    more per level of nesting: 2 to 4 runs of each attention layer)."""
+    from Models.diffusion.autoencoder import build_image_decoder, build_image_encoder
+    blocks = (L.UNetResBlock, L.SpatialTransformer, L.TransformerBlock, L.CrossAttention, L.GEGLU,
+              L.Upsample, L.VAEResBlock, L.VAEAttentionBlock, L.LatentScale)
+    calls = {block.__name__: 0 for block in blocks}
+    def counting(call, name):
+        @functools.wraps(call)  # Keras reads the call's signature
+        def counted(self, *args, **kwargs):
+            calls[name] += 1
+            return call(self, *args, **kwargs)
+        return counted
+
+    for block in blocks:
+        monkeypatch.setattr(block, "call", counting(block.call, block.__name__))
+    unet = build_unet(get_preset("tiny"), 8)
+    build_image_encoder(64), build_image_decoder(64)
+    assert calls == {name: 0 for name in calls}
+    x = ops.zeros((2, 8, 8, 3))
+    unet([x, timestep_embedding(ops.convert_to_tensor([1, 2]), 32), ops.zeros((2, 4, 64))])
+    assert calls["SpatialTransformer"] == 6 and calls["CrossAttention"] == 12  # counted when called
 
 
 def test_same_seed_same_weights_and_the_unet_learns(tiny_unet8):
