@@ -73,7 +73,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=5, help="fresh processes per checkout (median)")
     parser.add_argument("--vs_repo", type=Path, default=None, help="another checkout, built alternately")
     parser.add_argument("--check", action="store_true", help="with --vs_repo: the seeded weights must be equal")
-    parser.add_argument("--presets", nargs="+", default=[m[1] for m in MODELS], help="UNets to build")
+    parser.add_argument("--presets", nargs="+", default=[m[1] for m in MODELS], choices=[m[1] for m in MODELS],
+                        help="UNets to build (the autoencoder is always built)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         raise SystemExit("error: --rounds must be at least 1")

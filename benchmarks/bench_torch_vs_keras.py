@@ -555,15 +555,15 @@ def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fi
         result["training_s"] = side_by_side(training, rounds)
         del training
     if "fit" in measures:
+        # A "torch" side still builds the Keras trainer: its weights are the ones PyTorch's UNet gets.
         keras_fit = KerasFit(preset, case, fit_steps)
-        _, fit_model, _ = build_pair(preset, case["image_size"], case["channels"], unet=keras_fit.trainer.unet)
-        fitting = {"keras": keras_fit, "torch": TorchFit(fit_model, keras_fit.trainer, preset, case, fit_steps)}
+        fitting = {} if fit_side == "torch" else {"keras": keras_fit}
+        if fit_side != "keras":
+            _, fit_model, _ = build_pair(preset, case["image_size"], case["channels"], unet=keras_fit.trainer.unet)
+            fitting["torch"] = TorchFit(fit_model, keras_fit.trainer, preset, case, fit_steps)
+            del fit_model
         if xla and BACKEND == "tensorflow" and fit_side != "torch":  # under JAX the step is XLA-compiled already
             fitting["keras_xla"] = KerasFit(preset, case, fit_steps, jit_compile=True)
-        if fit_side == "keras":
-            del fitting["torch"]
-        elif fit_side == "torch":  # the Keras trainer is built (its weights are PyTorch's) but never fits
-            del fitting["keras"]
         if fit_torch_first:
             # All PyTorch rounds before any Keras `fit` (see the module docstring's caveat).
             seconds = side_by_side({"torch": fitting.pop("torch")}, rounds)
@@ -572,7 +572,7 @@ def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fi
             seconds = side_by_side(fitting, rounds)
         result["fit_steps"] = fit_steps
         result["fit_s"] = {side: [value / fit_steps for value in values] for side, values in seconds.items()}
-        del fitting, keras_fit, fit_model
+        del fitting, keras_fit
     del unet, model, tensors
     keras.backend.clear_session()
     gc.collect()
@@ -705,6 +705,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    if args.fit_processes < 0 or args.rounds < 1:
+        raise SystemExit("error: --fit_processes must be 0 or more and --rounds at least 1")
     if args.fit_processes and args.only != ["fit"]:
         raise SystemExit("error: --fit_processes times the fit alone: use it with --only fit")
     if args.fit_processes:
