@@ -102,6 +102,13 @@ def x1_counts(spec, splits, proportions):
     return np.bincount(np.arange(len(splits.y_train)) % spec.num_classes, minlength=spec.num_classes)
 
 
+def multiple_indices(labels, per_class_x1, k):
+    """Indices of x_k in a generated set: the first k x (x1 count) images of each class."""
+    import numpy as np
+
+    return np.concatenate([np.flatnonzero(labels == c)[:k * per_class_x1[c]] for c in range(len(per_class_x1))])
+
+
 def cas_scorer(spec, splits, classifier_epochs, classifier_batch_size, seed):
     """x, y -> real test top-1 of a ResNet20 trained on them (validated on the real split)."""
     import keras
@@ -191,9 +198,8 @@ def main():
         for proportions, per_class_x1 in x1_by_proportions.items():
             tag = base_tag + ("" if proportions == "balanced" else f"_{proportions}")
 
-            def first_of_each_class(k):  # x_k: the first k x (x1 count) images of each class
-                return np.concatenate([np.flatnonzero(labels == c)[:k * per_class_x1[c]]
-                                       for c in range(spec.num_classes)])
+            def first_of_each_class(k):
+                return multiple_indices(labels, per_class_x1, k)
 
             cas_by_multiple, kid_by_multiple, fid_by_multiple = {}, {}, {}
             for k in range(1, args.multiples + 1):

@@ -15,6 +15,8 @@ that scores the real training split the same way (the floor).
     python benchmarks/bench_samplers.py speed                              # tiny, every sampler
     python benchmarks/bench_samplers.py speed --sd1 --batch 2 --steps 5
     python benchmarks/bench_samplers.py quality --steps 5,10,15,20,50      # tens of CPU minutes
+    python benchmarks/bench_samplers.py quality --dataset retinamnist --data_dir ../shared/data \
+        --cells ddim:50,dpmsolver++_karras:15 --weights /tmp/retina.weights.h5   # chosen cells; model kept
 """
 
 import argparse
@@ -142,8 +144,44 @@ def _append_row(row, out):
         f.write(json.dumps(row) + "\n")
 
 
+def quality_cells(args):
+    """(sampler, steps) pairs to score: --cells when given, else every --samplers x --steps."""
+    if not args.cells:
+        return [(name, int(n)) for n in args.steps.split(",") for name in args.samplers]
+    cells = []
+    for cell in args.cells.split(","):
+        name, _, steps = cell.partition(":")
+        if name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
+            raise SystemExit(f"error: --cells wants SAMPLER:STEPS items ({', '.join(SAMPLERS)}), not {cell!r}")
+        cells.append((name, int(steps)))
+    return cells
+
+
+def trained_model(args, preset, spec, splits, recipe, epochs):
+    """The enc stage's model trained from scratch, or its sampling weights read from --weights when that
+    file exists (written there after training otherwise), so more cells can be scored without retraining."""
+    from benchmarks.bench_recipe import train_from_scratch
+    from Models.diffusion import checkpoints as ck
+
+    if args.weights and Path(args.weights).exists():
+        model = ck.build_model(preset, spec, random_init=True, init_seed=args.seed, seed=args.seed, recipe=recipe)
+        model.load_weights(args.weights)
+        print(f"{preset.name} on {spec.name}: sampling weights read from {args.weights}", flush=True)
+        return model
+    model, history, train_s, _ = train_from_scratch(preset, spec, splits, recipe, epochs, preset.enc_batch_size,
+                                                    preset.enc_lr, args.seed)
+    print(f"trained {preset.name} on {spec.name}: {epochs} epochs, {train_s:.0f} s, "
+          f"final loss {history.history['loss'][-1]:.4f}", flush=True)
+    if args.weights:
+        from Utils.io import atomic_path
+
+        with model.sampling_weights(), atomic_path(args.weights) as tmp:
+            model.save_weights(tmp)
+    return model
+
+
 def bench_quality(args):
-    from benchmarks.bench_recipe import cas_scorer, distance_scorer, train_from_scratch, x1_counts
+    from benchmarks.bench_recipe import cas_scorer, distance_scorer, x1_counts
     from Data.loaders import load_dataset
     from Data.registry import get_spec
     from Models.diffusion.presets import get_preset
@@ -162,25 +200,21 @@ def bench_quality(args):
     _append_row(floor, args.out)
     if args.floor_only:
         return
-    model, history, train_s, _ = train_from_scratch(preset, spec, splits, recipe, epochs, preset.enc_batch_size,
-                                                    preset.enc_lr, args.seed)
-    print(f"trained {preset.name} on {spec.name}: {epochs} epochs, {train_s:.0f} s, "
-          f"final loss {history.history['loss'][-1]:.4f}", flush=True)
+    model = trained_model(args, preset, spec, splits, recipe, epochs)
     labels = np.repeat(np.arange(spec.num_classes), x1_counts(spec, splits, "balanced"))
     guidance = preset.default_guidance_scale if args.guidance is None else args.guidance
-    for steps in [int(n) for n in args.steps.split(",")]:
-        for name in args.samplers:
-            started = time.perf_counter()
-            with model.sampling_weights():
-                images = model.generate(labels, num_steps=steps, guidance_scale=guidance, seed=args.seed,
-                                        batch_size=250, sampler=name)
-            generate_s = time.perf_counter() - started
-            kid, fid = distances(images)
-            row = {"sampler": name, "steps": steps, "unet_calls": steps, "guidance": guidance,
-                   "cas_x1_top1": cas(images, labels), "kid": kid, "fid": fid, "generate_s": round(generate_s, 1),
-                   "dataset": spec.name, "preset": preset.name, "epochs": epochs,
-                   "classifier_epochs": args.classifier_epochs, "seed": args.seed}
-            _append_row(row, args.out)
+    for name, steps in quality_cells(args):
+        started = time.perf_counter()
+        with model.sampling_weights():
+            images = model.generate(labels, num_steps=steps, guidance_scale=guidance, seed=args.seed,
+                                    batch_size=250, sampler=name)
+        generate_s = time.perf_counter() - started
+        kid, fid = distances(images)
+        row = {"sampler": name, "steps": steps, "unet_calls": steps, "guidance": guidance,
+               "cas_x1_top1": cas(images, labels), "kid": kid, "fid": fid, "generate_s": round(generate_s, 1),
+               "dataset": spec.name, "preset": preset.name, "epochs": epochs,
+               "classifier_epochs": args.classifier_epochs, "seed": args.seed}
+        _append_row(row, args.out)
 
 
 def main(argv=None):
@@ -206,10 +240,19 @@ def main(argv=None):
     quality.add_argument("--seed", type=int, default=0)
     quality.add_argument("--out", default="bench_samplers.jsonl")
     quality.add_argument("--floor_only", action="store_true", help="only the real training split's row")
+    quality.add_argument("--weights", default=None, metavar="FILE.weights.h5",
+                         help="the trained model's sampling weights: read when the file exists (no training), "
+                              "written after training otherwise")
+    quality.add_argument("--cells", default=None, metavar="SAMPLER:STEPS,...",
+                         help="score only these sampler/step pairs (e.g. ddim:50,dpmsolver++_karras:15) "
+                              "instead of every --samplers x --steps")
     for p in (speed, quality):
         p.add_argument("--samplers", nargs="+", choices=tuple(SAMPLERS), default=list(SAMPLERS))
     args = parser.parse_args(argv)
     if args.which == "quality":
+        quality_cells(args)  # bad arguments stop here, before minutes of training
+        if args.weights and not args.weights.endswith(".weights.h5"):
+            raise SystemExit(f"error: --weights must end in .weights.h5, not {args.weights!r}")
         return bench_quality(args)
     print("| preset | px | batch | steps | sampler | img/s | vs DDIM before the seam |")
     print("| --- | --- | --- | --- | --- | --- | --- |")

@@ -1,0 +1,72 @@
+"""The benchmark scripts' argument handling and set selection (the scripts themselves run by hand)."""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from benchmarks.bench_recipe import multiple_indices
+from benchmarks.bench_samplers import main as bench_samplers_main
+from benchmarks.bench_samplers import quality_cells
+from benchmarks.bench_saved_set import load_saved_set
+from benchmarks.bench_saved_set import main as bench_saved_set_main
+
+
+def _quality_args(**values):
+    defaults = {"cells": None, "steps": "5,10", "samplers": ["ddim", "euler"]}
+    return argparse.Namespace(**{**defaults, **values})
+
+
+def test_quality_cells_are_every_sampler_at_every_step_count_unless_cells_are_named():
+    assert quality_cells(_quality_args()) == [("ddim", 5), ("euler", 5), ("ddim", 10), ("euler", 10)]
+    named = quality_cells(_quality_args(cells="ddim:50,dpmsolver++_karras:15"))
+    assert named == [("ddim", 50), ("dpmsolver++_karras", 15)]
+
+
+@pytest.mark.parametrize("cells", ["ddim", "ddim:x", "ddim:0", "heun:10", "ddim:10,"])
+def test_a_bad_cell_stops_with_one_line_before_any_training(cells, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        bench_samplers_main(["quality", "--cells", cells])
+    assert "--cells wants SAMPLER:STEPS" in str(stopped.value)
+
+
+def test_weights_must_be_a_keras_weights_file():
+    with pytest.raises(SystemExit) as stopped:
+        bench_samplers_main(["quality", "--weights", "model.h5"])
+    assert ".weights.h5" in str(stopped.value)
+
+
+def test_multiple_indices_take_the_first_k_x1_counts_of_each_class():
+    labels = np.array([0, 1, 0, 1, 0, 1, 2, 2, 2, 2])
+    per_class_x1 = np.array([1, 1, 2])
+    assert sorted(multiple_indices(labels, per_class_x1, 1)) == [0, 1, 6, 7]
+    assert sorted(multiple_indices(labels, per_class_x1, 2)) == [0, 1, 2, 3, 6, 7, 8, 9]
+
+
+def test_a_saved_set_is_checked_before_use(tmp_path):
+    good = tmp_path / "set.npz"
+    images = np.zeros((4, 8, 8, 1), np.uint8)
+    np.savez(good, images=images, labels=np.array([0, 1, 2, 1]))
+    loaded_images, loaded_labels = load_saved_set(good, num_classes=3)
+    assert loaded_images.shape == (4, 8, 8, 1) and list(loaded_labels) == [0, 1, 2, 1]
+
+    cases = {"floats.npz": (images.astype("float32"), np.array([0, 1, 2, 1]), "uint8"),
+             "label_range.npz": (images, np.array([0, 1, 3, 1]), "labels outside"),
+             "count.npz": (images, np.array([0, 1, 2]), "N labels")}
+    for name, (x, y, message) in cases.items():
+        np.savez(tmp_path / name, images=x, labels=y)
+        with pytest.raises(SystemExit) as stopped:
+            load_saved_set(tmp_path / name, num_classes=3)
+        assert message in str(stopped.value)
+    (tmp_path / "junk.npz").write_text("not an npz")
+    with pytest.raises(SystemExit, match="not a saved set"):
+        load_saved_set(tmp_path / "junk.npz", num_classes=3)
+
+
+@pytest.mark.parametrize("multiples", ["x", "0", "1,,2"])
+def test_bad_multiples_stop_with_one_line(multiples, tmp_path):
+    with pytest.raises(SystemExit) as stopped:
+        bench_saved_set_main([str(tmp_path / "set.npz"), "--dataset", "digits", "--multiples", multiples,
+                              "--out", str(tmp_path / "rows.jsonl")])
+    assert "--multiples" in str(stopped.value)
+    assert not (tmp_path / "rows.jsonl").exists()
