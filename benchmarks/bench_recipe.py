@@ -37,6 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS  # noqa: E402
+from Models.diffusion.schedulers import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--tag", required=True, help="the row's name")
@@ -66,6 +67,10 @@ parser.add_argument("--class_proportions", default="balanced",
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--save_images", default=None,
                     help="also write each generated set (all multiples) to this .npz, for other classifier protocols")
+parser.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER)
+parser.add_argument("--weights", default=None, metavar="FILE.weights.h5",
+                    help="the trained model's sampling weights: read when the file exists (no training), "
+                         "written after training otherwise")
 parser.add_argument("--out", default="bench_recipe.jsonl")
 parser.add_argument("--cond_dropout", type=float)
 parser.add_argument("--ema_decay", type=float)
@@ -89,6 +94,36 @@ def train_from_scratch(preset, model_spec, splits, recipe, epochs, batch_size, l
     history = model.fit(batches, epochs=epochs, verbose=2)
     # CPU seconds are what the ablation compares: wall time depends on whatever else runs.
     return model, history, time.perf_counter() - started, time.process_time() - cpu_started
+
+
+def trained_or_read(weights, preset, model_spec, splits, recipe, epochs, batch_size, lr, seed):
+    """`train_from_scratch`, or the sampling weights read from `weights` when that file exists (no
+    training); after training they are written there, so more rows can be scored from the same model.
+    Returns (model, facts about the training for the row)."""
+    from Models.diffusion import checkpoints as ck
+
+    if weights and Path(weights).exists():
+        model = ck.build_model(preset, model_spec, random_init=True, init_seed=seed, seed=seed, recipe=recipe)
+        model.load_weights(weights)
+        print(f"{preset.name} on {model_spec.name}: sampling weights read from {weights}", flush=True)
+        return model, {"weights_read_from": str(weights)}
+    model, history, train_s, train_cpu_s = train_from_scratch(preset, model_spec, splits, recipe, epochs,
+                                                              batch_size, lr, seed)
+    print(f"trained {preset.name} on {model_spec.name}: {epochs} epochs, {train_s:.0f} s, "
+          f"final loss {history.history['loss'][-1]:.4f}", flush=True)
+    if weights:
+        from Utils.io import atomic_path
+
+        with model.sampling_weights(), atomic_path(weights) as tmp:
+            model.save_weights(tmp)
+    return model, {"final_loss": float(history.history["loss"][-1]), "train_s": round(train_s, 1),
+                   "train_cpu_s": round(train_cpu_s, 1)}
+
+
+def check_weights_name(weights):
+    """Keras writes weights only to a name ending in .weights.h5: stop at once on another."""
+    if weights and not str(weights).endswith(".weights.h5"):
+        raise SystemExit(f"error: --weights must end in .weights.h5, not {weights!r}")
 
 
 def x1_counts(spec, splits, proportions):
@@ -144,6 +179,7 @@ def distance_scorer(splits, seed):
 
 def main():
     args = parser.parse_args()
+    check_weights_name(args.weights)
     import numpy as np
 
     from Data.images import save_image_grid
@@ -165,8 +201,8 @@ def main():
     batch_size = args.batch_size or preset.enc_batch_size
     lr = args.lr or preset.enc_lr
 
-    model, history, train_s, train_cpu_s = train_from_scratch(preset, model_spec, splits, recipe, epochs,
-                                                              batch_size, lr, args.seed)
+    model, training = trained_or_read(args.weights, preset, model_spec, splits, recipe, epochs, batch_size, lr,
+                                      args.seed)
 
     x1_by_proportions = {p: x1_counts(spec, splits, p) for p in args.class_proportions.split(",")}
     # One generated set holds every proportion's x1..xN: the first k images of each class.
@@ -186,7 +222,7 @@ def main():
         started = time.perf_counter()
         with model.sampling_weights():
             images = model.generate(labels, num_steps=steps, guidance_scale=guidance, seed=args.seed,
-                                    batch_size=250, progress=True)
+                                    batch_size=250, progress=True, sampler=args.sampler)
         generate_s = time.perf_counter() - started
         if args.save_images:
             from Utils.io import atomic_path
@@ -211,11 +247,10 @@ def main():
             row = {"tag": tag, "dataset": spec.name, "preset": preset.name, "rgb": bool(args.rgb),
                    "level_channels": list(preset.level_channels),
                    **recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                   "steps": steps,
+                   "sampler": args.sampler, "steps": steps,
                    "guidance": guidance, "class_proportions": proportions,
                    "classifier_epochs": args.classifier_epochs, "classifier_batch_size": args.classifier_batch_size,
-                   "final_loss": float(history.history["loss"][-1]), "train_s": round(train_s, 1),
-                   "train_cpu_s": round(train_cpu_s, 1),
+                   **training,
                    "generate_s": round(generate_s, 1), "cas_x1_top1": cas_by_multiple["x1"], "cas": cas_by_multiple,
                    "kid": kid, "fid": fid, "kid_by_multiple": kid_by_multiple, "fid_by_multiple": fid_by_multiple,
                    "speckle": float(speckle_share(images[x1])), "seed": args.seed,

@@ -33,6 +33,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
+from benchmarks.bench_recipe import check_weights_name  # noqa: E402
 from benchmarks.timing import best_of_alternating  # noqa: E402
 from Models.diffusion.schedule import MAX_INFERENCE_STEPS, split_prediction  # noqa: E402
 from Models.diffusion.schedulers import SAMPLERS  # noqa: E402
@@ -157,31 +158,8 @@ def quality_cells(args):
     return cells
 
 
-def trained_model(args, preset, spec, splits, recipe, epochs):
-    """The enc stage's model trained from scratch, or its sampling weights read from --weights when that
-    file exists (written there after training otherwise), so more cells can be scored without retraining."""
-    from benchmarks.bench_recipe import train_from_scratch
-    from Models.diffusion import checkpoints as ck
-
-    if args.weights and Path(args.weights).exists():
-        model = ck.build_model(preset, spec, random_init=True, init_seed=args.seed, seed=args.seed, recipe=recipe)
-        model.load_weights(args.weights)
-        print(f"{preset.name} on {spec.name}: sampling weights read from {args.weights}", flush=True)
-        return model
-    model, history, train_s, _ = train_from_scratch(preset, spec, splits, recipe, epochs, preset.enc_batch_size,
-                                                    preset.enc_lr, args.seed)
-    print(f"trained {preset.name} on {spec.name}: {epochs} epochs, {train_s:.0f} s, "
-          f"final loss {history.history['loss'][-1]:.4f}", flush=True)
-    if args.weights:
-        from Utils.io import atomic_path
-
-        with model.sampling_weights(), atomic_path(args.weights) as tmp:
-            model.save_weights(tmp)
-    return model
-
-
 def bench_quality(args):
-    from benchmarks.bench_recipe import cas_scorer, distance_scorer, x1_counts
+    from benchmarks.bench_recipe import cas_scorer, distance_scorer, trained_or_read, x1_counts
     from Data.loaders import load_dataset
     from Data.registry import get_spec
     from Models.diffusion.presets import get_preset
@@ -200,7 +178,8 @@ def bench_quality(args):
     _append_row(floor, args.out)
     if args.floor_only:
         return
-    model = trained_model(args, preset, spec, splits, recipe, epochs)
+    model, _ = trained_or_read(args.weights, preset, spec, splits, recipe, epochs, preset.enc_batch_size,
+                               preset.enc_lr, args.seed)
     labels = np.repeat(np.arange(spec.num_classes), x1_counts(spec, splits, "balanced"))
     guidance = preset.default_guidance_scale if args.guidance is None else args.guidance
     for name, steps in quality_cells(args):
@@ -251,8 +230,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.which == "quality":
         quality_cells(args)  # bad arguments stop here, before minutes of training
-        if args.weights and not args.weights.endswith(".weights.h5"):
-            raise SystemExit(f"error: --weights must end in .weights.h5, not {args.weights!r}")
+        check_weights_name(args.weights)
         return bench_quality(args)
     print("| preset | px | batch | steps | sampler | img/s | vs DDIM before the seam |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
