@@ -17,6 +17,8 @@ that scores the real training split the same way (the floor).
     python benchmarks/bench_samplers.py quality --steps 5,10,15,20,50      # tens of CPU minutes
     python benchmarks/bench_samplers.py quality --dataset retinamnist --data_dir ../shared/data \
         --cells ddim:50,dpmsolver++_karras:15 --weights /tmp/retina.weights.h5   # chosen cells; model kept
+    python benchmarks/bench_samplers.py pixels --dataset retinamnist --data_dir ../shared/data \
+        --weights /tmp/retina.weights.h5         # mean pixel per cell and timestep spacing (too bright?)
 """
 
 import argparse
@@ -35,6 +37,7 @@ from keras import ops  # noqa: E402
 
 from benchmarks.bench_recipe import check_weights_name  # noqa: E402
 from benchmarks.timing import best_of_alternating  # noqa: E402
+from Models.diffusion.presets import TIMESTEP_SPACINGS  # noqa: E402
 from Models.diffusion.schedule import MAX_INFERENCE_STEPS, split_prediction  # noqa: E402
 from Models.diffusion.schedulers import SAMPLERS  # noqa: E402
 from Models.diffusion.unet import timestep_embedding  # noqa: E402
@@ -196,6 +199,29 @@ def bench_quality(args):
         _append_row(row, args.out)
 
 
+def bench_pixels(args):
+    """Mean pixel value (0..255) of a few images per cell and timestep spacing, from kept weights,
+    beside the real training split's: a cheap check for samplers that come out too bright or dark."""
+    from Data.loaders import load_dataset
+    from Data.registry import get_spec
+    from Models.diffusion import checkpoints as ck
+    from Models.diffusion.presets import get_preset
+
+    preset, spec = get_preset(args.preset), get_spec(args.dataset)
+    real = load_dataset(spec.name, data_dir=args.data_dir).x_train
+    print(f"| real training split | | | {real.mean():.1f} |")
+    labels = np.arange(args.images) % spec.num_classes
+    guidance = preset.default_guidance_scale if args.guidance is None else args.guidance
+    for spacing in args.spacings.split(","):
+        model = ck.build_model(preset, spec, random_init=True, init_seed=args.seed, seed=args.seed,
+                               recipe={**preset.recipe(), "timestep_spacing": spacing})
+        model.load_weights(args.weights)
+        for name, steps in quality_cells(args):
+            images = model.generate(labels, num_steps=steps, guidance_scale=guidance, seed=args.seed,
+                                    batch_size=args.images, sampler=name)
+            print(f"| {name} | {steps} | {spacing} | {images.mean():.1f} |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="which", required=True)
@@ -225,9 +251,28 @@ def main(argv=None):
     quality.add_argument("--cells", default=None, metavar="SAMPLER:STEPS,...",
                          help="score only these sampler/step pairs (e.g. ddim:50,dpmsolver++_karras:15) "
                               "instead of every --samplers x --steps")
+    pixels = sub.add_parser("pixels", help="mean pixel of a few images per cell and spacing, from --weights")
+    pixels.add_argument("--weights", required=True, metavar="FILE.weights.h5", help="written by quality --weights")
+    pixels.add_argument("--dataset", default="digits")
+    pixels.add_argument("--data_dir", default=None)
+    pixels.add_argument("--preset", default="small")
+    pixels.add_argument("--cells", default="ddim:50,unipc:10,dpmsolver++:10,dpmsolver++_karras:10")
+    pixels.add_argument("--steps", default=None)  # quality_cells' fallback; --cells is always given here
+    pixels.add_argument("--spacings", default="leading,trailing,linspace")
+    pixels.add_argument("--images", type=int, default=40)
+    pixels.add_argument("--guidance", type=float, default=None, help="default: the preset's")
+    pixels.add_argument("--seed", type=int, default=0)
     for p in (speed, quality):
         p.add_argument("--samplers", nargs="+", choices=tuple(SAMPLERS), default=list(SAMPLERS))
     args = parser.parse_args(argv)
+    if args.which == "pixels":
+        quality_cells(args)
+        for spacing in args.spacings.split(","):
+            if spacing not in TIMESTEP_SPACINGS:
+                raise SystemExit(f"error: --spacings: each one of {', '.join(TIMESTEP_SPACINGS)}, not {spacing!r}")
+        if not Path(args.weights).is_file():
+            raise SystemExit(f"error: --weights {args.weights} is not a file (write one with quality --weights)")
+        return bench_pixels(args)
     if args.which == "quality":
         quality_cells(args)  # bad arguments stop here, before minutes of training
         check_weights_name(args.weights)
