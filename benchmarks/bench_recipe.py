@@ -233,16 +233,12 @@ def main():
 
         for proportions, per_class_x1 in x1_by_proportions.items():
             tag = base_tag + ("" if proportions == "balanced" else f"_{proportions}")
-
-            def first_of_each_class(k):
-                return multiple_indices(labels, per_class_x1, k)
-
             cas_by_multiple, kid_by_multiple, fid_by_multiple = {}, {}, {}
             for k in range(1, args.multiples + 1):
-                chosen = first_of_each_class(k)
+                chosen = multiple_indices(labels, per_class_x1, k)
                 cas_by_multiple[f"x{k}"] = cas(images[chosen], labels[chosen])
                 kid_by_multiple[f"x{k}"], fid_by_multiple[f"x{k}"] = distances(images[chosen])
-            x1 = first_of_each_class(1)
+            x1 = multiple_indices(labels, per_class_x1, 1)
             kid, fid = kid_by_multiple["x1"], fid_by_multiple["x1"]
             row = {"tag": tag, "dataset": spec.name, "preset": preset.name, "rgb": bool(args.rgb),
                    "level_channels": list(preset.level_channels),

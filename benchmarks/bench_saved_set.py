@@ -29,10 +29,14 @@ PROTOCOLS = ("paper", "quick")
 
 
 def classifier_config(protocol):
-    """The paper's full protocol, or the `quick` budget's 8 epochs at batch 64 (bench_recipe.py's)."""
+    """The paper's full protocol, or the `quick` budget's classifier (8 epochs at batch 64, as bench_recipe.py)."""
     from Models.classifier import ClassifierConfig
+    from Pipeline.stages import BUDGETS
 
-    return ClassifierConfig() if protocol == "paper" else ClassifierConfig(epochs=8, batch_size=64)
+    if protocol == "paper":
+        return ClassifierConfig()
+    quick = BUDGETS["quick"]
+    return ClassifierConfig(epochs=quick.classifier_epochs, batch_size=quick.classifier_batch_size)
 
 
 def load_saved_set(path, num_classes):
