@@ -24,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from Pipeline.common_settings import (accept_unverified_setting, data_dir_setting, dataset_setting,  # noqa: E402
                                       experiment_setting, image_size_setting, preset_setting, sampler_setting,
                                       conditioning_setting, prompt_template_setting, ti_tokens_setting,
+                                      timestep_spacing_setting,
                                       train_subset_seed_setting, train_subset_setting)
 from Models.diffusion.schedulers import SAMPLERS  # noqa: E402
 from Pipeline.adapt import (check_unet_tuning, lora_alpha_setting, lora_rank_setting,  # noqa: E402
@@ -56,6 +57,7 @@ class ReproduceSettings(RuntimeSettings):
     quality: bool = setting(False, help="also compute the quality metrics of the generated set "
                                         "(evaluate_dataset.py, ResNet20 features) for the report")
     sampler: str = sampler_setting()
+    timestep_spacing: str = timestep_spacing_setting()
     conditioning: str = conditioning_setting()
     prompt_template: str = prompt_template_setting()
     ti_tokens: int = ti_tokens_setting()
@@ -103,7 +105,8 @@ def main(argv=None):
                         data_dir=settings.data_dir, storage=settings.storage, runtime=settings.runtime(),
                         command=command, quality=settings.quality, image_size=settings.image_size,
                         accept_unverified_data=settings.accept_unverified_data, sampler=settings.sampler,
-                        search_samplers=settings.search_samplers, train_subset=settings.train_subset,
+                        search_samplers=settings.search_samplers, timestep_spacing=settings.timestep_spacing,
+                        train_subset=settings.train_subset,
                         train_subset_seed=settings.train_subset_seed, conditioning=settings.conditioning,
                         prompt_template=settings.prompt_template, ti_tokens=settings.ti_tokens,
                         unet_tuning=settings.unet_tuning_flags())

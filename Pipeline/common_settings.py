@@ -113,6 +113,14 @@ def conditioning_spec(settings):
                             getattr(settings, "ti_tokens", 1))
 
 
+def timestep_spacing_setting():
+    from Models.diffusion.presets import TIMESTEP_SPACINGS
+
+    return setting(None, choices=TIMESTEP_SPACINGS, group=ADDED,
+                   help="where the sampling timesteps fall: leading (Stable Diffusion's), trailing, linspace "
+                        "(default: the one the checkpoints record, SD_adapting.py --timestep_spacing)")
+
+
 def sampler_setting():
     from Models.diffusion.schedulers import DEFAULT_SAMPLER, SAMPLERS
 

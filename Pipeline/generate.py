@@ -34,7 +34,7 @@ from Utils.cli import UserError, existing_folder, folder, non_negative_float, no
 from Pipeline.common_settings import (accept_unverified_setting, conditioning_setting, conditioning_spec,
                                       data_dir_setting, dataset_setting, dataset_spec, experiment_setting,
                                       image_size_setting, load_real, preset_setting, prompt_template_setting,
-                                      sampler_setting, ti_tokens_setting, train_subset_seed_setting,
+                                      sampler_setting, ti_tokens_setting, timestep_spacing_setting, train_subset_seed_setting,
                                       train_subset_setting)
 from Models.diffusion.presets import GENERATION_BATCH_SIZE
 from Models.diffusion.schedulers import DDIM
@@ -77,6 +77,7 @@ class GenerateSettings(RuntimeSettings):
     seed: int = setting(0, type=non_negative_int, help="seed of the images' noise")
     eta: float = setting(0.0, type=non_negative_float, help="DDIM eta (0: deterministic)")
     sampler: str = sampler_setting()
+    timestep_spacing: str = timestep_spacing_setting()
     conditioning: str = conditioning_setting()
     prompt_template: str = prompt_template_setting()
     ti_tokens: int = ti_tokens_setting()
@@ -189,6 +190,9 @@ def is_done(settings):
     stored = {**_MANIFEST_DEFAULTS, **(manifest.get("settings") or {})}
     if not same_settings({k: stored.get(k) for k in _FLAG_KEYS}, {k: getattr(r, k) for k in _FLAG_KEYS}):
         return None
+    # Recorded only when it is not the checkpoint's (`_plan`); a spacing given equal to it runs and finds the set.
+    if stored.get("timestep_spacing") != r.timestep_spacing:
+        return None
     if r.keep_generation_size:
         kept = out_dir.with_name(f"{out_dir.name}_{stored.get('generation_size')}px")
         if len(list(kept.glob("class_*/img_*.png"))) != r.img_total:
@@ -232,13 +236,18 @@ def _plan(settings):
     enc_settings, used = ck.resolve_generation_checkpoints(preset, spec, r.exp, r.enc_epoch, r.dif_epoch,
                                                            conditioning)
     generation_size = ck.image_size_for(preset, spec)
+    # The manifest names the spacing only when it overrides the checkpoint's: sets made before the flag
+    # existed, and the same set asked for with the checkpoint's own spacing spelled out, stay one set.
+    spacing = r.timestep_spacing if r.timestep_spacing != ck.schedule_settings(enc_settings)["timestep_spacing"] \
+        else None
+    r = r.replace(timestep_spacing=spacing)
     manifest_settings = {
         "dataset": spec.name, "preset": preset.name, "img_total": r.img_total, "exp": r.exp,
         "enc_epoch": r.enc_epoch, "dif_epoch": r.dif_epoch, "inf_steps": r.inf_steps, "ugs": r.ugs,
         "eta": float(r.eta), "sampler": r.sampler, "seed": r.seed, "native_size": spec.image_size,
         "generation_size": generation_size, "random_init": enc_settings["random_init"],
         "init_seed": enc_settings.get("init_seed", 0), "mixed_precision": r.mixed_precision,
-        **conditioning.record(),
+        **conditioning.record(), **({"timestep_spacing": spacing} if spacing else {}),
     }
     stored = (read_manifest(r.output_folder()) or {}).get("settings") or {}
     for key, default in _MANIFEST_DEFAULTS.items():
@@ -296,7 +305,7 @@ def run(settings, log=print):
         indices = np.array([n for _, n in todo], np.int64)
         batches = model.generate_batches(labels, num_steps=r.inf_steps, guidance_scale=r.ugs, seed=r.seed,
                                          eta=r.eta, batch_size=r.batch_size, indices=indices, jit_compile=jit,
-                                         sampler=r.sampler)
+                                         sampler=r.sampler, timestep_spacing=r.timestep_spacing)
         with tqdm(total=len(todo), desc="images", unit="img", file=sys.stdout) as bar:
             for chunk, images in batches:
                 writer.write(images, labels[chunk], indices[chunk])

@@ -324,7 +324,7 @@ def generation_section(manifest):
                 "complete": manifest.get("complete")}
     settings.setdefault("conditioning", "class_encoder")
     shown = {k: settings[k] for k in ("conditioning", "img_total", "enc_epoch", "dif_epoch", "inf_steps", "ugs",
-                                      "sampler", "eta",
+                                      "sampler", "timestep_spacing", "eta",
                                       "seed", "preset", "generation_size", "native_size", "resize_method",
                                       "complete")
              if settings.get(k) is not None}

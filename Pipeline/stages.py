@@ -50,7 +50,7 @@ from Models.diffusion.presets import GENERATION_BATCH_SIZE
 from Models.diffusion.schedulers import DEFAULT_SAMPLER
 from Pipeline import adapt, cas, evaluate, generate, tune, tuning
 from Pipeline.report import write_report
-from Pipeline.tuning.space import SAMPLER_PARAM
+from Pipeline.tuning.space import SAMPLER_PARAM, SPACING_PARAM
 from Utils.cli import UserError
 from Utils.io import merge_json, read_json
 from Utils.paths import experiment_dir, output_root, synthetic_dir
@@ -152,6 +152,8 @@ class Pipeline:
         sampler: the studies' sampler (hyp_opt.py --sampler; DDIM, the paper's).
         search_samplers: samplers the studies also search (hyp_opt.py --search_samplers; None: not searched).
             The generate stage samples with study #2's winner's sampler.
+        timestep_spacing: the sampling timesteps' spacing of the studies and the generation
+            (hyp_opt.py / generate_dataset.py --timestep_spacing; None: the checkpoints').
         unet_tuning: the dif stage's {unet_tuning, lora_rank, lora_alpha} (SD_adapting.py's flags;
             None or unet_tuning "full": the paper's full fine-tuning, its command line unchanged).
         command: the reproduce.py command line, for the report.
@@ -162,7 +164,7 @@ class Pipeline:
                  runtime=RuntimeSettings(), command="python reproduce.py", log=print, quality=False,
                  image_size=None, accept_unverified_data=False, sampler=DEFAULT_SAMPLER, search_samplers=None,
                  train_subset=None, train_subset_seed=0, conditioning="class_encoder", prompt_template=None,
-                 ti_tokens=1, unet_tuning=None):
+                 ti_tokens=1, unet_tuning=None, timestep_spacing=None):
         from Data.registry import get_spec
         from Models.diffusion.presets import get_preset
 
@@ -176,6 +178,7 @@ class Pipeline:
         self.runtime = runtime
         self.quality = bool(quality)
         self.sampler = sampler
+        self.timestep_spacing = timestep_spacing
         # The conditioning method's flags, passed to every stage that has them (non-default only).
         self.conditioning = {key: value for key, value in (("conditioning", conditioning),
                              ("prompt_template", prompt_template), ("ti_tokens", ti_tokens))
@@ -254,7 +257,7 @@ class Pipeline:
         if optimize and self.search_samplers:
             extra |= dict(search_samplers=self.search_samplers)
         return tune.TuneSettings(train_model=stage, optimize=optimize, **self.common(tune.TuneSettings), **extra,
-                                 sampler=self.sampler,
+                                 sampler=self.sampler, timestep_spacing=self.timestep_spacing,
                                  num_imgs=b.num_imgs, classifier_epochs=b.tuning_classifier_epochs,
                                  batch_size=b.classifier_batch_size,
                                  generation_batch_size=b.generation_batch_size,
@@ -266,6 +269,7 @@ class Pipeline:
                                          enc_epoch=enc["enc_epoch"], dif_epoch=dif["dif_epoch"],
                                          inf_steps=dif["inf_steps"], ugs=dif["ugs"],
                                          sampler=dif.get(SAMPLER_PARAM, DEFAULT_SAMPLER),
+                                         timestep_spacing=dif.get(SPACING_PARAM),
                                          batch_size=self.budget.generation_batch_size, **self.runtime_settings())
 
     def cas_settings(self, take=None):

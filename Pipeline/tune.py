@@ -15,7 +15,8 @@ guidance ranges set by study #1's winner (is_1, ugs_1: given, or read from
 the enc study in the same storage). Trials sample with `sampler` (DDIM, the
 paper's), or, with `search_samplers`, the study also chooses among those;
 a sampler other than DDIM is part of the winner's settings (and so of the
-generate stage's, in reproduce.py) and of the protocol a resumed study must match. It writes the study into the storage
+generate stage's, in reproduce.py) and of the protocol a resumed study must match; so is a
+`timestep_spacing` given to the study (not searched). It writes the study into the storage
 (default: the SQLite file Experiments/Exp_{exp}/{dataset}/optuna.db), one
 cell of the stage table CAS Results/pipeline_optimization_exp{exp}.json
 ("opt", "opt_kid" or "no_opt") and, with save_plots, the Optuna plots.
@@ -32,13 +33,13 @@ from pathlib import Path
 from Pipeline.tuning.images import GENERATION_BATCH_SIZE
 from Pipeline.tuning.objective import OBJECTIVES
 from Pipeline.tuning.results import STAGE_KEYS, cell_key, cell_matches, read_cell, winner_settings
-from Pipeline.tuning.space import CHECKPOINT_PARAM, SAMPLER_PARAM, STAGES, STEPS_PARAM, UGS_PARAM
+from Pipeline.tuning.space import CHECKPOINT_PARAM, SAMPLER_PARAM, SPACING_PARAM, STAGES, STEPS_PARAM, UGS_PARAM
 from Pipeline.tuning.storage import default_storage_path, default_storage_url, open_storage
 from Utils.cli import UserError, non_negative_float, non_negative_int, positive_int
 from Pipeline.common_settings import (accept_unverified_setting, conditioning_setting, conditioning_spec,
                                       data_dir_setting, dataset_setting, dataset_spec, experiment_setting,
                                       image_size_setting, load_real, preset_setting, prompt_template_setting,
-                                      sampler_setting, ti_tokens_setting, train_subset_seed_setting,
+                                      sampler_setting, ti_tokens_setting, timestep_spacing_setting, train_subset_seed_setting,
                                       train_subset_setting)
 from Models.diffusion.schedulers import DEFAULT_SAMPLER, SAMPLERS
 from Utils.runtime import RuntimeSettings
@@ -113,6 +114,7 @@ class TuneSettings(RuntimeSettings):
                                           "than one standard error of the validation accuracy; for short studies "
                                           "(reproduce.py's quick budget), off in the paper")
     sampler: str = sampler_setting()
+    timestep_spacing: str = timestep_spacing_setting()
     conditioning: str = conditioning_setting()
     prompt_template: str = prompt_template_setting()
     ti_tokens: int = ti_tokens_setting()
@@ -153,8 +155,8 @@ class TuneResult:
     Attributes:
         stage: "enc" or "dif".
         key: the cell, "opt", "opt_kid" or "no_opt".
-        settings: {"inf_steps", "ugs", "enc_epoch" | "dif_epoch"} (generate_dataset.py's flags), and
-            "sampler" unless it is DDIM.
+        settings: {"inf_steps", "ugs", "enc_epoch" | "dif_epoch"} (generate_dataset.py's flags),
+            "sampler" unless it is DDIM, and "timestep_spacing" when the study was given one.
         val_accuracy: best validation top-1 of the classifier trained on these settings' images.
         top1, top5: its real test accuracy (recorded, never optimised).
         storage_url: the study's storage (None: no-opt with no study to reuse).
@@ -227,14 +229,18 @@ def _protocol(s, spec, preset):
         protocol["search_samplers"] = list(dict.fromkeys(s.search_samplers))
     elif s.sampler != DEFAULT_SAMPLER:
         protocol["sampler"] = s.sampler
+    if s.timestep_spacing:
+        protocol["timestep_spacing"] = s.timestep_spacing
     return protocol
 
 
-def _with_sampler(settings, sampler):
-    """A cell's settings naming the sampler when it is not DDIM (so the generate stage uses it)."""
-    sampler = settings.get(SAMPLER_PARAM, sampler)
-    settings = {k: v for k, v in settings.items() if k != SAMPLER_PARAM}
-    return settings | ({SAMPLER_PARAM: sampler} if sampler != DEFAULT_SAMPLER else {})
+def _with_fixed_choices(settings, s):
+    """A cell's settings naming the sampler when it is not DDIM and the timestep spacing when one was
+    given (so the generate stage samples as the trials did)."""
+    sampler = settings.get(SAMPLER_PARAM, s.sampler)
+    settings = {k: v for k, v in settings.items() if k not in (SAMPLER_PARAM, SPACING_PARAM)}
+    settings |= {SAMPLER_PARAM: sampler} if sampler != DEFAULT_SAMPLER else {}
+    return settings | ({SPACING_PARAM: s.timestep_spacing} if s.timestep_spacing else {})
 
 
 def _check(settings):
@@ -336,7 +342,7 @@ def run(settings, log=print):
     spec, stage = p.spec, s.train_model
     source = DiffusionImageSource(s.exp, spec.name, p.preset, stage, enc_epoch=s.enc_epoch,
                                   batch_size=s.generation_batch_size, jit_compile=s.xla, sampler=s.sampler,
-                                  conditioning=conditioning_spec(s))
+                                  conditioning=conditioning_spec(s), timestep_spacing=s.timestep_spacing)
     splits = load_real(s)
     config = ClassifierConfig(epochs=int(s.classifier_epochs), batch_size=int(s.batch_size))
     if not s.optimize:
@@ -364,7 +370,7 @@ def _score_defaults(p, objective, log):
     from Pipeline.tuning.study import tuning_study_name
 
     s, spec, stage = p.settings, p.spec, p.settings.train_model
-    settings = _with_sampler(default_settings(stage, p.preset, p.checkpoint_epochs), s.sampler)
+    settings = _with_fixed_choices(default_settings(stage, p.preset, p.checkpoint_epochs), s)
     name = tuning_study_name(spec.name, s.exp, stage, "cas")
     match = {**p.protocol, "dataset": spec.name, "stage": stage, "objective": "cas"}
     if stage == "dif" and s.enc_epoch is not None:
@@ -424,7 +430,7 @@ def _tune(p, storage, space, objective, log):
             log(f"plots: {Path(next(iter(saved.values()))).parent}")
     winner = best_trial(study)
     entry = trial_entry(study, winner, s.objective, space)
-    entry.update(settings=_with_sampler(as_builtin(winner.params), s.sampler), **p.protocol,
+    entry.update(settings=_with_fixed_choices(as_builtin(winner.params), s), **p.protocol,
                  real_data=objective.splits.provenance())
     if s.objective == "kid":
         # The KID winner's CAS, with the same classifier protocol as the accuracy-tuned row.

@@ -19,6 +19,7 @@ that scores the real training split the same way (the floor).
         --cells ddim:50,dpmsolver++_karras:15 --weights /tmp/retina.weights.h5   # chosen cells; model kept
     python benchmarks/bench_samplers.py pixels --dataset retinamnist --data_dir ../shared/data \
         --weights /tmp/retina.weights.h5         # mean pixel per cell and timestep spacing (too bright?)
+    python benchmarks/bench_samplers.py quality ... --timestep_spacing trailing   # cells with another spacing
 """
 
 import argparse
@@ -189,10 +190,11 @@ def bench_quality(args):
         started = time.perf_counter()
         with model.sampling_weights():
             images = model.generate(labels, num_steps=steps, guidance_scale=guidance, seed=args.seed,
-                                    batch_size=250, sampler=name)
+                                    batch_size=250, sampler=name, timestep_spacing=args.timestep_spacing)
         generate_s = time.perf_counter() - started
         kid, fid = distances(images)
-        row = {"sampler": name, "steps": steps, "unet_calls": steps, "guidance": guidance,
+        spacing = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {}
+        row = {"sampler": name, "steps": steps, **spacing, "unet_calls": steps, "guidance": guidance,
                "cas_x1_top1": cas(images, labels), "kid": kid, "fid": fid, "generate_s": round(generate_s, 1),
                "dataset": spec.name, "preset": preset.name, "epochs": epochs,
                "classifier_epochs": args.classifier_epochs, "seed": args.seed}
@@ -212,13 +214,12 @@ def bench_pixels(args):
     print(f"| real training split | | | {real.mean():.1f} |")
     labels = np.arange(args.images) % spec.num_classes
     guidance = preset.default_guidance_scale if args.guidance is None else args.guidance
+    model = ck.build_model(preset, spec, random_init=True, init_seed=args.seed, seed=args.seed)
+    model.load_weights(args.weights)
     for spacing in args.spacings.split(","):
-        model = ck.build_model(preset, spec, random_init=True, init_seed=args.seed, seed=args.seed,
-                               recipe={**preset.recipe(), "timestep_spacing": spacing})
-        model.load_weights(args.weights)
         for name, steps in quality_cells(args):
             images = model.generate(labels, num_steps=steps, guidance_scale=guidance, seed=args.seed,
-                                    batch_size=args.images, sampler=name)
+                                    batch_size=args.images, sampler=name, timestep_spacing=spacing)
             print(f"| {name} | {steps} | {spacing} | {images.mean():.1f} |", flush=True)
 
 
@@ -245,6 +246,8 @@ def main(argv=None):
     quality.add_argument("--seed", type=int, default=0)
     quality.add_argument("--out", default="bench_samplers.jsonl")
     quality.add_argument("--floor_only", action="store_true", help="only the real training split's row")
+    quality.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
+                         help="sample with this spacing (default: the preset's)")
     quality.add_argument("--weights", default=None, metavar="FILE.weights.h5",
                          help="the trained model's sampling weights: read when the file exists (no training), "
                               "written after training otherwise")

@@ -115,7 +115,7 @@ class ClassConditionalGenerator:
         return self.backbone.contexts(labels, indices=indices, seed=seed)
 
     def generate(self, labels, num_steps=None, guidance_scale=None, seed=0, eta=0.0, batch_size=64,
-                 indices=None, jit_compile=False, progress=False, sampler=DEFAULT_SAMPLER):
+                 indices=None, jit_compile=False, progress=False, sampler=DEFAULT_SAMPLER, timestep_spacing=None):
         """Class-conditional images, uint8 (N, image_size, image_size, 3); grey data: three equal channels.
 
         Args:
@@ -130,16 +130,20 @@ class ClassConditionalGenerator:
             jit_compile: compile the sampling step with XLA.
             progress: a tqdm bar over the images.
             sampler: a name in `schedulers.SAMPLERS` (default "ddim", the paper's).
+            timestep_spacing: where the sampling timesteps fall, "leading", "trailing" or "linspace"
+                (default None: the schedule's, the one the model was trained with).
         """
         labels = np.asarray(labels, np.int64).reshape(-1)
         out = np.empty((len(labels), self.image_size, self.image_size, 3), np.uint8)
         for chunk, images in self.generate_batches(labels, num_steps, guidance_scale, seed, eta,
-                                                   batch_size, indices, jit_compile, progress, sampler):
+                                                   batch_size, indices, jit_compile, progress, sampler,
+                                                   timestep_spacing):
             out[chunk] = images
         return out
 
     def generate_batches(self, labels, num_steps=None, guidance_scale=None, seed=0, eta=0.0,
-                         batch_size=64, indices=None, jit_compile=False, progress=False, sampler=DEFAULT_SAMPLER):
+                         batch_size=64, indices=None, jit_compile=False, progress=False, sampler=DEFAULT_SAMPLER,
+                         timestep_spacing=None):
         """`generate`, one batch at a time: yields (slice into labels, uint8 images).
 
         Every sampler call has the same batch size (the last batch is padded and
@@ -173,7 +177,7 @@ class ClassConditionalGenerator:
                     return np.stack(z + [np.zeros(shape, np.float32)] * pad)
 
                 x0 = loop.sample(noise, context, uncond, num_steps, guidance_scale, eta=eta,
-                                    step_noise=step_noise)
+                                 step_noise=step_noise, timestep_spacing=timestep_spacing)
                 x0 = self.backbone.decode(x0)
                 bar.update(n)
                 yield chunk, to_uint8_images(np.asarray(x0)[:n])

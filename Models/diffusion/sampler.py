@@ -166,20 +166,35 @@ class DiffusionSampler:
                                    name=f"guided_{self.scheduler.name}".replace("+", "p"))
         self.model.compile(jit_compile=bool(jit_compile))
 
-    def inputs(self, noise, context, uncond_context, num_steps, guidance_scale, eta=0.0, step_noise=None):
+    def inputs(self, noise, context, uncond_context, num_steps, guidance_scale, eta=0.0, step_noise=None,
+               timestep_spacing=None):
         """The loop's input dict for `self.model.predict_on_batch`, all steps in one call
         (see `sample` for the arguments)."""
-        inputs, tables = self._inputs_without_noise(noise, context, uncond_context, num_steps, guidance_scale, eta)
+        inputs, tables = self._inputs_without_noise(noise, context, uncond_context, num_steps, guidance_scale, eta,
+                                                    timestep_spacing)
         if tables.stochastic:
             steps = len(tables.timesteps)
             inputs["noise"] = _step_noise(step_noise, inputs["latent"].shape, 0, steps, steps)
         return inputs
 
-    def _inputs_without_noise(self, noise, context, uncond_context, num_steps, guidance_scale, eta):
+    def tables(self, num_steps, eta=0.0, timestep_spacing=None):
+        """The scheduler's `StepTables` for one call; `timestep_spacing` overrides the schedule's.
+
+        Only these host-side tables depend on the spacing (the compiled loop reads
+        them as inputs), so another spacing needs no new loop.
+        """
+        scheduler = self.scheduler
+        schedule = self.schedule.with_timestep_spacing(timestep_spacing)
+        if schedule is not self.schedule:
+            scheduler = make_scheduler(scheduler.name, schedule)
+        return scheduler.tables(num_steps, eta)
+
+    def _inputs_without_noise(self, noise, context, uncond_context, num_steps, guidance_scale, eta,
+                              timestep_spacing=None):
         """(inputs with zero noise, the scheduler's tables)."""
         latent = np.asarray(noise, dtype="float32")
         batch = latent.shape[0]
-        tables = self.scheduler.tables(num_steps, eta)
+        tables = self.tables(num_steps, eta, timestep_spacing)
         if tables.initial_scale != 1.0:
             latent = latent * np.float32(tables.initial_scale)
         steps = len(tables.timesteps)
@@ -208,7 +223,8 @@ class DiffusionSampler:
             inputs[name] = table(tables.coefficients[name], 0)
         return inputs, tables
 
-    def sample(self, noise, context, uncond_context, num_steps, guidance_scale, eta=0.0, step_noise=None):
+    def sample(self, noise, context, uncond_context, num_steps, guidance_scale, eta=0.0, step_noise=None,
+               timestep_spacing=None):
         """Denoises `noise` (B, S, S, C) into x_0 (NumPy float32, same shape).
 
         Args:
@@ -223,8 +239,11 @@ class DiffusionSampler:
                 that draws per-step noise (DDIM with eta > 0, Euler ancestral), called for the
                 steps in order (default: NumPy noise seeded by the step index;
                 `ClassConditionalGenerator` ties it to each image instead).
+            timestep_spacing: "leading", "trailing" or "linspace" (default None: the schedule's,
+                i.e. the one the checkpoint records).
         """
-        inputs, tables = self._inputs_without_noise(noise, context, uncond_context, num_steps, guidance_scale, eta)
+        inputs, tables = self._inputs_without_noise(noise, context, uncond_context, num_steps, guidance_scale, eta,
+                                                    timestep_spacing)
         steps = len(tables.timesteps)
         # A stateless sampler that draws per-step noise gets it NOISE_CHUNK steps per call; the rest, one call.
         chunk = NOISE_CHUNK if tables.stochastic and not self.scheduler.state_size else steps

@@ -41,6 +41,8 @@ Example:
     >>> NoiseSchedule("squaredcos_cap_v2", prediction_type="v_prediction").snr([0, 999])
 """
 
+import copy
+
 import keras
 import numpy as np
 from keras import ops
@@ -131,6 +133,22 @@ class NoiseSchedule:
         return {"beta_schedule": self.beta_schedule, "prediction_type": self.prediction_type,
                 "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
                 "timestep_spacing": self.timestep_spacing}
+
+    def with_timestep_spacing(self, timestep_spacing):
+        """The same schedule sampled with another `timestep_spacing` (None: this one).
+
+        The spacing only places the sampling timesteps; the betas and what the UNet
+        learnt do not depend on it, so generation may choose it (diffusers:
+        `Scheduler.from_config(config, timestep_spacing=...)`).
+        """
+        if timestep_spacing is None or timestep_spacing == self.timestep_spacing:
+            return self
+        if timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ScheduleError(f"unknown timestep spacing {timestep_spacing!r}; "
+                                f"choose one of {', '.join(TIMESTEP_SPACINGS)}")
+        schedule = copy.copy(self)
+        schedule.timestep_spacing = timestep_spacing
+        return schedule
 
     def _alpha_bar(self, timesteps, like):
         table = ops.convert_to_tensor(self.alphas_cumprod.astype("float32"))

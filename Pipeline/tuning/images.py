@@ -11,7 +11,7 @@ Example:
 """
 
 from Data.balance import balanced_labels
-from Pipeline.tuning.space import CHECKPOINT_PARAM, SAMPLER_PARAM, STEPS_PARAM, UGS_PARAM
+from Pipeline.tuning.space import CHECKPOINT_PARAM, SAMPLER_PARAM, SPACING_PARAM, STEPS_PARAM, UGS_PARAM
 from Models.diffusion.presets import GENERATION_BATCH_SIZE
 from Models.diffusion.schedulers import DEFAULT_SAMPLER
 from Utils.cli import UserError
@@ -44,10 +44,12 @@ class DiffusionImageSource:
         jit_compile: compile the sampling step with XLA.
         sampler: the sampler of a trial whose settings name none (schedulers.SAMPLERS).
         conditioning: the ConditioningSpec the checkpoints must have been trained with (None: theirs).
+        timestep_spacing: the sampling timesteps' spacing of a trial whose settings name none
+            (None: the checkpoint's).
     """
 
     def __init__(self, exp, dataset, preset, stage, enc_epoch=None, batch_size=GENERATION_BATCH_SIZE,
-                 jit_compile=False, sampler=DEFAULT_SAMPLER, conditioning=None):
+                 jit_compile=False, sampler=DEFAULT_SAMPLER, conditioning=None, timestep_spacing=None):
         from Data.registry import get_spec
         from Models.diffusion import checkpoints
 
@@ -59,6 +61,7 @@ class DiffusionImageSource:
         self.jit_compile = bool(jit_compile)
         self.sampler = sampler
         self.conditioning = conditioning
+        self.timestep_spacing = timestep_spacing
         self._checkpoints = checkpoints
         self._model = None
         self._loaded = None
@@ -85,5 +88,6 @@ class DiffusionImageSource:
                                 guidance_scale=float(settings[UGS_PARAM]), seed=seed,
                                 batch_size=self.batch_size, jit_compile=self.jit_compile,
                                 progress=len(labels) >= 4 * self.batch_size,
-                                sampler=settings.get(SAMPLER_PARAM, self.sampler))
+                                sampler=settings.get(SAMPLER_PARAM, self.sampler),
+                                timestep_spacing=settings.get(SPACING_PARAM, self.timestep_spacing))
         return resize_images(images, self.spec.image_size)

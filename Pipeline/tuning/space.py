@@ -33,6 +33,8 @@ PAPER_UGS_MAX = 7.5
 PAPER_CHECKPOINTS = {"enc": (1, 50), "dif": (1, 10)}
 CHECKPOINT_PARAM = {"enc": "enc_epoch", "dif": "dif_epoch"}
 STEPS_PARAM, UGS_PARAM, SAMPLER_PARAM = "inf_steps", "ugs", "sampler"
+# Not searched: a fixed choice of the study, named in its winner's settings when given.
+SPACING_PARAM = "timestep_spacing"
 
 
 @dataclass(frozen=True)
