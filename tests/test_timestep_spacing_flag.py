@@ -171,3 +171,18 @@ def test_a_study_samples_with_the_spacing_and_its_cells_carry_it_to_the_generate
     tuning.record_pipeline("0", "digits", "dif", "opt", {"settings": {"inf_steps": 4, "ugs": 1.0, "dif_epoch": 1,
                                                                       "timestep_spacing": "trailing"}})
     assert pipeline.generate_settings().timestep_spacing == "trailing"
+
+
+def test_the_no_opt_row_takes_the_studys_default_trial_when_the_spacing_and_sampler_are_fixed(tiny_checkpoints,
+                                                                                              tmp_path, monkeypatch):
+    shutil.copytree(tiny_checkpoints / "Checkpoints", tmp_path / "Checkpoints")
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
+    common = dict(dataset="digits", train_model="enc", exp="0", preset="tiny", num_imgs=20, classifier_epochs=1,
+                  batch_size=32, sampler="unipc", timestep_spacing="trailing")
+    study = tune.run(tune.TuneSettings(**common, n_trials=1, enqueue_defaults=True), log=lambda _: None)
+    lines = []
+    default = tune.run(tune.TuneSettings(**common, optimize=False), log=lines.append)
+    assert default.settings == study.settings  # the one trial: the default settings, with the fixed choices
+    assert default.settings["sampler"] == "unipc" and default.settings["timestep_spacing"] == "trailing"
+    assert default.entry["from_trial"]["trial"] == 0 and any("taking its numbers" in line for line in lines)
+    assert (default.top1, default.val_accuracy) == (study.top1, study.val_accuracy)

@@ -88,7 +88,9 @@ def reusable_default_trial(storage, name, settings, protocol):
     if any(stored.get(k) != v for k, v in protocol.items()):
         return None
     for trial in completed_trials(study):
-        if as_builtin(trial.params) == as_builtin(settings) and "test_top1" in trial.user_attrs:
+        # Settings the study did not search (a fixed sampler or spacing) are in the protocol matched above.
+        searched = {key: settings.get(key) for key in trial.params}
+        if as_builtin(trial.params) == as_builtin(searched) and "test_top1" in trial.user_attrs:
             return study, trial
     return None
 
