@@ -34,8 +34,8 @@ from Utils.cli import UserError, existing_folder, folder, non_negative_float, no
 from Pipeline.common_settings import (accept_unverified_setting, conditioning_setting, conditioning_spec,
                                       data_dir_setting, dataset_setting, dataset_spec, experiment_setting,
                                       image_size_setting, load_real, preset_setting, prompt_template_setting,
-                                      sampler_setting, ti_tokens_setting, timestep_spacing_setting, train_subset_seed_setting,
-                                      train_subset_setting)
+                                      sampler_setting, ti_tokens_setting, timestep_spacing_setting,
+                                      train_subset_seed_setting, train_subset_setting)
 from Models.diffusion.presets import GENERATION_BATCH_SIZE
 from Models.diffusion.schedulers import DDIM
 from Utils.runtime import RuntimeSettings

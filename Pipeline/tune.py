@@ -39,8 +39,8 @@ from Utils.cli import UserError, non_negative_float, non_negative_int, positive_
 from Pipeline.common_settings import (accept_unverified_setting, conditioning_setting, conditioning_spec,
                                       data_dir_setting, dataset_setting, dataset_spec, experiment_setting,
                                       image_size_setting, load_real, preset_setting, prompt_template_setting,
-                                      sampler_setting, ti_tokens_setting, timestep_spacing_setting, train_subset_seed_setting,
-                                      train_subset_setting)
+                                      sampler_setting, ti_tokens_setting, timestep_spacing_setting,
+                                      train_subset_seed_setting, train_subset_setting)
 from Models.diffusion.schedulers import DEFAULT_SAMPLER, SAMPLERS
 from Utils.runtime import RuntimeSettings
 from Utils.settings import ADDED, PAPER, setting
