@@ -15,12 +15,19 @@ Parts:
                what `train_classifier` uses) against Keras' own in-memory
                array input with shuffle=True (both XLA-compiled: Keras'
                jit_compile="auto" on TensorFlow), and ours without XLA.
+  noise        the quick CAS protocol's own spread (bench_recipe.py's scorer: 8
+               epochs, batch 64) on one fixed training set, the real split of
+               --dataset: the same seed and images twice (repeatability), the
+               same seed with every pixel nudged by at most 0.01 of a grey level
+               (far below what an 8-bit PNG stores), and other classifier seeds.
+               What separates two generated sets has to exceed this.
 
 Usage:
     nice -n 10 .venv/bin/python benchmarks/bench_classifier.py retinamnist --data_dir ../shared/data
     nice -n 10 .venv/bin/python benchmarks/bench_classifier.py digits
     .venv/bin/python benchmarks/bench_classifier.py fashion_mnist      # Debian's idx files or the data cache
     nice -n 10 .venv/bin/python benchmarks/bench_classifier.py throughput --steps 4 --rounds 3
+    .venv/bin/python benchmarks/bench_classifier.py noise --dataset retinamnist --repeats 2
 
 Each part prints a Markdown table (paste into BENCHMARKS.md)
 and a JSON line with the raw figures.
@@ -129,9 +136,44 @@ def bench_throughput(steps, rounds, sizes=(28, 32), batch_size=256, initial_filt
                       "load_avg_1min_at_end": load, "results": results}))
 
 
-def main():
+def bench_noise(dataset, data_dir, seed, repeats, classifier_epochs):
+    """Test top-1 of the quick protocol's classifier on the real training split, trained again and again."""
+    import numpy as np
+
+    from benchmarks.bench_recipe import cas_scorer
+    from Data.loaders import load_dataset
+    from Data.registry import get_spec
+
+    spec = get_spec(dataset)
+    splits = load_dataset(spec.name, data_dir=data_dir)
+    x, y = splits.x_train, splits.y_train
+
+    def score(name, images, classifier_seed):
+        start = time.perf_counter()
+        top1 = cas_scorer(spec, splits, classifier_epochs, 64, classifier_seed)(images, y)
+        rows.append({"run": name, "seed": classifier_seed, "top1": top1, "wall_s": time.perf_counter() - start})
+        print(json.dumps({"part": "noise", "dataset": spec.name, **rows[-1]}), flush=True)
+
+    rows = []
+    score("the same images", x, seed)
+    score("the same images, again", x, seed)
+    for k in range(1, repeats + 1):
+        nudge = np.random.default_rng(k).uniform(-0.01, 0.01, x.shape).astype("float32")
+        score(f"nudged images #{k} (|change| <= 0.01 grey level)", x.astype("float32") + nudge, seed)
+    for k in range(1, repeats + 1):
+        score("the same images, another classifier seed", x, seed + k)
+    print(f"\n| {spec.name}, real training split, {classifier_epochs}-epoch ResNet20 | classifier seed | "
+          "test top-1 |\n| --- | --- | --- |")
+    for row in rows:
+        print(f"| {row['run']} | {row['seed']} | {row['top1']:.2%} |")
+    top1 = [row["top1"] for row in rows]
+    print(f"spread (max - min) over all {len(rows)} runs: {100 * (max(top1) - min(top1)):.2f} points; "
+          f"repeat equal: {rows[0]['top1'] == rows[1]['top1']}")
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=["retinamnist", "digits", "fashion_mnist", "throughput"])
+    parser.add_argument("part", choices=["retinamnist", "digits", "fashion_mnist", "throughput", "noise"])
     parser.add_argument("--data_dir", default=None,
                         help="the dataset's files (default: ../shared/data for retinamnist, else where the "
                              "registry looks)")
@@ -139,13 +181,21 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=4, help="batches per timed throughput epoch")
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per throughput variant")
-    args = parser.parse_args()
+    parser.add_argument("--dataset", default="retinamnist", help="noise: the real set to train on")
+    parser.add_argument("--repeats", type=int, default=2, help="noise: nudged sets, and other seeds, of each")
+    parser.add_argument("--classifier_epochs", type=int, default=8, help="noise: the quick protocol's epochs")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.classifier_epochs < 1:
+        raise SystemExit("error: --repeats and --classifier_epochs must be at least 1")
+    data_dir = args.data_dir
+    dataset = args.dataset if args.part == "noise" else args.part
+    if data_dir is None and dataset == "retinamnist":
+        data_dir = str(REPO.parent / "shared" / "data")
     if args.part == "throughput":
         bench_throughput(args.steps, args.rounds)
+    elif args.part == "noise":
+        bench_noise(dataset, data_dir, args.seed, args.repeats, args.classifier_epochs)
     else:
-        data_dir = args.data_dir
-        if data_dir is None and args.part == "retinamnist":
-            data_dir = str(REPO.parent / "shared" / "data")
         bench_full_protocol(args.part, data_dir, args.output_root, args.seed)
 
 

@@ -240,9 +240,10 @@ def pytest_collection_modifyitems(items):
 def release_memory_after_each_file(request):
     yield
     if "keras" in sys.modules:
-        sys.modules["keras"].backend.clear_session(free_memory=True)
-    import gc
-    gc.collect()
+        sys.modules["keras"].backend.clear_session(free_memory=True)  # it collects garbage itself
+    else:
+        import gc
+        gc.collect()
     try:  # hand freed heap pages back to the system (glibc keeps them otherwise)
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -5,6 +5,7 @@ import argparse
 import numpy as np
 import pytest
 
+from benchmarks.bench_classifier import main as bench_classifier_main
 from benchmarks.bench_recipe import multiple_indices
 from benchmarks.bench_samplers import main as bench_samplers_main
 from benchmarks.bench_samplers import quality_cells
@@ -28,6 +29,13 @@ def test_a_bad_cell_stops_with_one_line_before_any_training(cells, capsys):
     with pytest.raises(SystemExit) as stopped:
         bench_samplers_main(["quality", "--cells", cells])
     assert "--cells wants SAMPLER:STEPS" in str(stopped.value)
+
+
+@pytest.mark.parametrize("args", [["--repeats", "0"], ["--classifier_epochs", "-1"]])
+def test_the_noise_part_refuses_empty_runs_with_one_line(args):
+    with pytest.raises(SystemExit) as stopped:
+        bench_classifier_main(["noise", *args])
+    assert str(stopped.value) == "error: --repeats and --classifier_epochs must be at least 1"
 
 
 def test_weights_must_be_a_keras_weights_file():

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 
-from tests.test_reproduce import REPO, TINY_BUDGET, _env
+from tests.test_reproduce import REPO, TINY_BUDGET_ON_A_SUBSET, _env
 
 
 @pytest.mark.parametrize("method", ["text", "textual_inversion"])
 def test_reproduce_runs_a_text_method_to_a_report(tmp_path, method):
     pytest.importorskip("ftfy")
-    done = subprocess.run([sys.executable, str(REPO / "reproduce.py"), *TINY_BUDGET,
+    done = subprocess.run([sys.executable, str(REPO / "reproduce.py"), *TINY_BUDGET_ON_A_SUBSET,
                            "--conditioning", method], cwd=tmp_path, env=_env(tmp_path),
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stderr[-3000:]

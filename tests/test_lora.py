@@ -10,6 +10,7 @@
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import h5py
@@ -171,10 +172,14 @@ def _runs(root):
     import SD_adapting
     from Models.diffusion.callbacks import Checkpointer
 
-    folders = {}
+    folders, enc_folder = {}, None
     for run in ("uninterrupted", "killed"):
         os.environ["SDDG_OUTPUT_ROOT"] = str(Path(root) / run)
-        assert SD_adapting.main(ENC) == 0
+        if enc_folder is None:
+            assert SD_adapting.main(ENC) == 0
+            enc_folder = ck.diffusion_checkpoint_dir(0, "digits", "enc")
+        else:  # both dif runs start from the same enc checkpoints: copied, not trained again
+            shutil.copytree(enc_folder, ck.diffusion_checkpoint_dir(0, "digits", "enc"))
         folders[run] = ck.diffusion_checkpoint_dir(0, "digits", "dif")
         if run == "uninterrupted":
             assert SD_adapting.main(DIF) == 0
@@ -276,9 +281,9 @@ def test_reproduce_with_lora_fine_tuning_runs_to_a_report(tmp_path):
     import subprocess
     import sys
 
-    from test_reproduce import REPO, TINY_BUDGET, _env
+    from test_reproduce import REPO, TINY_BUDGET_ON_A_SUBSET, _env
 
-    command = [sys.executable, str(REPO / "reproduce.py"), *TINY_BUDGET,
+    command = [sys.executable, str(REPO / "reproduce.py"), *TINY_BUDGET_ON_A_SUBSET,
                "--unet_tuning", "lora", "--lora_rank", "2"]
     done = subprocess.run(command, cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=2400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
