@@ -159,7 +159,7 @@ def bench_noise(dataset, data_dir, seed, repeats, classifier_epochs):
     score("the same images, again", x, seed)
     for k in range(1, repeats + 1):
         nudge = np.random.default_rng(k).uniform(-0.01, 0.01, x.shape).astype("float32")
-        score(f"nudged images #{k} (|change| <= 0.01 grey level)", x.astype("float32") + nudge, seed)
+        score(f"nudged images #{k} (each pixel moved by at most 0.01 grey level)", x.astype("float32") + nudge, seed)
     for k in range(1, repeats + 1):
         score("the same images, another classifier seed", x, seed + k)
     print(f"\n| {spec.name}, real training split, {classifier_epochs}-epoch ResNet20 | classifier seed | "
