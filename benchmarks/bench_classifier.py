@@ -150,7 +150,7 @@ def bench_noise(dataset, data_dir, seed, repeats, classifier_epochs):
 
     def score(name, images, classifier_seed):
         start = time.perf_counter()
-        top1 = cas_scorer(spec, splits, classifier_epochs, 64, classifier_seed)(images, y)
+        [top1] = cas_scorer(spec, splits, classifier_epochs, 64, classifier_seed)(images, y)
         rows.append({"run": name, "seed": classifier_seed, "top1": top1, "wall_s": time.perf_counter() - start})
         print(json.dumps({"part": "noise", "dataset": spec.name, **rows[-1]}), flush=True)
 

@@ -11,7 +11,9 @@ One run = one row of BENCHMARKS.md's ablation table ("From-scratch recipe"):
    of x1 against the real test split (ResNet20 features trained on the real training split,
    as `hyp_opt.py --objective kid`); the speckle figure (share of pixels whose channels
    disagree by more than 48/255). --with_real adds the real row under the same protocol
-   and the real training split's KID/FID (the floor).
+   and the real training split's KID/FID (the floor). --classifier_runs K trains K classifiers per
+   set (seeds --seed .. --seed + K - 1) and records their mean top-1 and each run's: one run of
+   this scorer spreads by several points on RetinaMNIST (`bench_classifier.py noise`).
 
 Rows are appended to `--out` (JSON lines); a sample grid goes beside it; `--save_images FILE.npz`
 keeps the generated set (images and labels, every multiple) for scoring under other classifier
@@ -55,6 +57,9 @@ parser.add_argument("--guidance", default=None,
                          "model (default: the preset's)")
 parser.add_argument("--classifier_epochs", type=int, default=8)
 parser.add_argument("--classifier_batch_size", type=int, default=64)
+parser.add_argument("--classifier_runs", type=int, default=1,
+                    help="classifiers (seeds --seed, --seed + 1, ...) per scored set; the row holds their mean "
+                         "top-1 and each run's")
 parser.add_argument("--multiples", type=int, default=1, help="generate N x the training set; CAS of x1..xN")
 parser.add_argument("--with_real", action="store_true",
                     help="also the real row under the same classifier protocol, and the real-train KID/FID floor")
@@ -144,8 +149,13 @@ def multiple_indices(labels, per_class_x1, k):
     return np.concatenate([np.flatnonzero(labels == c)[:k * per_class_x1[c]] for c in range(len(per_class_x1))])
 
 
-def cas_scorer(spec, splits, classifier_epochs, classifier_batch_size, seed):
-    """x, y -> real test top-1 of a ResNet20 trained on them (validated on the real split)."""
+def cas_scorer(spec, splits, classifier_epochs, classifier_batch_size, seed, runs=1):
+    """x, y -> the real test top-1 of ResNet20s trained on them (validated on the real split), one per
+    classifier seed seed, seed + 1, ..., seed + runs - 1.
+
+    The scorer is deterministic but chaotic: inputs that differ below what a PNG stores move it by
+    as much as another seed does (BENCHMARKS.md, "The scorer's own spread"), so where sets are
+    compared, a set's figure is the mean of several runs (`mean_and_runs`)."""
     import keras
 
     from Models.classifier import ClassifierConfig, evaluate_classifier, train_classifier
@@ -153,12 +163,21 @@ def cas_scorer(spec, splits, classifier_epochs, classifier_batch_size, seed):
     config = ClassifierConfig(epochs=classifier_epochs, batch_size=classifier_batch_size)
 
     def cas(x, y):
-        keras.utils.set_random_seed(seed)
-        classifier, _ = train_classifier(x, y, splits.x_val, splits.y_val, spec.num_classes,
-                                         config=config, seed=seed, verbose=0)
-        return evaluate_classifier(classifier, splits.x_test, splits.y_test, spec.label_names)["top1"]
+        top1 = []
+        for classifier_seed in range(seed, seed + runs):
+            keras.utils.set_random_seed(classifier_seed)
+            classifier, _ = train_classifier(x, y, splits.x_val, splits.y_val, spec.num_classes,
+                                             config=config, seed=classifier_seed, verbose=0)
+            top1.append(evaluate_classifier(classifier, splits.x_test, splits.y_test, spec.label_names)["top1"])
+        return top1
 
     return cas
+
+
+def mean_and_runs(top1, key):
+    """A row's entries for one scored set: `key` the mean top-1; `key`_runs each run's, where there are several."""
+    mean = sum(top1) / len(top1)
+    return {key: mean, f"{key}_runs": top1} if len(top1) > 1 else {key: mean}
 
 
 def distance_scorer(splits, seed):
@@ -177,9 +196,11 @@ def distance_scorer(splits, seed):
     return distances
 
 
-def main():
-    args = parser.parse_args()
+def main(argv=None):
+    args = parser.parse_args(argv)
     check_weights_name(args.weights)
+    if args.classifier_runs < 1:
+        raise SystemExit(f"error: --classifier_runs must be at least 1, not {args.classifier_runs}")
     import numpy as np
 
     from Data.images import save_image_grid
@@ -212,7 +233,8 @@ def main():
                  else [float(g) for g in args.guidance.split(",")])
     step_counts = ([preset.default_inference_steps] if args.steps is None
                    else [int(n) for n in args.steps.split(",")])
-    cas = cas_scorer(spec, splits, args.classifier_epochs, args.classifier_batch_size, args.seed)
+    cas = cas_scorer(spec, splits, args.classifier_epochs, args.classifier_batch_size, args.seed,
+                     runs=args.classifier_runs)
     distances = distance_scorer(splits, args.seed)
     real_row = {}  # the real row's figures, computed once
     out = Path(args.out)
@@ -233,10 +255,12 @@ def main():
 
         for proportions, per_class_x1 in x1_by_proportions.items():
             tag = base_tag + ("" if proportions == "balanced" else f"_{proportions}")
-            cas_by_multiple, kid_by_multiple, fid_by_multiple = {}, {}, {}
+            cas_by_multiple, cas_runs, kid_by_multiple, fid_by_multiple = {}, {}, {}, {}
             for k in range(1, args.multiples + 1):
                 chosen = multiple_indices(labels, per_class_x1, k)
-                cas_by_multiple[f"x{k}"] = cas(images[chosen], labels[chosen])
+                scored = mean_and_runs(cas(images[chosen], labels[chosen]), f"x{k}")
+                cas_by_multiple[f"x{k}"] = scored[f"x{k}"]
+                cas_runs.update({name: value for name, value in scored.items() if name.endswith("_runs")})
                 kid_by_multiple[f"x{k}"], fid_by_multiple[f"x{k}"] = distances(images[chosen])
             x1 = multiple_indices(labels, per_class_x1, 1)
             kid, fid = kid_by_multiple["x1"], fid_by_multiple["x1"]
@@ -248,12 +272,13 @@ def main():
                    "classifier_epochs": args.classifier_epochs, "classifier_batch_size": args.classifier_batch_size,
                    **training,
                    "generate_s": round(generate_s, 1), "cas_x1_top1": cas_by_multiple["x1"], "cas": cas_by_multiple,
+                   **({"cas_runs": cas_runs, "classifier_runs": args.classifier_runs} if cas_runs else {}),
                    "kid": kid, "fid": fid, "kid_by_multiple": kid_by_multiple, "fid_by_multiple": fid_by_multiple,
                    "speckle": float(speckle_share(images[x1])), "seed": args.seed,
                    "unet_parameters": int(model.unet.count_params())}
             if args.with_real:
                 if "real_top1" not in real_row:
-                    real_row["real_top1"] = cas(splits.x_train, splits.y_train)
+                    real_row.update(mean_and_runs(cas(splits.x_train, splits.y_train), "real_top1"))
                     real_row["real_train_kid"], real_row["real_train_fid"] = distances(splits.x_train)
                 row.update(real_row)
             print(json.dumps(row))

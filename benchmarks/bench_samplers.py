@@ -9,8 +9,9 @@ so the seam's cost shows. tiny at 32 px by default; sd1 (Stable Diffusion v1's U
 quality: trains `small` (the enc stage's model) from scratch on a dataset once (default digits,
 the preset's epochs; bench_recipe.py's functions), then for each sampler and step count generates
 x1 (as many images as the real training split) and scores CAS x1 (a ResNet20, the quick budget's
-8 epochs) and KID against the real test split; rows as JSON lines into --out, after a first row
-that scores the real training split the same way (the floor).
+8 epochs; --classifier_runs K: the mean of K classifier seeds, which RetinaMNIST needs, see
+bench_classifier.py noise) and KID against the real test split; rows as JSON lines into --out,
+after a first row that scores the real training split the same way (the floor).
 
     python benchmarks/bench_samplers.py speed                              # tiny, every sampler
     python benchmarks/bench_samplers.py speed --sd1 --batch 2 --steps 5
@@ -163,7 +164,7 @@ def quality_cells(args):
 
 
 def bench_quality(args):
-    from benchmarks.bench_recipe import cas_scorer, distance_scorer, trained_or_read, x1_counts
+    from benchmarks.bench_recipe import cas_scorer, distance_scorer, mean_and_runs, trained_or_read, x1_counts
     from Data.loaders import load_dataset
     from Data.registry import get_spec
     from Models.diffusion.presets import get_preset
@@ -172,11 +173,11 @@ def bench_quality(args):
     splits = load_dataset(spec.name, data_dir=args.data_dir)
     recipe = preset.recipe()
     epochs = args.epochs or preset.enc_epochs
-    cas = cas_scorer(spec, splits, args.classifier_epochs, 64, args.seed)
+    cas = cas_scorer(spec, splits, args.classifier_epochs, 64, args.seed, runs=args.classifier_runs)
     distances = distance_scorer(splits, args.seed)
     # The floor: the real training split scored like a generated set (same extractor, same classifier).
     real_kid, real_fid = distances(splits.x_train)
-    floor = {"sampler": "real training split", "cas_x1_top1": cas(splits.x_train, splits.y_train),
+    floor = {"sampler": "real training split", **mean_and_runs(cas(splits.x_train, splits.y_train), "cas_x1_top1"),
              "kid": real_kid, "fid": real_fid, "dataset": spec.name, "classifier_epochs": args.classifier_epochs,
              "seed": args.seed}
     _append_row(floor, args.out)
@@ -195,7 +196,7 @@ def bench_quality(args):
         kid, fid = distances(images)
         spacing = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {}
         row = {"sampler": name, "steps": steps, **spacing, "unet_calls": steps, "guidance": guidance,
-               "cas_x1_top1": cas(images, labels), "kid": kid, "fid": fid, "generate_s": round(generate_s, 1),
+               **mean_and_runs(cas(images, labels), "cas_x1_top1"), "kid": kid, "fid": fid, "generate_s": round(generate_s, 1),
                "dataset": spec.name, "preset": preset.name, "epochs": epochs,
                "classifier_epochs": args.classifier_epochs, "seed": args.seed}
         _append_row(row, args.out)
@@ -243,6 +244,9 @@ def main(argv=None):
     quality.add_argument("--steps", default="5,10,15,20,50")
     quality.add_argument("--guidance", type=float, default=None, help="default: the preset's")
     quality.add_argument("--classifier_epochs", type=int, default=8)
+    quality.add_argument("--classifier_runs", type=int, default=1,
+                         help="classifiers (seeds --seed, --seed + 1, ...) per scored set; the row holds their "
+                              "mean top-1 and each run's")
     quality.add_argument("--seed", type=int, default=0)
     quality.add_argument("--out", default="bench_samplers.jsonl")
     quality.add_argument("--floor_only", action="store_true", help="only the real training split's row")
@@ -278,6 +282,8 @@ def main(argv=None):
         return bench_pixels(args)
     if args.which == "quality":
         quality_cells(args)  # bad arguments stop here, before minutes of training
+        if args.classifier_runs < 1:
+            raise SystemExit(f"error: --classifier_runs must be at least 1, not {args.classifier_runs}")
         check_weights_name(args.weights)
         return bench_quality(args)
     print("| preset | px | batch | steps | sampler | img/s | vs DDIM before the seam |")

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from benchmarks.bench_classifier import main as bench_classifier_main
-from benchmarks.bench_recipe import multiple_indices
+from benchmarks.bench_recipe import main as bench_recipe_main
+from benchmarks.bench_recipe import mean_and_runs, multiple_indices
 from benchmarks.bench_samplers import main as bench_samplers_main
 from benchmarks.bench_samplers import quality_cells
 from benchmarks.bench_saved_set import load_saved_set
@@ -36,6 +37,18 @@ def test_the_noise_part_refuses_empty_runs_with_one_line(args):
     with pytest.raises(SystemExit) as stopped:
         bench_classifier_main(["noise", *args])
     assert str(stopped.value) == "error: --repeats and --classifier_epochs must be at least 1"
+
+
+@pytest.mark.parametrize("main, args", [(bench_recipe_main, ["--tag", "t"]), (bench_samplers_main, ["quality"])])
+def test_classifier_runs_must_be_at_least_one(main, args):
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--classifier_runs", "0"])
+    assert str(stopped.value) == "error: --classifier_runs must be at least 1, not 0"
+
+
+def test_a_set_scored_by_several_classifiers_keeps_the_mean_and_each_run():
+    assert mean_and_runs([0.5], "x1") == {"x1": 0.5}
+    assert mean_and_runs([0.5, 0.75, 0.25], "x1") == {"x1": 0.5, "x1_runs": [0.5, 0.75, 0.25]}
 
 
 def test_weights_must_be_a_keras_weights_file():
