@@ -258,9 +258,8 @@ def main(argv=None):
             cas_by_multiple, cas_runs, kid_by_multiple, fid_by_multiple = {}, {}, {}, {}
             for k in range(1, args.multiples + 1):
                 chosen = multiple_indices(labels, per_class_x1, k)
-                scored = mean_and_runs(cas(images[chosen], labels[chosen]), f"x{k}")
-                cas_by_multiple[f"x{k}"] = scored[f"x{k}"]
-                cas_runs.update({name: value for name, value in scored.items() if name.endswith("_runs")})
+                cas_runs[f"x{k}"] = cas(images[chosen], labels[chosen])
+                cas_by_multiple[f"x{k}"] = sum(cas_runs[f"x{k}"]) / args.classifier_runs
                 kid_by_multiple[f"x{k}"], fid_by_multiple[f"x{k}"] = distances(images[chosen])
             x1 = multiple_indices(labels, per_class_x1, 1)
             kid, fid = kid_by_multiple["x1"], fid_by_multiple["x1"]
@@ -272,7 +271,8 @@ def main(argv=None):
                    "classifier_epochs": args.classifier_epochs, "classifier_batch_size": args.classifier_batch_size,
                    **training,
                    "generate_s": round(generate_s, 1), "cas_x1_top1": cas_by_multiple["x1"], "cas": cas_by_multiple,
-                   **({"cas_runs": cas_runs, "classifier_runs": args.classifier_runs} if cas_runs else {}),
+                   **({"cas_runs": cas_runs, "classifier_runs": args.classifier_runs}
+                      if args.classifier_runs > 1 else {}),
                    "kid": kid, "fid": fid, "kid_by_multiple": kid_by_multiple, "fid_by_multiple": fid_by_multiple,
                    "speckle": float(speckle_share(images[x1])), "seed": args.seed,
                    "unet_parameters": int(model.unet.count_params())}
