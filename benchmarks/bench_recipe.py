@@ -259,7 +259,7 @@ def main(argv=None):
             for k in range(1, args.multiples + 1):
                 chosen = multiple_indices(labels, per_class_x1, k)
                 cas_runs[f"x{k}"] = cas(images[chosen], labels[chosen])
-                cas_by_multiple[f"x{k}"] = sum(cas_runs[f"x{k}"]) / args.classifier_runs
+                cas_by_multiple[f"x{k}"] = sum(cas_runs[f"x{k}"]) / len(cas_runs[f"x{k}"])
                 kid_by_multiple[f"x{k}"], fid_by_multiple[f"x{k}"] = distances(images[chosen])
             x1 = multiple_indices(labels, per_class_x1, 1)
             kid, fid = kid_by_multiple["x1"], fid_by_multiple["x1"]
