@@ -232,12 +232,12 @@ PRESETS = {
 PRESETS["small"] = replace(
     PRESETS["tiny"],
     name="small",
-    # 50 epochs: longer training keeps paying at this size (25 -> 40 -> 50 epochs: KID and CAS x1
-    # better each time, BENCHMARKS.md); the quick budget's x1 only pays for it.
+    # 50 epochs: longer training keeps paying at this size (25 -> 40 -> 50 epochs: CAS x1 higher
+    # each time, BENCHMARKS.md) and still fits the default run's 10 minutes.
     enc_epochs=50,
     # The enc stage already trains the UNet, down to a learning rate of 0: fine-tuning it again at
-    # tiny's 5e-4 throws it out of that minimum (KID x10 even through the EMA), at 2e-5 (the
-    # paper's 10-100x below the first stage) it keeps the enc stage's quality.
+    # tiny's 5e-4 throws it out of that minimum (KID x10 even through the EMA); at 2e-5, 100x
+    # below the enc stage's peak (the paper's two stages are 10x apart), it keeps its quality.
     dif_epochs=1,
     dif_lr=2e-5,
     default_guidance_scale=1.5,
