@@ -23,7 +23,9 @@ both alike:
             alternating, PyTorch's fit step took about twice its standalone time; with
             --fit_torch_first (all PyTorch rounds first) Keras' did (BENCHMARKS.md).
             --fit_processes N times each side in N fresh processes of its own instead
-            (alternating which side starts), the figure to quote;
+            (alternating which side starts), the figure to quote. --mixed_precision
+            bfloat16 times both sides in mixed precision: Keras' mixed_bfloat16 policy
+            (the product's --mixed_precision bfloat16) against torch.autocast on the CPU;
   profile   (--profile) the forward time per block type (ResBlocks, transformers, ...)
             and micro-benchmarks of the ops inside the slowest, to say why.
 
@@ -40,6 +42,9 @@ Usage (the figures in BENCHMARKS.md):
         --keras_backend jax
     # the product's fit step against PyTorch's, each framework alone in its process (3 processes each)
     .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --only fit --threads 2 --fit_processes 3
+    # the same in mixed precision (bfloat16 compute, float32 weights) on both sides
+    .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --only fit --threads 2 --fit_processes 3 \
+        --mixed_precision bfloat16
     # correctness: the losses of 5 SGD steps from NumPy-drawn weights, equal on every backend
     .venv/bin/python benchmarks/bench_torch_vs_keras.py --presets small --loss_check --keras_backend jax
 
@@ -336,8 +341,9 @@ class TorchFit:
     of the trained weights (foreach lerp, decay warmed up as `AdamWithEMA`), label dropout and
     the preset's noise schedule and target, drawn per step."""
 
-    def __init__(self, model, trainer, preset, case, steps):
+    def __init__(self, model, trainer, preset, case, steps, autocast=False):
         schedule = schedule_for(preset)
+        self.autocast = autocast  # the forward pass and loss in bfloat16, PyTorch's mixed precision
         encoder = trainer.class_encoder
         self.encoder = torch.nn.Sequential(torch.nn.Linear(10, encoder.hidden),
                                            torch.nn.Linear(encoder.hidden, encoder.context_length * encoder.context_dim,
@@ -364,8 +370,10 @@ class TorchFit:
         target = alpha.sqrt() * noise - (1 - alpha).sqrt() * x0 if self.v_target else noise
         one_hot = torch.nn.functional.one_hot(labels, 10).float()
         one_hot = one_hot * (torch.rand(batch, 1) >= self.cond_dropout).float()
-        context = self.encoder(one_hot).reshape(batch, *self.context_shape)
-        loss = torch.nn.functional.mse_loss(self.model(x_t, t, context).sample, target)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            context = self.encoder(one_hot).reshape(batch, *self.context_shape)
+            prediction = self.model(x_t, t, context).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), target)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 10.0)
         self.optimizer.step()
@@ -522,8 +530,9 @@ def op_profile(preset, case, rounds):
 
 # ----- report -------------------------------------------------------------------------------
 def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fit_steps=10, fit_torch_first=False,
-               fit_side=None):
-    """fit_side: time only this side's fit ("keras" with its XLA variant, or "torch"), for --fit_processes."""
+               fit_side=None, mixed_precision="float32"):
+    """fit_side: time only this side's fit ("keras" with its XLA variant, or "torch"), for --fit_processes.
+    mixed_precision: the fit's precision on both sides (the other measures are float32)."""
     preset = get_preset(name)
     case = {**CASES[name], **{key: value for key, value in (overrides or {}).items() if value is not None}}
     case["channels"] = preset.unet_channels(case["channels"])
@@ -556,14 +565,18 @@ def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fi
         del training
     if "fit" in measures:
         # A "torch" side still builds the Keras trainer: its weights are the ones PyTorch's UNet gets.
+        keras.mixed_precision.set_dtype_policy("float32" if mixed_precision == "float32" else f"mixed_{mixed_precision}")
         keras_fit = KerasFit(preset, case, fit_steps)
         fitting = {} if fit_side == "torch" else {"keras": keras_fit}
         if fit_side != "keras":
             _, fit_model, _ = build_pair(preset, case["image_size"], case["channels"], unet=keras_fit.trainer.unet)
-            fitting["torch"] = TorchFit(fit_model, keras_fit.trainer, preset, case, fit_steps)
+            fitting["torch"] = TorchFit(fit_model, keras_fit.trainer, preset, case, fit_steps,
+                                        autocast=mixed_precision == "bfloat16")
             del fit_model
         if xla and BACKEND == "tensorflow" and fit_side != "torch":  # under JAX the step is XLA-compiled already
             fitting["keras_xla"] = KerasFit(preset, case, fit_steps, jit_compile=True)
+        keras.mixed_precision.set_dtype_policy("float32")
+        result["mixed_precision"] = mixed_precision
         if fit_torch_first:
             # All PyTorch rounds before any Keras `fit` (see the module docstring's caveat).
             seconds = side_by_side({"torch": fitting.pop("torch")}, rounds)
@@ -632,7 +645,9 @@ def markdown(results):
         for what, key, images in (("guided DDIM step", "sampling_s", r["sample_batch"]),
                                   ("training step (SGD)", "training_s", r["train_batch"]),
                                   ("fit step (Adam + EMA, per batch)" + (
-                                      ", each framework in its own processes" if r.get("fit_processes") else ""),
+                                      ", each framework in its own processes" if r.get("fit_processes") else "") + (
+                                      f", mixed {r['mixed_precision']}" if r.get("mixed_precision", "float32") != "float32"
+                                      else ""),
                                    "fit_s", r["train_batch"])):
             if key not in r:
                 continue
@@ -687,6 +702,9 @@ def main(argv=None):
                         help="fit: time each side in N fresh processes of its own (alternating which side "
                              "starts), --rounds rounds each, so that neither framework's threads disturb the other")
     parser.add_argument("--fit_side", choices=("keras", "torch"), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--mixed_precision", choices=("float32", "bfloat16"), default="float32",
+                        help="fit: train both sides in this precision (Keras' mixed_bfloat16 policy, the product's "
+                             "--mixed_precision bfloat16, against torch.autocast on the CPU; weights stay float32)")
     parser.add_argument("--loss_check", action="store_true",
                         help="only print the losses of 5 training steps from NumPy-drawn weights "
                              "(equal across Keras backends and PyTorch)")
@@ -707,6 +725,8 @@ def main(argv=None):
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     if args.fit_processes < 0 or args.rounds < 1:
         raise SystemExit("error: --fit_processes must be 0 or more and --rounds at least 1")
+    if args.mixed_precision != "float32" and (args.loss_check or args.only != ["fit"]):
+        raise SystemExit("error: --mixed_precision applies to the fit alone: use it with --only fit")
     if args.fit_processes and args.only != ["fit"]:
         raise SystemExit("error: --fit_processes times the fit alone: use it with --only fit")
     if args.fit_processes:
@@ -714,7 +734,7 @@ def main(argv=None):
                    for name in args.presets]
     else:
         results = [run_preset(name, args.rounds, args.profile, name in args.xla, overrides, measures, args.fit_steps,
-                              args.fit_torch_first, args.fit_side)
+                              args.fit_torch_first, args.fit_side, args.mixed_precision)
                    for name in args.presets]
     env = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "machine": platform.processor(),
            "tensorflow": tf.__version__, "keras": keras.__version__, "keras_backend": BACKEND, "torch": torch.__version__,
