@@ -343,7 +343,7 @@ class TorchFit:
 
     def __init__(self, model, trainer, preset, case, steps, autocast=False):
         schedule = schedule_for(preset)
-        self.autocast = autocast  # the forward pass and loss in bfloat16, PyTorch's mixed precision
+        self.autocast = autocast  # the forward pass in bfloat16 (the loss in float32): PyTorch's mixed precision
         encoder = trainer.class_encoder
         self.encoder = torch.nn.Sequential(torch.nn.Linear(10, encoder.hidden),
                                            torch.nn.Linear(encoder.hidden, encoder.context_length * encoder.context_dim,
