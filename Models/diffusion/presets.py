@@ -232,8 +232,9 @@ PRESETS = {
 PRESETS["small"] = replace(
     PRESETS["tiny"],
     name="small",
-    # 50 epochs: longer training keeps paying at this size (25 -> 40 -> 50 epochs: CAS x1 higher
-    # each time, BENCHMARKS.md) and still fits the default run's 10 minutes.
+    # 50 epochs: on digits longer training keeps paying at this size (25 -> 40 -> 50 epochs: CAS x1
+    # higher each time; on RetinaMNIST 40 and 50 tie, BENCHMARKS.md) and still fits the default
+    # run's 10 minutes.
     enc_epochs=50,
     # The enc stage already trains the UNet, down to a learning rate of 0: fine-tuning it again at
     # tiny's 5e-4 throws it out of that minimum (KID x10 even through the EMA); at 2e-5, 100x
