@@ -84,6 +84,8 @@ parser.add_argument("--prediction_type", choices=PREDICTION_TYPES)
 parser.add_argument("--beta_schedule", choices=BETA_SCHEDULES)
 parser.add_argument("--rescale_betas_zero_snr", action=argparse.BooleanOptionalAction, default=None)
 parser.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS)
+parser.add_argument("--random_flip", action=argparse.BooleanOptionalAction, default=None,
+                    help="mirror training images left-right at random (default: the preset's)")
 
 
 def train_from_scratch(preset, model_spec, splits, recipe, epochs, batch_size, lr, seed):
@@ -93,7 +95,8 @@ def train_from_scratch(preset, model_spec, splits, recipe, epochs, batch_size, l
     from Models.diffusion.trainer import TrainBatches
 
     model = ck.build_model(preset, model_spec, random_init=True, init_seed=seed, seed=seed, recipe=recipe)
-    batches = TrainBatches(splits.x_train, splits.y_train, batch_size, model.image_size, seed=seed)
+    batches = TrainBatches(splits.x_train, splits.y_train, batch_size, model.image_size, seed=seed,
+                           random_flip=recipe["random_flip"])
     model.compile(optimizer=make_optimizer(lr, epochs * len(batches), recipe["ema_decay"]))
     started, cpu_started = time.perf_counter(), time.process_time()
     history = model.fit(batches, epochs=epochs, verbose=2)

@@ -118,6 +118,9 @@ class DiffusionPreset:
     cond_dropout: float = 0.0       # probability of training on the all-zero (unconditional) label
     ema_decay: float = 0.0          # 0: no moving average of the weights
     snr_gamma: float = 0.0          # 0: plain MSE; else min-SNR-gamma weighting
+    # Mirror each training image left-right with probability 1/2 (diffusers' --random_flip). Off by
+    # default: the paper does not, and digits are not mirror-symmetric; a per-dataset choice.
+    random_flip: bool = False
     # The text encoder of the text conditioning methods (a TEXT_ENCODERS key; its width is context_dim).
     text_encoder: str = "tiny_clip"
 
@@ -140,7 +143,7 @@ class DiffusionPreset:
         return {"beta_schedule": self.beta_schedule, "prediction_type": self.prediction_type,
                 "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
                 "timestep_spacing": self.timestep_spacing, "cond_dropout": self.cond_dropout,
-                "ema_decay": self.ema_decay, "snr_gamma": self.snr_gamma}
+                "ema_decay": self.ema_decay, "snr_gamma": self.snr_gamma, "random_flip": self.random_flip}
 
     @property
     def downsample(self):

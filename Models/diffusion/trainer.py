@@ -243,26 +243,32 @@ class TrainBatches(keras.utils.PyDataset):
     The order of epoch e is a permutation seeded by (seed, e), so a run resumed
     at epoch e sees the same batches as an uninterrupted one when the epoch is set
     by `callbacks.EpochSeeds` and `fit` does not reshuffle (`shuffle=False`: Keras
-    would permute the batches with the process's global random state). Images stay
-    uint8 until the model scales them.
+    would permute the batches with the process's global random state). With
+    `random_flip`, each image is mirrored left-right in epoch e with probability 1/2,
+    drawn per image from (seed, e) too, so a resumed run sees the same images. Images
+    stay uint8 until the model scales them.
 
     Example:
         >>> batches = TrainBatches(x_train, y_train, batch_size=64, image_size=128, seed=0)
         >>> model.fit(batches, epochs=10, shuffle=False, callbacks=[EpochSeeds(model, 0, batches)])
     """
 
-    def __init__(self, images, labels, batch_size, image_size, seed=0, epoch=0, **kwargs):
+    def __init__(self, images, labels, batch_size, image_size, seed=0, epoch=0, random_flip=False, **kwargs):
         super().__init__(**kwargs)
         self.images = np.asarray(images)
         self.labels = np.asarray(labels, np.int64).reshape(-1)
         self.batch_size = int(batch_size)
         self.image_size = int(image_size)
         self.seed = int(seed)
+        self.random_flip = bool(random_flip)
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
         self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.labels))
+        # Its own stream, so the order is the same with and without flips.
+        self.flipped = (np.random.default_rng([self.seed, self.epoch, 1]).random(len(self.labels)) < 0.5
+                        if self.random_flip else None)
 
     def __len__(self):
         return math.ceil(len(self.labels) / self.batch_size)
@@ -271,7 +277,10 @@ class TrainBatches(keras.utils.PyDataset):
         from Data.images import resize_images
 
         chosen = self.order[i * self.batch_size:(i + 1) * self.batch_size]
-        images = self.images[chosen]
+        images = self.images[chosen]  # a copy: fancy indexing
+        if self.flipped is not None:
+            mirrored = self.flipped[chosen]
+            images[mirrored] = images[mirrored][:, :, ::-1]
         if images.shape[1] != self.image_size:
             images = resize_images(images, self.image_size)
         return ((images, self.labels[chosen]),)
