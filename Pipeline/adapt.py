@@ -103,6 +103,9 @@ class AdaptSettings(RuntimeSettings):
                                            help="rescale the schedule to zero terminal SNR (needs v_prediction)")
     timestep_spacing: str = setting(None, choices=TIMESTEP_SPACINGS, group=RECIPE,
                                     help="sampling timesteps: leading (SD), trailing, linspace")
+    random_flip: bool = setting(None, group=RECIPE,
+                                help="mirror each training image left-right with probability 1/2 (for data "
+                                     "whose classes do not depend on the side; not digits)")
     seed: int = setting(0, type=non_negative_int, group=ADDED,
                         help="seed of initialisation, data order and noise")
     random_init: bool = setting(False, group=ADDED,
@@ -207,7 +210,7 @@ def plan(settings):
     identity = ck.model_identity(preset, spec, random_init, s.seed, recipe, conditioning)
     record = {**identity, "stage": stage, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "cond_dropout": recipe["cond_dropout"], "ema_decay": recipe["ema_decay"],
-              "snr_gamma": recipe["snr_gamma"], "seed": s.seed, "mixed_precision": s.mixed_precision,
+              "snr_gamma": recipe["snr_gamma"], "random_flip": recipe["random_flip"], "seed": s.seed, "mixed_precision": s.mixed_precision,
               "train_subset": train_subset_record(s.train_subset, s.train_subset_seed)}
     if stage == "dif":
         if enc_path is not None:
@@ -275,7 +278,7 @@ def run(settings, log=print):
                 lora.add_adapters(model.unet, p.record["lora_rank"], p.record["lora_alpha"])
                 model.set_stage("dif")
         batches = TrainBatches(splits.x_train, splits.y_train, p.batch_size, model.image_size,
-                               seed=s.seed, epoch=p.start)
+                               seed=s.seed, epoch=p.start, random_flip=p.recipe["random_flip"])
         # The average warms up over weights that start random; fine-tuning starts from an average.
         model.compile(optimizer=make_optimizer(p.lr, p.epochs * len(batches), p.recipe["ema_decay"],
                                                ema_warmup=p.stage == "enc"),

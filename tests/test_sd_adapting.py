@@ -156,6 +156,67 @@ def test_enc_killed_resumes_without_redoing_epochs_then_dif(tmp_path, run_script
         ck.resolve_generation_checkpoints("tiny", get_spec("digits"), 0, 3, 1)
 
 
+# ----- --random_flip ----------------------------------------------------------------------------
+def test_random_flip_mirrors_half_the_images_the_same_way_in_a_resumed_epoch():
+    from Models.diffusion.trainer import TrainBatches
+
+    images = np.random.default_rng(0).integers(0, 256, (200, 6, 6, 3), dtype=np.uint8)
+    labels = np.arange(200) % 4
+    plain = TrainBatches(images, labels, 64, 6, seed=3)
+    flipped = TrainBatches(images, labels, 64, 6, seed=3, random_flip=True)
+    mirrored_per_epoch = []
+    for epoch in range(3):
+        assert np.array_equal(plain.order, flipped.order)  # the flips do not change the data order
+        mirrored = []
+        for i in range(len(plain)):
+            ((a, label_a),), ((b, label_b),) = plain[i], flipped[i]
+            assert np.array_equal(label_a, label_b)
+            same = [np.array_equal(x, y) for x, y in zip(a, b)]
+            mirror = [np.array_equal(x[:, ::-1], y) for x, y in zip(a, b)]
+            assert all(s or m for s, m in zip(same, mirror))  # each image as it is, or mirrored left-right
+            mirrored += mirror
+        assert 0.35 < np.mean(mirrored) < 0.65, np.mean(mirrored)
+        mirrored_per_epoch.append(mirrored)
+        # A run resumed at this epoch (callbacks.EpochSeeds) sees the same images.
+        resumed = TrainBatches(images, labels, 64, 6, seed=3, epoch=epoch, random_flip=True)
+        assert all(np.array_equal(resumed[i][0][0], flipped[i][0][0]) for i in range(len(plain)))
+        plain.on_epoch_end()
+        flipped.on_epoch_end()
+    assert mirrored_per_epoch[0] != mirrored_per_epoch[1]  # drawn again each epoch
+
+
+def test_random_flip_trains_on_mirrored_images_and_is_part_of_the_checkpoints_identity(tmp_path, monkeypatch):
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
+    short = ["--dataset", "digits", "--preset", "tiny", "--train_model", "enc", "--epochs", "1",
+             "--batch_size", "60", "--train_subset", "120", "--grid_per_class", "0", "--verbose", "0"]
+    assert SD_adapting.main(short + ["--exp", "1", "--random_flip"]) == 0
+    assert SD_adapting.main(short + ["--exp", "2"]) == 0
+    folders = {exp: tmp_path / "Checkpoints" / "DDPM" / f"Exp_{exp}" / "digits" / "MyEmbedding" for exp in (1, 2)}
+    assert ck.read_settings(folders[1])["random_flip"] is True
+    assert ck.read_settings(folders[2])["random_flip"] is False
+    with h5py.File(ck.weights_path(folders[1], 1), "r") as f1, h5py.File(ck.weights_path(folders[2], 1), "r") as f2:
+        unet_1 = np.concatenate([f1["unet"][k][()].ravel() for k in sorted(f1["unet"])])
+        unet_2 = np.concatenate([f2["unet"][k][()].ravel() for k in sorted(f2["unet"])])
+    # Same seed, same batches but for the mirrored images: two steps apart by far more than the
+    # ~1e-7 two identical runs differ by.
+    assert np.max(np.abs(unet_1 - unet_2)) > 1e-4
+
+    # The folder's checkpoints were made with flips: continuing without them is an error, and back.
+    with pytest.raises(CheckpointError, match=r"random_flip=True, not False"):
+        SD_adapting.main(short + ["--exp", "1"])
+    with pytest.raises(CheckpointError, match=r"random_flip=False, not True"):
+        SD_adapting.main(short + ["--exp", "2", "--random_flip"])
+    # A settings.json written before the flag existed was made without flips.
+    settings = ck.read_settings(folders[2])
+    del settings["random_flip"]
+    (folders[2] / ck.SETTINGS_FILE).write_text(__import__("json").dumps(settings))
+    from Pipeline.adapt import AdaptSettings, plan
+
+    assert plan(AdaptSettings.from_argv(short + ["--exp", "2"])).start == 1
+    with pytest.raises(CheckpointError, match=r"random_flip=False, not True"):
+        plan(AdaptSettings.from_argv(short + ["--exp", "2", "--random_flip"]))
+
+
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, run_script, monkeypatch):
     result = run_script("SD_adapting.py", "--dataset", "nosuch", "--train_model", "enc", "--preset", "tiny")
     assert result.returncode == 2
