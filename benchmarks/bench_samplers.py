@@ -11,7 +11,8 @@ the preset's epochs; bench_recipe.py's functions), then for each sampler and ste
 x1 (as many images as the real training split) and scores CAS x1 (a ResNet20, the quick budget's
 8 epochs; --classifier_runs K: the mean of K classifier seeds, which RetinaMNIST needs, see
 bench_classifier.py noise) and KID against the real test split; rows as JSON lines into --out,
-after a first row that scores the real training split the same way (the floor).
+after a first row that scores the real training split the same way (the floor). With --resume,
+rows --out already holds (same settings) are not scored again.
 
     python benchmarks/bench_samplers.py speed                              # tiny, every sampler
     python benchmarks/bench_samplers.py speed --sd1 --batch 2 --steps 5
@@ -21,6 +22,7 @@ after a first row that scores the real training split the same way (the floor).
     python benchmarks/bench_samplers.py pixels --dataset retinamnist --data_dir ../shared/data \
         --weights /tmp/retina.weights.h5         # mean pixel per cell and timestep spacing (too bright?)
     python benchmarks/bench_samplers.py quality ... --timestep_spacing trailing   # cells with another spacing
+    python benchmarks/bench_samplers.py quality ... --resume      # again after a kill: only what is missing
 """
 
 import argparse
@@ -163,6 +165,25 @@ def quality_cells(args):
     return cells
 
 
+# What makes two quality rows the same measurement: everything but the results.
+ROW_IDENTITY = ("sampler", "steps", "timestep_spacing", "guidance", "dataset", "preset", "epochs",
+                "classifier_epochs", "classifier_runs", "seed")
+
+
+def row_identity(row):
+    """The row's ROW_IDENTITY values (rows from before `classifier_runs` was recorded: as many as it has top-1s)."""
+    runs = len(row.get("cas_x1_top1_runs", [None]))
+    return tuple(row.get(key, runs if key == "classifier_runs" else None) for key in ROW_IDENTITY)
+
+
+def scored_rows(out):
+    """The identities of the rows already in `out` (none when it does not exist)."""
+    if not Path(out).exists():
+        return set()
+    with open(out) as f:
+        return {row_identity(json.loads(line)) for line in f if line.strip()}
+
+
 def bench_quality(args):
     from benchmarks.bench_recipe import cas_scorer, distance_scorer, mean_and_runs, trained_or_read, x1_counts
     from Data.loaders import load_dataset
@@ -170,36 +191,45 @@ def bench_quality(args):
     from Models.diffusion.presets import get_preset
 
     preset, spec = get_preset(args.preset), get_spec(args.dataset)
-    splits = load_dataset(spec.name, data_dir=args.data_dir)
-    recipe = preset.recipe()
     epochs = args.epochs or preset.enc_epochs
+    guidance = preset.default_guidance_scale if args.guidance is None else args.guidance
+    spacing = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {}
+    scoring = {"dataset": spec.name, "classifier_epochs": args.classifier_epochs,
+               "classifier_runs": args.classifier_runs, "seed": args.seed}
+    floor_identity = {"sampler": "real training split", **scoring}
+    cells = [{"sampler": name, "steps": steps, **spacing, "guidance": guidance, "preset": preset.name,
+              "epochs": epochs, **scoring} for name, steps in ([] if args.floor_only else quality_cells(args))]
+    done = scored_rows(args.out) if args.resume else set()
+    cells = [cell for cell in cells if row_identity(cell) not in done]
+    score_floor = row_identity(floor_identity) not in done
+    if args.resume:
+        print(f"--resume: {len(done)} rows in {args.out}; to score: {'the floor, ' if score_floor else ''}"
+              f"{len(cells)} cells", flush=True)
+    if not cells and not score_floor:
+        return
+
+    splits = load_dataset(spec.name, data_dir=args.data_dir)
     cas = cas_scorer(spec, splits, args.classifier_epochs, 64, args.seed, runs=args.classifier_runs)
     distances = distance_scorer(splits, args.seed)
-    # The floor: the real training split scored like a generated set (same extractor, same classifier).
-    real_kid, real_fid = distances(splits.x_train)
-    floor = {"sampler": "real training split", **mean_and_runs(cas(splits.x_train, splits.y_train), "cas_x1_top1"),
-             "kid": real_kid, "fid": real_fid, "dataset": spec.name, "classifier_epochs": args.classifier_epochs,
-             "seed": args.seed}
-    _append_row(floor, args.out)
-    if args.floor_only:
+    if score_floor:
+        # The floor: the real training split scored like a generated set (same extractor, same classifier).
+        real_kid, real_fid = distances(splits.x_train)
+        _append_row({**floor_identity, **mean_and_runs(cas(splits.x_train, splits.y_train), "cas_x1_top1"),
+                     "kid": real_kid, "fid": real_fid}, args.out)
+    if not cells:
         return
-    model, _ = trained_or_read(args.weights, preset, spec, splits, recipe, epochs, preset.enc_batch_size,
+    model, _ = trained_or_read(args.weights, preset, spec, splits, preset.recipe(), epochs, preset.enc_batch_size,
                                preset.enc_lr, args.seed)
     labels = np.repeat(np.arange(spec.num_classes), x1_counts(spec, splits, "balanced"))
-    guidance = preset.default_guidance_scale if args.guidance is None else args.guidance
-    for name, steps in quality_cells(args):
+    for cell in cells:
         started = time.perf_counter()
         with model.sampling_weights():
-            images = model.generate(labels, num_steps=steps, guidance_scale=guidance, seed=args.seed,
-                                    batch_size=250, sampler=name, timestep_spacing=args.timestep_spacing)
+            images = model.generate(labels, num_steps=cell["steps"], guidance_scale=guidance, seed=args.seed,
+                                    batch_size=250, sampler=cell["sampler"], timestep_spacing=args.timestep_spacing)
         generate_s = time.perf_counter() - started
         kid, fid = distances(images)
-        spacing = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {}
-        row = {"sampler": name, "steps": steps, **spacing, "unet_calls": steps, "guidance": guidance,
-               **mean_and_runs(cas(images, labels), "cas_x1_top1"), "kid": kid, "fid": fid, "generate_s": round(generate_s, 1),
-               "dataset": spec.name, "preset": preset.name, "epochs": epochs,
-               "classifier_epochs": args.classifier_epochs, "seed": args.seed}
-        _append_row(row, args.out)
+        _append_row({**cell, "unet_calls": cell["steps"], **mean_and_runs(cas(images, labels), "cas_x1_top1"),
+                     "kid": kid, "fid": fid, "generate_s": round(generate_s, 1)}, args.out)
 
 
 def bench_pixels(args):
@@ -255,6 +285,9 @@ def main(argv=None):
     quality.add_argument("--weights", default=None, metavar="FILE.weights.h5",
                          help="the trained model's sampling weights: read when the file exists (no training), "
                               "written after training otherwise")
+    quality.add_argument("--resume", action="store_true",
+                         help="skip the floor and the cells whose rows --out already holds with the same settings "
+                              "(a long grid killed, or spread over days, goes on where it stopped)")
     quality.add_argument("--cells", default=None, metavar="SAMPLER:STEPS,...",
                          help="score only these sampler/step pairs (e.g. ddim:50,dpmsolver++_karras:15) "
                               "instead of every --samplers x --steps")

@@ -9,7 +9,7 @@ from benchmarks.bench_classifier import main as bench_classifier_main
 from benchmarks.bench_recipe import main as bench_recipe_main
 from benchmarks.bench_recipe import mean_and_runs, multiple_indices
 from benchmarks.bench_samplers import main as bench_samplers_main
-from benchmarks.bench_samplers import quality_cells
+from benchmarks.bench_samplers import quality_cells, row_identity, scored_rows
 from benchmarks.bench_saved_set import load_saved_set
 from benchmarks.bench_saved_set import main as bench_saved_set_main
 
@@ -49,6 +49,33 @@ def test_classifier_runs_must_be_at_least_one(main, args):
 def test_a_set_scored_by_several_classifiers_keeps_the_mean_and_each_run():
     assert mean_and_runs([0.5], "x1") == {"x1": 0.5}
     assert mean_and_runs([0.5, 0.75, 0.25], "x1") == {"x1": 0.5, "x1_runs": [0.5, 0.75, 0.25]}
+
+
+def test_resume_skips_the_rows_the_output_holds_with_the_same_settings(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "rows.jsonl"
+    assert scored_rows(out) == set()
+    scoring = {"dataset": "digits", "classifier_epochs": 8, "seed": 0}
+    floor = {"sampler": "real training split", **scoring, "cas_x1_top1": 0.98, "kid": 0.1}
+    # Written before rows recorded classifier_runs: one run, or as many as their top-1 list.
+    cell = {"sampler": "ddim", "steps": 5, "guidance": 1.5, "preset": "small", "epochs": 50, **scoring,
+            "cas_x1_top1": 0.9, "kid": 1.0}
+    three = {**cell, "steps": 10, "cas_x1_top1_runs": [0.9, 0.8, 0.85]}
+    out.write_text("".join(json.dumps(row) + "\n" for row in (floor, cell, three)))
+    done = scored_rows(out)
+    assert row_identity({**cell, "classifier_runs": 1, "cas_x1_top1": 0.5}) in done
+    assert row_identity({**three, "classifier_runs": 3}) in done
+    for other in ({"seed": 1}, {"steps": 15}, {"timestep_spacing": "trailing"}, {"classifier_runs": 3},
+                  {"epochs": 40}, {"guidance": 2.5}):
+        assert row_identity({**cell, **other}) not in done, other
+
+    # Everything asked for is there: nothing is loaded, trained or written.
+    before = out.read_text()
+    bench_samplers_main(["quality", "--cells", "ddim:5", "--guidance", "1.5", "--epochs", "50", "--resume",
+                         "--out", str(out)])
+    assert out.read_text() == before
+    assert "to score: 0 cells" in capsys.readouterr().out
 
 
 def test_weights_must_be_a_keras_weights_file():
