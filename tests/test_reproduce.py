@@ -60,8 +60,12 @@ def _stage_lines(text):
 
 @pytest.mark.slow
 def test_killed_pipeline_resumes_and_skips_finished_stages(tmp_path):
-    """Kill reproduce.py (SIGKILL) while it fine-tunes the UNet; the rerun skips stages 1-3 and completes."""
-    command = [sys.executable, str(REPO / "reproduce.py"), *TINY_BUDGET_ON_A_SUBSET]
+    """Kill reproduce.py (SIGKILL) while it fine-tunes the UNet; the rerun skips stages 1-3 and completes.
+
+    On a training subset with a seed of its own: the stages before the kill and after it all see (and
+    record) the same 120 images, and x1 then means 120 images (tests/test_train_subset.py: the rule).
+    """
+    command = [sys.executable, str(REPO / "reproduce.py"), *TINY_BUDGET_ON_A_SUBSET, "--train_subset_seed", "1"]
     first = subprocess.Popen(command, cwd=tmp_path, env=_env(tmp_path), stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     seen = []
@@ -93,6 +97,23 @@ def test_killed_pipeline_resumes_and_skips_finished_stages(tmp_path):
     cas = json.loads((tmp_path / "CAS Results" / "test_accuracies_exp0.json").read_text())["digits"]
     assert {"real", "x1"} <= set(cas)
     assert (tmp_path / "Experiments" / "Exp_0" / "digits" / "figures" / "samples_generated.png").exists()
+
+    # Every stage, before the kill and after it, on the same seeded subset, and every record says so.
+    subset = {"images": 120, "seed": 1}
+    for stage in ("MyEmbedding", "DiffusionFt"):
+        settings = json.loads((tmp_path / "Checkpoints" / "DDPM" / "Exp_0" / "digits" / stage / "settings.json")
+                              .read_text())
+        assert settings["train_subset"] == subset, stage
+    manifest = json.loads((tmp_path / "Data" / "Synthetic" / "Exp_0" / "digits" / "manifest.json").read_text())
+    assert manifest["img_total"] == 120 and manifest["trained_on"]["train_subset"] == subset
+    assert manifest["trained_on"]["data_verification"]["status"] == "embedded"
+    table = json.loads((tmp_path / "CAS Results" / "pipeline_optimization_exp0.json").read_text())["digits"]
+    cells = [cell for stage in table.values() for cell in stage.values()]
+    assert cells and all(cell["real_data"]["train_subset"] == subset for cell in cells)
+    assert cas["real"]["n_train"] == cas["x1"]["n_train"] == 120
+    assert cas["real"]["train_subset"] == subset
+    assert "a stratified subset of 120 of its 1077 images" in report
+    assert "--train_subset 120 --train_subset_seed 1" in report
 
 
 def test_every_stage_command_line_rebuilds_its_settings(retinamnist_dir, tmp_path, monkeypatch):

@@ -1,15 +1,15 @@
 """--train_subset N: a seeded, stratified subset of the real training split, so large sets
 (Fashion-MNIST, CIFAR) run end to end on a CPU; x1 then means N images.
 
-The subset rule is checked on made-up labels, on Debian's Fashion-MNIST through the real
-loader and classifier_training.py, and through a whole (tiny) reproduce.py on digits:
-the generator, the studies, generation and every CAS row see the same N images, and
-every record says so.
+The subset rule is checked on made-up labels and on Debian's Fashion-MNIST through the real
+loader and classifier_training.py. That a whole (tiny) reproduce.py on digits keeps it (the
+generator, the studies, generation and every CAS row see the same N images, and every record
+says so) is checked by tests/test_reproduce.py's killed-and-resumed pipeline, which runs on a
+subset.
 """
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +22,6 @@ sys.path.insert(0, str(REPO))
 from Data.balance import stratified_subset  # noqa: E402
 from Data.errors import DataError  # noqa: E402
 from Data.loaders import load_dataset  # noqa: E402
-from tests.test_reproduce import TINY_BUDGET  # noqa: E402
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -117,30 +116,3 @@ def test_fashion_mnist_cas_real_row_runs_on_a_subset(run_script, tmp_path):
         assert cas.is_done(same) and cas.is_done(other) is None
     finally:
         del os.environ["SDDG_OUTPUT_ROOT"]
-
-
-# --------------------------------------------------------- the pipeline ----
-
-def test_reproduce_on_a_subset_means_x1_is_the_subset(tmp_path):
-    env = dict(os.environ, SDDG_OUTPUT_ROOT=str(tmp_path), PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, str(REPO / "reproduce.py"), *TINY_BUDGET,
-                           "--train_subset", "120", "--train_subset_seed", "1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    subset = {"images": 120, "seed": 1}
-
-    enc = json.loads((tmp_path / "Checkpoints" / "DDPM" / "Exp_0" / "digits" / "MyEmbedding" / "settings.json")
-                     .read_text())
-    assert enc["train_subset"] == subset
-    manifest = json.loads((tmp_path / "Data" / "Synthetic" / "Exp_0" / "digits" / "manifest.json").read_text())
-    assert manifest["img_total"] == 120 and manifest["trained_on"]["train_subset"] == subset
-    assert manifest["trained_on"]["data_verification"]["status"] == "embedded"
-    table = json.loads((tmp_path / "CAS Results" / "pipeline_optimization_exp0.json").read_text())["digits"]
-    cells = [cell for stage in table.values() for cell in stage.values()]
-    assert cells and all(cell["real_data"]["train_subset"] == subset for cell in cells)
-    cas = json.loads((tmp_path / "CAS Results" / "test_accuracies_exp0.json").read_text())["digits"]
-    assert cas["real"]["n_train"] == cas["x1"]["n_train"] == 120
-    assert cas["real"]["train_subset"] == subset
-    report = (tmp_path / "Experiments" / "Exp_0" / "digits" / "REPORT.md").read_text()
-    assert "a stratified subset of 120 of its 1077 images" in report
-    assert "--train_subset 120 --train_subset_seed 1" in report
