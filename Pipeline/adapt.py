@@ -210,7 +210,8 @@ def plan(settings):
     identity = ck.model_identity(preset, spec, random_init, s.seed, recipe, conditioning)
     record = {**identity, "stage": stage, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "cond_dropout": recipe["cond_dropout"], "ema_decay": recipe["ema_decay"],
-              "snr_gamma": recipe["snr_gamma"], "random_flip": recipe["random_flip"], "seed": s.seed, "mixed_precision": s.mixed_precision,
+              "snr_gamma": recipe["snr_gamma"], "random_flip": recipe["random_flip"], "seed": s.seed,
+              "mixed_precision": s.mixed_precision,
               "train_subset": train_subset_record(s.train_subset, s.train_subset_seed)}
     if stage == "dif":
         if enc_path is not None:
