@@ -209,8 +209,10 @@ def test_random_flip_trains_on_mirrored_images_and_is_part_of_the_checkpoints_id
     # A settings.json written before the flag existed was made without flips.
     settings = ck.read_settings(folders[2])
     del settings["random_flip"]
-    (folders[2] / ck.SETTINGS_FILE).write_text(__import__("json").dumps(settings))
     from Pipeline.adapt import AdaptSettings, plan
+    from Utils.io import atomic_write_json
+
+    atomic_write_json(folders[2] / ck.SETTINGS_FILE, settings)
 
     assert plan(AdaptSettings.from_argv(short + ["--exp", "2"])).start == 1
     with pytest.raises(CheckpointError, match=r"random_flip=False, not True"):
