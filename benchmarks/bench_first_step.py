@@ -5,7 +5,8 @@ A from-scratch preset's trainer (random weights, grey 8-px images as digits), co
 before `fit`). The first `fit` of `--first_steps` steps holds TensorFlow's trace of the train step
 and its first execution (graph optimisation); the second `fit` of `--steps` steps is the steady
 cost. `--profile` prints where the first `fit` spends its time (cProfile, cumulative; the
-profiler itself slows tracing down).
+profiler itself slows tracing down). `--count_ops` adds how many graph operations TensorFlow
+created while tracing the first `fit` (each one traced and then optimised before the first step).
 
 `--vs_keras_step` measures the project's optimizer (`PaperAdam`: the step's scalars once per
 step) against the same optimizer with Keras' own step (every scalar again for each variable),
@@ -15,9 +16,12 @@ trained weights are equal.
     python benchmarks/bench_first_step.py                   # tiny
     python benchmarks/bench_first_step.py --preset small --profile
     python benchmarks/bench_first_step.py --vs_keras_step --rounds 5
+    python benchmarks/bench_first_step.py --count_ops
 """
 
 import argparse
+import collections
+import contextlib
 import cProfile
 import hashlib
 import json
@@ -40,6 +44,8 @@ def main():
     parser.add_argument("--first_steps", type=int, default=4)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--count_ops", action="store_true",
+                        help="count the graph operations traced in the first fit (TensorFlow only)")
     parser.add_argument("--keras_step", action="store_true",
                         help="the optimizer with Keras' own step (every scalar per variable)")
     parser.add_argument("--vs_keras_step", action="store_true",
@@ -79,10 +85,12 @@ def main():
     first = TrainBatches(images[:args.batch_size * args.first_steps], labels[:args.batch_size * args.first_steps],
                          batch_size=args.batch_size, image_size=8)
     profiler = cProfile.Profile() if args.profile else None
+    traced_ops = count_traced_ops() if args.count_ops else contextlib.nullcontext()
     start = time.perf_counter()
     if profiler:
         profiler.enable()
-    trainer.fit(first, epochs=1, verbose=0)
+    with traced_ops as op_counts:
+        trainer.fit(first, epochs=1, verbose=0)
     if profiler:
         profiler.disable()
     first_fit = time.perf_counter() - start
@@ -103,8 +111,34 @@ def main():
     print(f"{args.preset}: {len(trainer.trainable_variables)} trained variables; build {built:.1f} s; "
           f"first fit ({args.first_steps} steps) {first_fit:.1f} s; steady {per_step * 1000:.0f} ms per step "
           f"(batch {args.batch_size}); weights sha256 {digest[:12]}")
+    if args.count_ops:
+        print(f"graph operations traced in the first fit: {sum(op_counts.values()):,} "
+              f"(most common: {', '.join(f'{k} {v}' for k, v in op_counts.most_common(6))})")
     if profiler:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+
+
+@contextlib.contextmanager
+def count_traced_ops():
+    """Counts, by type, every operation TensorFlow adds to a traced graph within the block.
+
+    TensorFlow has no public count of a `tf.function`'s nested graphs, so this wraps the one
+    method every traced operation goes through (`FuncGraph._create_op_internal`, private).
+    """
+    from tensorflow.python.framework import func_graph
+
+    counts = collections.Counter()
+    original = func_graph.FuncGraph._create_op_internal
+
+    def counting(graph, op_type, *args, **kwargs):
+        counts[op_type] += 1
+        return original(graph, op_type, *args, **kwargs)
+
+    func_graph.FuncGraph._create_op_internal = counting
+    try:
+        yield counts
+    finally:
+        func_graph.FuncGraph._create_op_internal = original
 
 
 def side_by_side(args):

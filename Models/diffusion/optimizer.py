@@ -49,7 +49,7 @@ class PaperAdam(keras.optimizers.Adam):
     less time (BENCHMARKS.md, `benchmarks/bench_first_step.py --vs_keras_step`).
     """
 
-    _step_scalars = None  # {learning_rate, alpha} while a step's updates are being built
+    _step_scalars = None  # learning_rate, alpha and Adam's constants while a step's updates are being built
 
     def _backend_apply_gradients(self, grads, trainable_variables):
         learning_rate = super()._get_current_learning_rate()
@@ -57,7 +57,10 @@ class PaperAdam(keras.optimizers.Adam):
         beta_1_power = ops.power(ops.cast(self.beta_1, "float32"), local_step)
         beta_2_power = ops.power(ops.cast(self.beta_2, "float32"), local_step)
         alpha = ops.cast(learning_rate, "float32") * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
-        self._step_scalars = {"learning_rate": learning_rate, "alpha": alpha}
+        # Keras' Python constants too, as tensors made once instead of a graph constant per variable.
+        constants = {"1 - beta_1": 1 - self.beta_1, "1 - beta_2": 1 - self.beta_2, "epsilon": self.epsilon}
+        self._step_scalars = {"learning_rate": learning_rate, "alpha": alpha,
+                              **{name: ops.convert_to_tensor(value, "float32") for name, value in constants.items()}}
         try:
             super()._backend_apply_gradients(grads, trainable_variables)
         finally:
@@ -76,10 +79,11 @@ class PaperAdam(keras.optimizers.Adam):
         v = self._velocities[self._get_variable_index(variable)]
         gradient = ops.cast(gradient, variable.dtype)
         # Keras' Adam.update_step, its expressions unchanged, the bias-corrected rate shared.
-        self.assign_add(m, ops.multiply(ops.subtract(gradient, m), 1 - self.beta_1))
-        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), 1 - self.beta_2))
-        self.assign_sub(variable, ops.divide(ops.multiply(m, self._step_scalars["alpha"]),
-                                             ops.add(ops.sqrt(v), self.epsilon)))
+        scalars = self._step_scalars
+        self.assign_add(m, ops.multiply(ops.subtract(gradient, m), scalars["1 - beta_1"]))
+        self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), scalars["1 - beta_2"]))
+        self.assign_sub(variable, ops.divide(ops.multiply(m, scalars["alpha"]),
+                                             ops.add(ops.sqrt(v), scalars["epsilon"])))
 
 
 @keras.saving.register_keras_serializable(package="sddg")
@@ -115,10 +119,14 @@ class AdamWithEMA(PaperAdam):
         if self.ema_warmup:
             decay = ops.minimum(decay, (1.0 + step) / (10.0 + step))
         decay = decay * ops.cast(ops.not_equal(self.iterations, 0), "float32")  # step 0: the average = the weights
+        by_dtype = {}  # (d, 1 - d) once per dtype, not once per variable (fewer graph ops to trace)
         for variable, average in zip(trainable_variables, self._model_variables_moving_average):
             if average is not None:
-                d = ops.cast(decay, variable.dtype)
-                average.assign(d * average + (1.0 - d) * variable)
+                if variable.dtype not in by_dtype:
+                    d = ops.cast(decay, variable.dtype)
+                    by_dtype[variable.dtype] = d, 1.0 - d
+                d, one_minus_d = by_dtype[variable.dtype]
+                average.assign(d * average + one_minus_d * variable)
 
     def finalize_variable_values(self, var_list):
         # Keras would copy the averages into the weights at the end of `fit`; here the weights
