@@ -106,7 +106,8 @@ def main():
     if args.save_weights:
         np.savez(args.save_weights, *weights)
     if args.json:
-        print(json.dumps({"build_s": built, "first_fit_s": first_fit, "step_s": per_step, "weights": digest}))
+        print(json.dumps({"build_s": built, "first_fit_s": first_fit, "step_s": per_step, "weights": digest,
+                          **({"traced_ops": sum(op_counts.values())} if args.count_ops else {})}))
         return
     print(f"{args.preset}: {len(trainer.trainable_variables)} trained variables; build {built:.1f} s; "
           f"first fit ({args.first_steps} steps) {first_fit:.1f} s; steady {per_step * 1000:.0f} ms per step "
