@@ -201,7 +201,7 @@ def bench_quality(args):
               "epochs": epochs, **scoring} for name, steps in ([] if args.floor_only else quality_cells(args))]
     done = scored_rows(args.out) if args.resume else set()
     cells = [cell for cell in cells if row_identity(cell) not in done]
-    score_floor = row_identity(floor_identity) not in done
+    score_floor = not args.no_floor and row_identity(floor_identity) not in done
     if args.resume:
         print(f"--resume: {len(done)} rows in {args.out}; to score: {'the floor, ' if score_floor else ''}"
               f"{len(cells)} cells", flush=True)
@@ -280,6 +280,9 @@ def main(argv=None):
     quality.add_argument("--seed", type=int, default=0)
     quality.add_argument("--out", default="bench_samplers.jsonl")
     quality.add_argument("--floor_only", action="store_true", help="only the real training split's row")
+    quality.add_argument("--no_floor", action="store_true",
+                         help="skip the real training split's row (the scorer is deterministic: the same seeds "
+                              "give the figure another run already measured)")
     quality.add_argument("--timestep_spacing", choices=TIMESTEP_SPACINGS, default=None,
                          help="sample with this spacing (default: the preset's)")
     quality.add_argument("--weights", default=None, metavar="FILE.weights.h5",
@@ -317,6 +320,8 @@ def main(argv=None):
         quality_cells(args)  # bad arguments stop here, before minutes of training
         if args.classifier_runs < 1:
             raise SystemExit(f"error: --classifier_runs must be at least 1, not {args.classifier_runs}")
+        if args.floor_only and args.no_floor:
+            raise SystemExit("error: --floor_only and --no_floor leave nothing to score")
         check_weights_name(args.weights)
         return bench_quality(args)
     print("| preset | px | batch | steps | sampler | img/s | vs DDIM before the seam |")

@@ -77,6 +77,19 @@ def test_resume_skips_the_rows_the_output_holds_with_the_same_settings(tmp_path,
     assert out.read_text() == before
     assert "to score: 0 cells" in capsys.readouterr().out
 
+    # Without the floor in the file, --no_floor still leaves nothing to do.
+    out.write_text("".join(json.dumps(row) + "\n" for row in (cell, three)))
+    bench_samplers_main(["quality", "--cells", "ddim:5", "--guidance", "1.5", "--epochs", "50", "--resume",
+                         "--no_floor", "--out", str(out)])
+    assert out.read_text() == "".join(json.dumps(row) + "\n" for row in (cell, three))
+    assert "to score: 0 cells" in capsys.readouterr().out
+
+
+def test_floor_only_and_no_floor_together_stop_with_one_line():
+    with pytest.raises(SystemExit) as stopped:
+        bench_samplers_main(["quality", "--floor_only", "--no_floor"])
+    assert str(stopped.value) == "error: --floor_only and --no_floor leave nothing to score"
+
 
 def test_weights_must_be_a_keras_weights_file():
     with pytest.raises(SystemExit) as stopped:
