@@ -21,6 +21,8 @@ rows --out already holds (same settings) are not scored again.
         --cells ddim:50,dpmsolver++_karras:15 --weights /tmp/retina.weights.h5   # chosen cells; model kept
     python benchmarks/bench_samplers.py pixels --dataset retinamnist --data_dir ../shared/data \
         --weights /tmp/retina.weights.h5         # mean pixel per cell and timestep spacing (too bright?)
+    python benchmarks/bench_samplers.py repeat --dataset retinamnist \
+        --weights /tmp/retina.weights.h5         # the same inputs through each loop 4 times: one result?
     python benchmarks/bench_samplers.py quality ... --timestep_spacing trailing   # cells with another spacing
     python benchmarks/bench_samplers.py quality ... --resume      # again after a kill: only what is missing
 """
@@ -254,6 +256,35 @@ def bench_pixels(args):
             print(f"| {name} | {steps} | {spacing} | {images.mean():.1f} |", flush=True)
 
 
+def bench_repeat(args):
+    """Calls each cell's compiled loop `--repeats` times on the same inputs (kept weights, one batch
+    of `--images`) and prints how many different results (hashes of the float32 output) came out:
+    1 is what "same seed, same images" needs."""
+    import hashlib
+
+    from Data.registry import get_spec
+    from Models.diffusion import checkpoints as ck
+    from Models.diffusion.generator import index_within_class, initial_noise
+    from Models.diffusion.presets import get_preset
+
+    preset, spec = get_preset(args.preset), get_spec(args.dataset)
+    labels = np.arange(args.images) % spec.num_classes
+    indices = index_within_class(labels)
+    guidance = preset.default_guidance_scale if args.guidance is None else args.guidance
+    model = ck.build_model(preset, spec, random_init=True, init_seed=args.seed, seed=args.seed)
+    model.load_weights(args.weights)
+    noise, _ = initial_noise(args.seed, labels, indices, model.backbone.noise_shape)
+    print("| sampler | steps | images | calls | different results |")
+    print("| --- | --- | --- | --- | --- |")
+    with model.sampling_weights():
+        context, uncond = model.contexts(labels, indices, args.seed)
+        for name, steps in quality_cells(args):
+            loop = model.generator.sampler(False, name)
+            hashes = [hashlib.sha256(loop.sample(noise, context, uncond, steps, guidance).tobytes()).hexdigest()
+                      for _ in range(args.repeats)]
+            print(f"| {name} | {steps} | {args.images} | {args.repeats} | {len(set(hashes))} |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="which", required=True)
@@ -305,6 +336,16 @@ def main(argv=None):
     pixels.add_argument("--images", type=int, default=40)
     pixels.add_argument("--guidance", type=float, default=None, help="default: the preset's")
     pixels.add_argument("--seed", type=int, default=0)
+    repeat = sub.add_parser("repeat", help="the same inputs through each cell's loop several times: same result?")
+    repeat.add_argument("--weights", required=True, metavar="FILE.weights.h5", help="written by quality --weights")
+    repeat.add_argument("--dataset", default="digits")
+    repeat.add_argument("--preset", default="small")
+    repeat.add_argument("--cells", default="ddim:2,dpmsolver++_karras:2")
+    repeat.add_argument("--steps", default=None)  # quality_cells' fallback; --cells is always given here
+    repeat.add_argument("--images", type=int, default=250, help="one batch of this many images")
+    repeat.add_argument("--repeats", type=int, default=4)
+    repeat.add_argument("--guidance", type=float, default=None, help="default: the preset's")
+    repeat.add_argument("--seed", type=int, default=0)
     for p in (speed, quality):
         p.add_argument("--samplers", nargs="+", choices=tuple(SAMPLERS), default=list(SAMPLERS))
     args = parser.parse_args(argv)
@@ -316,6 +357,13 @@ def main(argv=None):
         if not Path(args.weights).is_file():
             raise SystemExit(f"error: --weights {args.weights} is not a file (write one with quality --weights)")
         return bench_pixels(args)
+    if args.which == "repeat":
+        quality_cells(args)
+        if args.images < 1 or args.repeats < 2:
+            raise SystemExit("error: --images must be at least 1 and --repeats at least 2")
+        if not Path(args.weights).is_file():
+            raise SystemExit(f"error: --weights {args.weights} is not a file (write one with quality --weights)")
+        return bench_repeat(args)
     if args.which == "quality":
         quality_cells(args)  # bad arguments stop here, before minutes of training
         if args.classifier_runs < 1:

@@ -91,6 +91,15 @@ def test_floor_only_and_no_floor_together_stop_with_one_line():
     assert str(stopped.value) == "error: --floor_only and --no_floor leave nothing to score"
 
 
+@pytest.mark.parametrize("args", [["--repeats", "1"], ["--images", "0"], ["--cells", "ddim"]])
+def test_repeat_refuses_bad_arguments_with_one_line(args, tmp_path):
+    weights = tmp_path / "m.weights.h5"
+    weights.write_bytes(b"")
+    with pytest.raises(SystemExit) as stopped:
+        bench_samplers_main(["repeat", "--weights", str(weights), *args])
+    assert str(stopped.value).startswith("error: --")
+
+
 def test_weights_must_be_a_keras_weights_file():
     with pytest.raises(SystemExit) as stopped:
         bench_samplers_main(["quality", "--weights", "model.h5"])
