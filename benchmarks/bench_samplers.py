@@ -234,12 +234,25 @@ def bench_quality(args):
                      "kid": kid, "fid": fid, "generate_s": round(generate_s, 1)}, args.out)
 
 
+def kept_model(preset, spec, weights, seed):
+    """The preset's model with the sampling weights `quality --weights` kept."""
+    from Models.diffusion import checkpoints as ck
+
+    model = ck.build_model(preset, spec, random_init=True, init_seed=seed, seed=seed)
+    model.load_weights(weights)
+    return model
+
+
+def check_kept_weights(weights):
+    if not Path(weights).is_file():
+        raise SystemExit(f"error: --weights {weights} is not a file (write one with quality --weights)")
+
+
 def bench_pixels(args):
     """Mean pixel value (0..255) of a few images per cell and timestep spacing, from kept weights,
     beside the real training split's: a cheap check for samplers that come out too bright or dark."""
     from Data.loaders import load_dataset
     from Data.registry import get_spec
-    from Models.diffusion import checkpoints as ck
     from Models.diffusion.presets import get_preset
 
     preset, spec = get_preset(args.preset), get_spec(args.dataset)
@@ -247,8 +260,7 @@ def bench_pixels(args):
     print(f"| real training split | | | {real.mean():.1f} |")
     labels = np.arange(args.images) % spec.num_classes
     guidance = preset.default_guidance_scale if args.guidance is None else args.guidance
-    model = ck.build_model(preset, spec, random_init=True, init_seed=args.seed, seed=args.seed)
-    model.load_weights(args.weights)
+    model = kept_model(preset, spec, args.weights, args.seed)
     for spacing in args.spacings.split(","):
         for name, steps in quality_cells(args):
             images = model.generate(labels, num_steps=steps, guidance_scale=guidance, seed=args.seed,
@@ -263,7 +275,6 @@ def bench_repeat(args):
     import hashlib
 
     from Data.registry import get_spec
-    from Models.diffusion import checkpoints as ck
     from Models.diffusion.generator import index_within_class, initial_noise
     from Models.diffusion.presets import get_preset
 
@@ -271,8 +282,7 @@ def bench_repeat(args):
     labels = np.arange(args.images) % spec.num_classes
     indices = index_within_class(labels)
     guidance = preset.default_guidance_scale if args.guidance is None else args.guidance
-    model = ck.build_model(preset, spec, random_init=True, init_seed=args.seed, seed=args.seed)
-    model.load_weights(args.weights)
+    model = kept_model(preset, spec, args.weights, args.seed)
     noise, _ = initial_noise(args.seed, labels, indices, model.backbone.noise_shape)
     print("| sampler | steps | images | calls | different results |")
     print("| --- | --- | --- | --- | --- |")
@@ -354,15 +364,13 @@ def main(argv=None):
         for spacing in args.spacings.split(","):
             if spacing not in TIMESTEP_SPACINGS:
                 raise SystemExit(f"error: --spacings: each one of {', '.join(TIMESTEP_SPACINGS)}, not {spacing!r}")
-        if not Path(args.weights).is_file():
-            raise SystemExit(f"error: --weights {args.weights} is not a file (write one with quality --weights)")
+        check_kept_weights(args.weights)
         return bench_pixels(args)
     if args.which == "repeat":
         quality_cells(args)
         if args.images < 1 or args.repeats < 2:
             raise SystemExit("error: --images must be at least 1 and --repeats at least 2")
-        if not Path(args.weights).is_file():
-            raise SystemExit(f"error: --weights {args.weights} is not a file (write one with quality --weights)")
+        check_kept_weights(args.weights)
         return bench_repeat(args)
     if args.which == "quality":
         quality_cells(args)  # bad arguments stop here, before minutes of training
