@@ -161,3 +161,25 @@ def test_sampler_runs_the_tiny_unet_compiled_and_is_deterministic():
     second = sampler.sample(noise, context, uncond, num_steps=3, guidance_scale=3.0)
     assert first.shape == (4, 8, 8, 3) and np.all(np.isfinite(first))
     np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("name", ["dpmsolver++_karras", "euler_ancestral"])
+def test_samplers_whose_update_reads_the_sample_give_the_same_floats_call_after_call(name):
+    """Same seed, same images at a production-like batch (64 images of 28 px, where a loop that let
+    TensorFlow run the update's terms beside the UNet returned other last bits in most runs of
+    a few calls: BENCHMARKS.md, "Same seed, same images")."""
+    from Models.diffusion.sampler import DiffusionSampler
+
+    preset = get_preset("tiny")
+    keras.utils.set_random_seed(0)
+    unet = build_unet(preset, image_size=28)
+    encoder = ClassEncoder(5, preset.context_length, preset.context_dim, hidden=8)
+    labels = np.arange(64) % 5
+    context = encoder(ops.one_hot(ops.convert_to_tensor(labels), 5))
+    uncond = encoder(ops.zeros((1, 5)))
+    noise = np.random.default_rng(0).standard_normal((64, 28, 28, 3)).astype("float32")
+    sampler = DiffusionSampler(unet, timestep_embedding_dim=preset.timestep_embedding_dim, sampler=name)
+    inputs = sampler.inputs(noise, context, uncond, num_steps=2, guidance_scale=2.0)
+    first = np.asarray(sampler.model.predict_on_batch(inputs))
+    for _ in range(5):
+        np.testing.assert_array_equal(np.asarray(sampler.model.predict_on_batch(inputs)), first)

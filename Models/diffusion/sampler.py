@@ -115,6 +115,10 @@ class GuidedSampler(keras.Model):
                                              column("model_alpha"))
             coefficients = {name: _per_image(column(name)) for name in self.scheduler.coefficient_names}
             z = ops.cast(ops.take(noise, ops.minimum(i - first_step, last_noise), axis=1), "float32")
+            # The update's terms that do not read the UNet's output (sample, state, noise times their
+            # coefficients) would run beside the UNet, and with that TensorFlow's CPU kernels change
+            # the UNet's last bits from call to call at large batches: same seed, other images.
+            coefficients, x, state, z = _after((x0, eps), (coefficients, x, state, z))
             x, state = self.scheduler.step(coefficients, x, x0, eps, state, z)
             return (x,) + tuple(state)
 
@@ -137,6 +141,17 @@ class GuidedSampler(keras.Model):
 
 def _per_image(value):  # (B,) -> (B, 1, 1, 1)
     return ops.reshape(ops.cast(value, "float32"), (-1, 1, 1, 1))
+
+
+def _after(dependencies, values):
+    """`values` unchanged, computed only once `dependencies` are (TensorFlow's graph runs independent
+    operations concurrently; the other backends' compiled loops are left as they are)."""
+    if keras.backend.backend() != "tensorflow":
+        return values
+    import tensorflow as tf
+
+    with tf.control_dependencies(tf.nest.flatten(dependencies)):
+        return tf.nest.map_structure(tf.identity, values)
 
 
 class DiffusionSampler:
