@@ -1,6 +1,6 @@
 """What a training stage costs before its first step: building the model, the first `fit`, then steady steps.
 
-A from-scratch preset's trainer (random weights, grey 8-px images as digits), compiled as
+A from-scratch preset's trainer (random weights, grey 8-px images as digits by default), compiled as
 `SD_adapting.py` compiles it (the paper's optimiser, the moving average, the optimizer built
 before `fit`). The first `fit` of `--first_steps` steps holds TensorFlow's trace of the train step
 and its first execution (graph optimisation); the second `fit` of `--steps` steps is the steady
@@ -41,6 +41,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--image_size", type=int, default=8, help="random images of this size (default: 8 px)")
+    parser.add_argument("--channels", type=int, default=1, choices=(1, 3), help="grey (default) or RGB images")
     parser.add_argument("--first_steps", type=int, default=4)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--profile", action="store_true")
@@ -69,12 +71,13 @@ def main():
 
     rng = np.random.default_rng(0)
     n = args.batch_size * max(args.first_steps, args.steps)
-    images = rng.integers(0, 256, (n, 8, 8, 1), dtype="uint8")
+    images = rng.integers(0, 256, (n, args.image_size, args.image_size, args.channels), dtype="uint8")
     labels = rng.integers(0, 10, n)
 
     keras.utils.set_random_seed(0)
     start = time.perf_counter()
-    trainer = DiffusionTrainer.from_preset(args.preset, num_classes=10, image_size=8, stage="enc", image_channels=1)
+    trainer = DiffusionTrainer.from_preset(args.preset, num_classes=10, image_size=args.image_size, stage="enc",
+                                           image_channels=args.channels)
     optimizer = make_optimizer(1e-3, total_steps=1000, ema_decay=trainer.preset.ema_decay)
     if args.keras_step:
         optimizer = KerasOwnStep.from_config(optimizer.get_config())
@@ -83,7 +86,7 @@ def main():
     built = time.perf_counter() - start
 
     first = TrainBatches(images[:args.batch_size * args.first_steps], labels[:args.batch_size * args.first_steps],
-                         batch_size=args.batch_size, image_size=8)
+                         batch_size=args.batch_size, image_size=args.image_size)
     profiler = cProfile.Profile() if args.profile else None
     traced_ops = count_traced_ops() if args.count_ops else contextlib.nullcontext()
     start = time.perf_counter()
@@ -96,7 +99,7 @@ def main():
     first_fit = time.perf_counter() - start
 
     steady = TrainBatches(images[:args.batch_size * args.steps], labels[:args.batch_size * args.steps],
-                          batch_size=args.batch_size, image_size=8)
+                          batch_size=args.batch_size, image_size=args.image_size)
     start = time.perf_counter()
     trainer.fit(steady, epochs=1, verbose=0)
     per_step = (time.perf_counter() - start) / args.steps
@@ -145,7 +148,8 @@ def count_traced_ops():
 def side_by_side(args):
     """Fresh processes (a first fit is only first once per process), ours and Keras' step alternating."""
     base = [sys.executable, __file__, "--preset", args.preset, "--batch_size", str(args.batch_size),
-            "--first_steps", str(args.first_steps), "--steps", str(args.steps), "--json"]
+            "--first_steps", str(args.first_steps), "--steps", str(args.steps), "--image_size", str(args.image_size),
+            "--channels", str(args.channels), "--json"]
     runs = {"ours": [], "keras": []}
     for _ in range(args.rounds):
         for name, extra in (("ours", []), ("keras", ["--keras_step"])):
