@@ -56,6 +56,8 @@ def main():
     parser.add_argument("--json", action="store_true", help="print one JSON line (for --vs_keras_step)")
     parser.add_argument("--save_weights", default=None, help="write the trained weights to this .npz")
     args = parser.parse_args()
+    if args.image_size < 1:
+        raise SystemExit(f"error: --image_size must be at least 1, not {args.image_size}")
     if args.vs_keras_step:
         return side_by_side(args)
 
