@@ -30,6 +30,24 @@ def set_seed(seed):
     keras.utils.set_random_seed(int(seed))
 
 
+def fresh_layer_names():
+    """Name the layers built next as a fresh process would ("dense", "dense_1", ...).
+
+    Keras numbers automatic layer names across the whole process, the names go into the graph
+    TensorFlow builds from a train step, and its graph optimiser (Grappler) rewrites that graph
+    differently with other names: the same model, seed and data trained after another model in
+    the same process end in weights that differ in the last bits, which many epochs grow into other
+    images (with Grappler off, or in a fresh process, they agree bit for bit). So a whole model is
+    built after this: a resumed pipeline, a second run in a notebook, or a benchmark that scored
+    a classifier first train what a fresh process trains. Only the counters are reset, not Keras'
+    other global state (`keras.backend.clear_session` would also drop the dtype policy and the seed);
+    models already built keep their names.
+    """
+    from keras.src.utils import naming
+
+    naming.reset_uids()
+
+
 def configure_runtime(seed=None, mixed_precision="float32", xla=False):
     """Memory growth on every GPU, the dtype policy, and the seed.
 

@@ -197,8 +197,8 @@ def test_random_flip_trains_on_mirrored_images_and_is_part_of_the_checkpoints_id
     with h5py.File(ck.weights_path(folders[1], 1), "r") as f1, h5py.File(ck.weights_path(folders[2], 1), "r") as f2:
         unet_1 = np.concatenate([f1["unet"][k][()].ravel() for k in sorted(f1["unet"])])
         unet_2 = np.concatenate([f2["unet"][k][()].ravel() for k in sorted(f2["unet"])])
-    # Same seed, same batches but for the mirrored images: two steps apart by far more than the
-    # ~1e-7 two identical runs differ by.
+    # Same seed, same batches but for the mirrored images: two steps apart by far more than float
+    # rounding.
     assert np.max(np.abs(unet_1 - unet_2)) > 1e-4
 
     # The folder's checkpoints were made with flips: continuing without them is an error, and back.

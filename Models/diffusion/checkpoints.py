@@ -44,6 +44,7 @@ from Models.diffusion.trainer import DiffusionTrainer
 from Models.errors import CheckpointError, ModelSettingsError
 from Utils.io import atomic_path, read_json
 from Utils.paths import diffusion_checkpoint_dir
+from Utils.runtime import fresh_layer_names
 
 SETTINGS_FILE = "settings.json"
 # Settings that make checkpoints incompatible with a model: checked on every load.
@@ -229,8 +230,10 @@ def require_checkpoint(folder, epoch, what):
 def build_backbone(preset, spec, random_init=False, init_seed=0, with_autoencoder=True, conditioning=None):
     """A ClassConditionalBackbone for `spec`, initialised as the pipeline does.
 
-    The parts are built in a fixed order right after seeding with `init_seed`,
-    so random weights (pixel presets, or `random_init`) are the same in every script.
+    The parts are built in a fixed order right after seeding with `init_seed`, with the layer names
+    of a fresh process (`Utils.runtime.fresh_layer_names`), so random weights (pixel presets, or
+    `random_init`) and what training makes of them are the same in every script, whatever was built
+    before in the process.
     For sd presets without `random_init`, keras-cv's published UNet and
     autoencoder weights are loaded (Models/diffusion/weights.py; offline and
     missing: a one-line CheckpointError). `conditioning`: a ConditioningSpec (default: the
@@ -243,6 +246,7 @@ def build_backbone(preset, spec, random_init=False, init_seed=0, with_autoencode
     conditioning = conditioning or ConditioningSpec()
     size = image_size_for(preset, spec)
     keras.utils.set_random_seed(int(init_seed))
+    fresh_layer_names()
     unet = build_unet(preset, size, context_length(conditioning, preset), image_channels=spec.channels)
     text_encoder = None
     if conditioning.uses_text and preset.pretrained and not random_init:
