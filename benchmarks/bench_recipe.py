@@ -17,10 +17,15 @@ One run = one row of BENCHMARKS.md's ablation table ("From-scratch recipe"):
 
 Rows are appended to `--out` (JSON lines); a sample grid goes beside it; `--save_images FILE.npz`
 keeps the generated set (images and labels, every multiple) for scoring under other classifier
-protocols.
+protocols. Each classifier's top-1 and each set's KID/FID are also appended, as each is made, to
+`--out`'s `.scores.jsonl` beside it: a killed run started again with `--resume` (and `--weights`,
+so that the model is read, not trained again) scores only what that file lacks; its row holds the
+scores an unbroken run would have given, and a run that had finished is not written twice.
 
     python benchmarks/bench_recipe.py --tag recipe                       # small's defaults
     python benchmarks/bench_recipe.py --tag no_ema --ema_decay 0
+    python benchmarks/bench_recipe.py --tag long --multiples 3 --classifier_runs 3 --weights W.weights.h5 \\
+        --resume                                                          # again after a kill: what is missing
     python benchmarks/bench_recipe.py --tag paper --preset tiny --beta_schedule scaled_linear \\
         --prediction_type epsilon --timestep_spacing leading --cond_dropout 0 --ema_decay 0 \\
         --snr_gamma 0 --rgb
@@ -77,6 +82,9 @@ parser.add_argument("--weights", default=None, metavar="FILE.weights.h5",
                     help="the trained model's sampling weights: read when the file exists (no training), "
                          "written after training otherwise")
 parser.add_argument("--out", default="bench_recipe.jsonl")
+parser.add_argument("--resume", action="store_true",
+                    help="take the scores already in --out's .scores.jsonl for the same settings instead of "
+                         "training those classifiers again (pair it with --weights)")
 parser.add_argument("--cond_dropout", type=float)
 parser.add_argument("--ema_decay", type=float)
 parser.add_argument("--snr_gamma", type=float)
@@ -154,7 +162,8 @@ def multiple_indices(labels, per_class_x1, k):
 
 def cas_scorer(spec, splits, classifier_epochs, classifier_batch_size, seed, runs=1):
     """x, y -> the real test top-1 of ResNet20s trained on them (validated on the real split), one per
-    classifier seed seed, seed + 1, ..., seed + runs - 1.
+    classifier seed seed, seed + 1, ..., seed + runs - 1. `cas(x, y, record)` passes each run through
+    `record(classifier_seed, train)`, which returns `train()`'s top-1 or one it kept (`ScoreLog.record`).
 
     The scorer is deterministic but chaotic: inputs that differ below what a PNG stores move it by
     as much as another seed does (BENCHMARKS.md, "The scorer's own spread"), so where sets are
@@ -165,14 +174,14 @@ def cas_scorer(spec, splits, classifier_epochs, classifier_batch_size, seed, run
 
     config = ClassifierConfig(epochs=classifier_epochs, batch_size=classifier_batch_size)
 
-    def cas(x, y):
-        top1 = []
-        for classifier_seed in range(seed, seed + runs):
-            keras.utils.set_random_seed(classifier_seed)
-            classifier, _ = train_classifier(x, y, splits.x_val, splits.y_val, spec.num_classes,
-                                             config=config, seed=classifier_seed, verbose=0)
-            top1.append(evaluate_classifier(classifier, splits.x_test, splits.y_test, spec.label_names)["top1"])
-        return top1
+    def train(x, y, classifier_seed):
+        keras.utils.set_random_seed(classifier_seed)
+        classifier, _ = train_classifier(x, y, splits.x_val, splits.y_val, spec.num_classes,
+                                         config=config, seed=classifier_seed, verbose=0)
+        return evaluate_classifier(classifier, splits.x_test, splits.y_test, spec.label_names)["top1"]
+
+    def cas(x, y, record=lambda classifier_seed, train: train()):
+        return [record(s, lambda: train(x, y, s)) for s in range(seed, seed + runs)]
 
     return cas
 
@@ -184,19 +193,83 @@ def mean_and_runs(top1, key):
 
 
 def distance_scorer(splits, seed):
-    """x -> (KID, FID) against the real test split, ResNet20 features trained on the real training split."""
+    """x -> (KID, FID) against the real test split, ResNet20 features trained on the real training split
+    (at the first call: a resumed run that has every distance already trains no extractor)."""
+    import functools
+
     from Metrics.distribution import frechet_distance_from_features, kernel_inception_distance
     from Metrics.quality import kid_extractor
 
-    extractor = kid_extractor(splits.x_train, splits.y_train, seed=seed)
-    test_features = extractor.embed(splits.x_test).features
+    @functools.cache
+    def extractor_and_test_features():
+        extractor = kid_extractor(splits.x_train, splits.y_train, seed=seed)
+        return extractor, extractor.embed(splits.x_test).features
 
     def distances(x):
+        extractor, test_features = extractor_and_test_features()
         features = extractor.embed(x).features
         kid, _ = kernel_inception_distance(test_features, features, seed=seed)
         return float(kid), float(frechet_distance_from_features(test_features, features))
 
     return distances
+
+
+class ScoreLog:
+    """Every score of a run, one JSON line each as it is made: {"settings", "set", "score", "value"}.
+
+    A score is a classifier run's top-1 ("top1_seed3") or a set's distances ("kid_fid"); `settings`
+    is everything that decides it (the generator's recipe and sampling, the classifier protocol).
+    With `resume`, scores the file holds for the same settings are taken instead of made again, so a
+    killed run loses at most the score it was making. A line cut short by a kill is skipped."""
+
+    def __init__(self, path, resume):
+        self.path, self.kept = Path(path), {}
+        if resume and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.kept[self._key(entry["settings"], entry["set"], entry["score"])] = entry["value"]
+
+    @staticmethod
+    def _key(settings, set_name, score):
+        return json.dumps([settings, set_name, score], sort_keys=True)
+
+    def record(self, settings, set_name, score, make):
+        """The kept value of this score, or `make()`'s, appended to the file first."""
+        settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
+        key = self._key(settings, set_name, score)
+        if key not in self.kept:
+            value = make()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            line = json.dumps({"settings": settings, "set": set_name, "score": score, "value": value}) + "\n"
+            with open(self.path, "ab+") as f:  # appends go to the end whatever the position read from
+                if f.seek(0, os.SEEK_END):
+                    f.seek(-1, os.SEEK_END)
+                    if f.read(1) != b"\n":
+                        line = "\n" + line  # after a line a kill cut short
+                f.write(line.encode())
+                f.flush()
+                os.fsync(f.fileno())
+            self.kept[key] = json.loads(json.dumps(value))
+        return self.kept[key]
+
+    def cas(self, cas, settings, set_name, x, y):
+        """`cas(x, y)` with each classifier run recorded."""
+        return cas(x, y, lambda s, train: self.record(settings, set_name, f"top1_seed{s}", train))
+
+    def distances(self, distances, settings, set_name, x):
+        return tuple(self.record(settings, set_name, "kid_fid", lambda: list(distances(x))))
+
+
+def row_in(out, tag, settings):
+    """Whether `out` holds a row of this tag with these settings (a resumed run that had finished)."""
+    if not Path(out).exists():
+        return False
+    settings = json.loads(json.dumps(settings))
+    rows = [json.loads(line) for line in Path(out).read_text().splitlines() if line.strip()]
+    return any(row.get("tag") == tag and all(row.get(k) == v for k, v in settings.items()) for row in rows)
 
 
 def main(argv=None):
@@ -239,8 +312,15 @@ def main(argv=None):
     cas = cas_scorer(spec, splits, args.classifier_epochs, args.classifier_batch_size, args.seed,
                      runs=args.classifier_runs)
     distances = distance_scorer(splits, args.seed)
-    real_row = {}  # the real row's figures, computed once
     out = Path(args.out)
+    log = ScoreLog(out.with_suffix(".scores.jsonl"), args.resume)
+    # What decides a score: the classifier protocol and the data (the real split's scores need no more).
+    scoring = {"dataset": spec.name, "classifier_epochs": args.classifier_epochs,
+               "classifier_batch_size": args.classifier_batch_size, "seed": args.seed}
+    generator_settings = {**scoring, "preset": preset.name, "level_channels": list(preset.level_channels),
+                          "rgb": bool(args.rgb), **recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                          "sampler": args.sampler}
+    real_row = {}  # the real row's figures, computed once
     for steps, guidance in itertools.product(step_counts, guidances):
         base_tag = args.tag + (f"_g{guidance:g}" if len(guidances) > 1 else "") + \
             (f"_s{steps}" if len(step_counts) > 1 else "")
@@ -258,12 +338,14 @@ def main(argv=None):
 
         for proportions, per_class_x1 in x1_by_proportions.items():
             tag = base_tag + ("" if proportions == "balanced" else f"_{proportions}")
+            settings = {**generator_settings, "steps": steps, "guidance": guidance, "class_proportions": proportions}
             cas_by_multiple, cas_runs, kid_by_multiple, fid_by_multiple = {}, {}, {}, {}
             for k in range(1, args.multiples + 1):
                 chosen = multiple_indices(labels, per_class_x1, k)
-                cas_runs[f"x{k}"] = cas(images[chosen], labels[chosen])
+                cas_runs[f"x{k}"] = log.cas(cas, settings, f"x{k}", images[chosen], labels[chosen])
                 cas_by_multiple[f"x{k}"] = sum(cas_runs[f"x{k}"]) / len(cas_runs[f"x{k}"])
-                kid_by_multiple[f"x{k}"], fid_by_multiple[f"x{k}"] = distances(images[chosen])
+                kid_by_multiple[f"x{k}"], fid_by_multiple[f"x{k}"] = log.distances(distances, settings, f"x{k}",
+                                                                                     images[chosen])
             x1 = multiple_indices(labels, per_class_x1, 1)
             kid, fid = kid_by_multiple["x1"], fid_by_multiple["x1"]
             row = {"tag": tag, "dataset": spec.name, "preset": preset.name, "rgb": bool(args.rgb),
@@ -281,12 +363,15 @@ def main(argv=None):
                    "unet_parameters": int(model.unet.count_params())}
             if args.with_real:
                 if "real_top1" not in real_row:
-                    real_row.update(mean_and_runs(cas(splits.x_train, splits.y_train), "real_top1"))
-                    real_row["real_train_kid"], real_row["real_train_fid"] = distances(splits.x_train)
+                    real_row.update(mean_and_runs(log.cas(cas, scoring, "real", splits.x_train, splits.y_train),
+                                                  "real_top1"))
+                    real_row["real_train_kid"], real_row["real_train_fid"] = log.distances(distances, scoring, "real",
+                                                                                         splits.x_train)
                 row.update(real_row)
             print(json.dumps(row))
-            with open(out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            if not (args.resume and row_in(out, tag, settings)):
+                with open(out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
         pick = np.concatenate([np.flatnonzero(labels == c)[:8] for c in range(spec.num_classes)])
         save_image_grid(images[pick], labels[pick], spec.label_names, out.with_name(f"{out.stem}_{base_tag}.png"),
                         per_class=8, title=base_tag)

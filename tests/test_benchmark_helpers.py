@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks.bench_classifier import main as bench_classifier_main
 from benchmarks.bench_recipe import main as bench_recipe_main
-from benchmarks.bench_recipe import mean_and_runs, multiple_indices
+from benchmarks.bench_recipe import ScoreLog, mean_and_runs, multiple_indices
 from benchmarks.bench_samplers import main as bench_samplers_main
 from benchmarks.bench_samplers import quality_cells, row_identity, scored_rows
 from benchmarks.bench_saved_set import load_saved_set
@@ -140,3 +140,60 @@ def test_bad_multiples_stop_with_one_line(multiples, tmp_path):
                               "--out", str(tmp_path / "rows.jsonl")])
     assert "--multiples" in str(stopped.value)
     assert not (tmp_path / "rows.jsonl").exists()
+
+
+def test_a_killed_recipe_run_resumes_with_the_scores_it_had_and_makes_only_the_missing_ones(tmp_path, capsys):
+    import json
+
+    out, weights = tmp_path / "rows.jsonl", tmp_path / "m.weights.h5"
+    scores = out.with_suffix(".scores.jsonl")
+    args = ["--tag", "t", "--preset", "tiny", "--epochs", "1", "--steps", "2", "--classifier_epochs", "1",
+            "--classifier_runs", "2", "--with_real", "--weights", str(weights), "--out", str(out)]
+    bench_recipe_main(args)
+    (whole,) = [json.loads(line) for line in out.read_text().splitlines()]
+    lines = scores.read_text().splitlines()
+    # x1: two classifiers and the distances; the real split: the same.
+    assert [(json.loads(line)["set"], json.loads(line)["score"]) for line in lines] == [
+        ("x1", "top1_seed0"), ("x1", "top1_seed1"), ("x1", "kid_fid"),
+        ("real", "top1_seed0"), ("real", "top1_seed1"), ("real", "kid_fid")]
+
+    # Killed while writing the last score, before the row: five scores kept, one line cut short.
+    scores.write_text("\n".join(lines[:5]) + "\n" + lines[5][:25])
+    out.unlink()
+    bench_recipe_main([*args, "--resume"])
+    (resumed,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "read from" in capsys.readouterr().out  # the model was read, not trained again
+    for key in ("cas_x1_top1", "cas_runs", "kid", "fid", "real_top1", "real_top1_runs", "real_train_kid",
+                "real_train_fid", "speckle"):
+        assert resumed[key] == whole[key], key
+    # The cut line is skipped; the missing score is made again (the same value) and appended whole.
+    again = scores.read_text().splitlines()
+    assert again[:5] == lines[:5] and again[5] == lines[5][:25]
+    assert [json.loads(line) for line in again[6:]] == [json.loads(lines[5])]
+
+    # Resumed once more with everything there: no classifier trained, no row written twice.
+    before_scores, before_rows = scores.read_text(), out.read_text()
+    bench_recipe_main([*args, "--resume"])
+    assert scores.read_text() == before_scores and out.read_text() == before_rows
+
+
+
+def test_the_score_log_takes_a_score_only_for_the_same_settings_set_and_score(tmp_path):
+    path = tmp_path / "scores.jsonl"
+    made = []
+
+    def make(value):
+        return lambda: made.append(value) or value
+
+    log = ScoreLog(path, resume=False)
+    assert log.record({"guidance": 1.5, "channels": (32, 64)}, "x1", "top1_seed0", make(0.5)) == 0.5
+    resumed = ScoreLog(path, resume=True)
+    assert resumed.record({"channels": [32, 64], "guidance": 1.5}, "x1", "top1_seed0", make(0.9)) == 0.5
+    assert resumed.record({"guidance": 2.5, "channels": (32, 64)}, "x1", "top1_seed0", make(0.6)) == 0.6
+    assert resumed.record({"guidance": 1.5, "channels": (32, 64)}, "x2", "top1_seed0", make(0.7)) == 0.7
+    assert resumed.record({"guidance": 1.5, "channels": (32, 64)}, "x1", "top1_seed1", make(0.8)) == 0.8
+    assert made == [0.5, 0.6, 0.7, 0.8]
+    # Without --resume the file is written but not read: a fresh run makes every score.
+    assert ScoreLog(path, resume=False).record({"guidance": 2.5, "channels": (32, 64)}, "x1", "top1_seed0",
+                                               make(0.1)) == 0.1
+    assert len(path.read_text().splitlines()) == 5
