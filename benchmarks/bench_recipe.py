@@ -319,7 +319,9 @@ def main(argv=None):
                "classifier_batch_size": args.classifier_batch_size, "seed": args.seed}
     generator_settings = {**scoring, "preset": preset.name, "level_channels": list(preset.level_channels),
                           "rgb": bool(args.rgb), **recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                          "sampler": args.sampler}
+                          "sampler": args.sampler,
+                          # x1 of a larger set is generated in other batches, which can move the last bits.
+                          "generated_with": {"multiples": args.multiples, "class_proportions": args.class_proportions}}
     real_row = {}  # the real row's figures, computed once
     for steps, guidance in itertools.product(step_counts, guidances):
         base_tag = args.tag + (f"_g{guidance:g}" if len(guidances) > 1 else "") + \
@@ -353,6 +355,7 @@ def main(argv=None):
                    **recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                    "sampler": args.sampler, "steps": steps,
                    "guidance": guidance, "class_proportions": proportions,
+                   "generated_with": generator_settings["generated_with"],
                    "classifier_epochs": args.classifier_epochs, "classifier_batch_size": args.classifier_batch_size,
                    **training,
                    "generate_s": round(generate_s, 1), "cas_x1_top1": cas_by_multiple["x1"], "cas": cas_by_multiple,
