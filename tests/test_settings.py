@@ -7,7 +7,7 @@ import pytest
 
 from Utils.cli import UserError, experiment_id, finite_float, positive_int
 from Utils.runtime import RuntimeSettings
-from Utils.settings import PAPER, REQUIRED, Settings, setting
+from Utils.settings import PAPER, REQUIRED, setting
 
 
 @dataclass(frozen=True, kw_only=True)
