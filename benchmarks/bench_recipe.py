@@ -214,6 +214,11 @@ def distance_scorer(splits, seed):
     return distances
 
 
+def as_read_back(value):
+    """`value` as JSON gives it back (tuples as lists), so that what is kept compares with what is read."""
+    return json.loads(json.dumps(value))
+
+
 class ScoreLog:
     """Every score of a run, one JSON line each as it is made: {"settings", "set", "score", "value"}.
 
@@ -238,7 +243,7 @@ class ScoreLog:
 
     def record(self, settings, set_name, score, make):
         """The kept value of this score, or `make()`'s, appended to the file first."""
-        settings = json.loads(json.dumps(settings))  # tuples as lists, as read back
+        settings = as_read_back(settings)
         key = self._key(settings, set_name, score)
         if key not in self.kept:
             value = make()
@@ -252,7 +257,7 @@ class ScoreLog:
                 f.write(line.encode())
                 f.flush()
                 os.fsync(f.fileno())
-            self.kept[key] = json.loads(json.dumps(value))
+            self.kept[key] = as_read_back(value)
         return self.kept[key]
 
     def cas(self, cas, settings, set_name, x, y):
@@ -267,7 +272,7 @@ def row_in(out, tag, settings):
     """Whether `out` holds a row of this tag with these settings (a resumed run that had finished)."""
     if not Path(out).exists():
         return False
-    settings = json.loads(json.dumps(settings))
+    settings = as_read_back(settings)
     rows = [json.loads(line) for line in Path(out).read_text().splitlines() if line.strip()]
     return any(row.get("tag") == tag and all(row.get(k) == v for k, v in settings.items()) for row in rows)
 
