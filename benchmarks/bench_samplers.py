@@ -11,8 +11,10 @@ the preset's epochs; bench_recipe.py's functions), then for each sampler and ste
 x1 (as many images as the real training split) and scores CAS x1 (a ResNet20, the quick budget's
 8 epochs; --classifier_runs K: the mean of K classifier seeds, which RetinaMNIST needs, see
 bench_classifier.py noise) and KID against the real test split; rows as JSON lines into --out,
-after a first row that scores the real training split the same way (the floor). With --resume,
-rows --out already holds (same settings) are not scored again.
+after a first row that scores the real training split the same way (the floor). Each classifier's
+top-1 and each set's KID/FID also go to --out's `.scores.jsonl` as they are made (bench_recipe.py's
+`ScoreLog`); with --resume, rows --out already holds (same settings) are not scored again, and a row
+a kill cut short takes the scores it had and makes only the missing ones.
 
     python benchmarks/bench_samplers.py speed                              # tiny, every sampler
     python benchmarks/bench_samplers.py speed --sd1 --batch 2 --steps 5
@@ -187,7 +189,8 @@ def scored_rows(out):
 
 
 def bench_quality(args):
-    from benchmarks.bench_recipe import cas_scorer, distance_scorer, mean_and_runs, trained_or_read, x1_counts
+    from benchmarks.bench_recipe import (ScoreLog, cas_scorer, distance_scorer, mean_and_runs, trained_or_read,
+                                         x1_counts)
     from Data.loaders import load_dataset
     from Data.registry import get_spec
     from Models.diffusion.presets import get_preset
@@ -213,11 +216,14 @@ def bench_quality(args):
     splits = load_dataset(spec.name, data_dir=args.data_dir)
     cas = cas_scorer(spec, splits, args.classifier_epochs, 64, args.seed, runs=args.classifier_runs)
     distances = distance_scorer(splits, args.seed)
+    # Each classifier's top-1 and each set's distances, as made: a row cut short by a kill loses one score.
+    log = ScoreLog(Path(args.out).with_suffix(".scores.jsonl"), args.resume)
     if score_floor:
         # The floor: the real training split scored like a generated set (same extractor, same classifier).
-        real_kid, real_fid = distances(splits.x_train)
-        _append_row({**floor_identity, **mean_and_runs(cas(splits.x_train, splits.y_train), "cas_x1_top1"),
-                     "kid": real_kid, "fid": real_fid}, args.out)
+        real_kid, real_fid = log.distances(distances, floor_identity, "x1", splits.x_train)
+        top1 = log.cas(cas, floor_identity, "x1", splits.x_train, splits.y_train)
+        _append_row({**floor_identity, **mean_and_runs(top1, "cas_x1_top1"), "kid": real_kid, "fid": real_fid},
+                    args.out)
     if not cells:
         return
     model, _ = trained_or_read(args.weights, preset, spec, splits, preset.recipe(), epochs, preset.enc_batch_size,
@@ -229,8 +235,9 @@ def bench_quality(args):
             images = model.generate(labels, num_steps=cell["steps"], guidance_scale=guidance, seed=args.seed,
                                     batch_size=250, sampler=cell["sampler"], timestep_spacing=args.timestep_spacing)
         generate_s = time.perf_counter() - started
-        kid, fid = distances(images)
-        _append_row({**cell, "unet_calls": cell["steps"], **mean_and_runs(cas(images, labels), "cas_x1_top1"),
+        kid, fid = log.distances(distances, cell, "x1", images)
+        top1 = log.cas(cas, cell, "x1", images, labels)
+        _append_row({**cell, "unet_calls": cell["steps"], **mean_and_runs(top1, "cas_x1_top1"),
                      "kid": kid, "fid": fid, "generate_s": round(generate_s, 1)}, args.out)
 
 
@@ -330,8 +337,9 @@ def main(argv=None):
                          help="the trained model's sampling weights: read when the file exists (no training), "
                               "written after training otherwise")
     quality.add_argument("--resume", action="store_true",
-                         help="skip the floor and the cells whose rows --out already holds with the same settings "
-                              "(a long grid killed, or spread over days, goes on where it stopped)")
+                         help="skip the floor and the cells whose rows --out already holds with the same settings, "
+                              "and take the scores --out's .scores.jsonl holds for the rest (a long grid killed, "
+                              "or spread over days, goes on where it stopped)")
     quality.add_argument("--cells", default=None, metavar="SAMPLER:STEPS,...",
                          help="score only these sampler/step pairs (e.g. ddim:50,dpmsolver++_karras:15) "
                               "instead of every --samplers x --steps")

@@ -85,6 +85,23 @@ def test_resume_skips_the_rows_the_output_holds_with_the_same_settings(tmp_path,
     assert "to score: 0 cells" in capsys.readouterr().out
 
 
+def test_a_samplers_row_cut_short_takes_the_scores_it_had_instead_of_training_again(tmp_path):
+    import json
+
+    out = tmp_path / "rows.jsonl"
+    floor = {"sampler": "real training split", "dataset": "digits", "classifier_epochs": 8,
+             "classifier_runs": 2, "seed": 0}
+    # Killed after the floor's scores were made, before its row: values no classifier would give,
+    # so a row that holds them took them from the log.
+    kept = [("top1_seed0", 0.125), ("top1_seed1", 0.375), ("kid_fid", [7.0, 9.0])]
+    out.with_suffix(".scores.jsonl").write_text("".join(
+        json.dumps({"settings": floor, "set": "x1", "score": score, "value": value}) + "\n"
+        for score, value in kept))
+    bench_samplers_main(["quality", "--floor_only", "--classifier_runs", "2", "--resume", "--out", str(out)])
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row == {**floor, "cas_x1_top1": 0.25, "cas_x1_top1_runs": [0.125, 0.375], "kid": 7.0, "fid": 9.0}
+
+
 def test_floor_only_and_no_floor_together_stop_with_one_line():
     with pytest.raises(SystemExit) as stopped:
         bench_samplers_main(["quality", "--floor_only", "--no_floor"])
