@@ -218,7 +218,8 @@ def postgres_url():
 # xdist workers (pytest.ini) end together instead of one finishing a long file alone.
 LONGEST_FILES_FIRST = ("test_conditioning_pipeline.py", "test_lora.py", "test_sd_adapting.py",
                        "test_diffusers_convert.py", "test_recipe.py", "test_hyp_opt.py", "test_train_subset.py",
-                       "test_recipe_jax.py", "test_reproduce.py", "test_classifier_training.py",
+                       "test_recipe_jax.py", "test_reproduce.py", "test_benchmark_helpers.py",
+                       "test_classifier_training.py",
                        "test_learns_digits.py", "test_sd1_full_size.py", "test_generate_dataset.py",
                        "test_conditioning.py", "test_keras_cv_parity.py", "test_multi_worker_storage.py",
                        "test_pinned_images.py", "test_model_split.py", "test_diffusers_parity.py")
