@@ -1,8 +1,9 @@
-"""Atomic file writes and a locked JSON merge.
+"""Atomic file writes, a locked JSON merge, and JSON-lines logs that survive a kill.
 
 Every file the pipeline writes goes through here, so a job killed at any moment
 leaves either the old file or the new one, never half of one, and two jobs
-finishing together both keep their results.
+finishing together both keep their results. A JSON-lines log is appended to,
+not rewritten: a kill can cut its last line short, and readers skip that line.
 
 Example:
     >>> with atomic_path("out/weights.weights.h5") as tmp:
@@ -67,6 +68,39 @@ def read_json(path, default=None):
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"corrupt JSON file {path}: {e}") from None
+
+
+def append_json_line(path, obj):
+    """Appends `obj` to the JSON-lines file `path` as one line, on disk before this returns.
+
+    A line that a kill cut short stays where it is and this one starts on a line of its own,
+    so `read_json_lines` loses only the cut line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(obj, default=_to_builtin) + "\n"
+    with open(path, "ab+") as f:  # appends go to the end whatever the position read from
+        if f.seek(0, os.SEEK_END):
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = "\n" + line
+        f.write(line.encode("utf-8"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_json_lines(path):
+    """The whole JSON values of a JSON-lines file, in order ([] when it does not exist); lines a
+    kill cut short, and blank lines, are skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    values = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            values.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return values
 
 
 @contextlib.contextmanager

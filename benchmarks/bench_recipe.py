@@ -21,6 +21,8 @@ protocols. Each classifier's top-1 and each set's KID/FID are also appended, as 
 `--out`'s `.scores.jsonl` beside it: a killed run started again with `--resume` (and `--weights`,
 so that the model is read, not trained again) scores only what that file lacks; its row holds the
 scores an unbroken run would have given, and a run that had finished is not written twice.
+`--train_subset N` trains and scores on a seeded, stratified N of the real training images (a
+large dataset on a small machine; the rows and scores record it).
 
     python benchmarks/bench_recipe.py --tag recipe                       # small's defaults
     python benchmarks/bench_recipe.py --tag no_ema --ema_decay 0
@@ -45,11 +47,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS  # noqa: E402
 from Models.diffusion.schedulers import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
+from Utils.cli import positive_int  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--tag", required=True, help="the row's name")
 parser.add_argument("--dataset", default="digits")
 parser.add_argument("--data_dir", default=None)
+parser.add_argument("--train_subset", type=positive_int, default=None, metavar="N",
+                    help="train and score on a seeded, stratified N of the real training images (x1 = N images); "
+                         "validation and test splits whole")
 parser.add_argument("--preset", default="small")
 parser.add_argument("--epochs", type=int, default=None, help="diffusion epochs (default: the preset's enc_epochs)")
 parser.add_argument("--batch_size", type=int, default=None)
@@ -228,14 +234,11 @@ class ScoreLog:
     killed run loses at most the score it was making. A line cut short by a kill is skipped."""
 
     def __init__(self, path, resume):
+        from Utils.io import read_json_lines
+
         self.path, self.kept = Path(path), {}
-        if resume and self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    entry = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                self.kept[self._key(entry["settings"], entry["set"], entry["score"])] = entry["value"]
+        for entry in read_json_lines(self.path) if resume else []:
+            self.kept[self._key(entry["settings"], entry["set"], entry["score"])] = entry["value"]
 
     @staticmethod
     def _key(settings, set_name, score):
@@ -246,17 +249,10 @@ class ScoreLog:
         settings = as_read_back(settings)
         key = self._key(settings, set_name, score)
         if key not in self.kept:
+            from Utils.io import append_json_line
+
             value = make()
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            line = json.dumps({"settings": settings, "set": set_name, "score": score, "value": value}) + "\n"
-            with open(self.path, "ab+") as f:  # appends go to the end whatever the position read from
-                if f.seek(0, os.SEEK_END):
-                    f.seek(-1, os.SEEK_END)
-                    if f.read(1) != b"\n":
-                        line = "\n" + line  # after a line a kill cut short
-                f.write(line.encode())
-                f.flush()
-                os.fsync(f.fileno())
+            append_json_line(self.path, {"settings": settings, "set": set_name, "score": score, "value": value})
             self.kept[key] = as_read_back(value)
         return self.kept[key]
 
@@ -270,10 +266,10 @@ class ScoreLog:
 
 def row_in(out, tag, settings):
     """Whether `out` holds a row of this tag with these settings (a resumed run that had finished)."""
-    if not Path(out).exists():
-        return False
+    from Utils.io import read_json_lines
+
     settings = as_read_back(settings)
-    rows = [json.loads(line) for line in Path(out).read_text().splitlines() if line.strip()]
+    rows = read_json_lines(out)  # a row line a kill cut short is not a row
     return any(row.get("tag") == tag and all(row.get(k) == v for k, v in settings.items()) for row in rows)
 
 
@@ -289,6 +285,7 @@ def main(argv=None):
     from Data.registry import get_spec
     from Metrics.speckle import speckle_share
     from Models.diffusion.presets import get_preset
+    from Utils.io import append_json_line
 
     preset = get_preset(args.preset)
     if args.level_channels:
@@ -297,7 +294,7 @@ def main(argv=None):
                                      level_attention=(False,) * (len(channels) - 1) + (True,))
     spec = get_spec(args.dataset)
     model_spec = dataclasses.replace(spec, channels=3) if args.rgb else spec
-    splits = load_dataset(spec.name, data_dir=args.data_dir)
+    splits = load_dataset(spec.name, data_dir=args.data_dir, train_subset=args.train_subset)
     recipe = {**preset.recipe(), **{k: getattr(args, k) for k in preset.recipe() if getattr(args, k) is not None}}
     epochs = args.epochs or preset.enc_epochs
     batch_size = args.batch_size or preset.enc_batch_size
@@ -320,7 +317,8 @@ def main(argv=None):
     out = Path(args.out)
     log = ScoreLog(out.with_suffix(".scores.jsonl"), args.resume)
     # What decides a score: the classifier protocol and the data (the real split's scores need no more).
-    scoring = {"dataset": spec.name, "classifier_epochs": args.classifier_epochs,
+    scoring = {"dataset": spec.name, **({"train_subset": splits.train_subset} if splits.train_subset else {}),
+               "classifier_epochs": args.classifier_epochs,
                "classifier_batch_size": args.classifier_batch_size, "seed": args.seed}
     generator_settings = {**scoring, "preset": preset.name, "level_channels": list(preset.level_channels),
                           "rgb": bool(args.rgb), **recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
@@ -355,7 +353,9 @@ def main(argv=None):
                                                                                      images[chosen])
             x1 = multiple_indices(labels, per_class_x1, 1)
             kid, fid = kid_by_multiple["x1"], fid_by_multiple["x1"]
-            row = {"tag": tag, "dataset": spec.name, "preset": preset.name, "rgb": bool(args.rgb),
+            row = {"tag": tag, "dataset": spec.name,
+                   **({"train_subset": splits.train_subset} if splits.train_subset else {}),
+                   "preset": preset.name, "rgb": bool(args.rgb),
                    "level_channels": list(preset.level_channels),
                    **recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
                    "sampler": args.sampler, "steps": steps,
@@ -378,8 +378,7 @@ def main(argv=None):
                 row.update(real_row)
             print(json.dumps(row))
             if not (args.resume and row_in(out, tag, settings)):
-                with open(out, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                append_json_line(out, row)
         pick = np.concatenate([np.flatnonzero(labels == c)[:8] for c in range(spec.num_classes)])
         save_image_grid(images[pick], labels[pick], spec.label_names, out.with_name(f"{out.stem}_{base_tag}.png"),
                         per_class=8, title=base_tag)

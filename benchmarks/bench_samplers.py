@@ -43,6 +43,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
+from Utils.cli import positive_int  # noqa: E402
+
 from benchmarks.bench_recipe import check_weights_name  # noqa: E402
 from benchmarks.timing import best_of_alternating  # noqa: E402
 from Models.diffusion.presets import TIMESTEP_SPACINGS  # noqa: E402
@@ -151,9 +153,10 @@ def bench_speed(preset_name, image_size, batch, steps, guidance, repeats, sample
 
 
 def _append_row(row, out):
+    from Utils.io import append_json_line
+
     print(json.dumps(row), flush=True)
-    with open(out, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    append_json_line(out, row)
 
 
 def quality_cells(args):
@@ -170,28 +173,30 @@ def quality_cells(args):
 
 
 # What makes two quality rows the same measurement: everything but the results.
-ROW_IDENTITY = ("sampler", "steps", "timestep_spacing", "guidance", "dataset", "preset", "epochs",
+ROW_IDENTITY = ("sampler", "steps", "timestep_spacing", "guidance", "dataset", "train_subset", "preset", "epochs",
                 "classifier_epochs", "classifier_runs", "seed")
 
 
 def row_identity(row):
     """The row's ROW_IDENTITY values (rows from before `classifier_runs` was recorded: as many as it has top-1s)."""
     runs = len(row.get("cas_x1_top1_runs", [None]))
-    return tuple(row.get(key, runs if key == "classifier_runs" else None) for key in ROW_IDENTITY)
+    # As JSON text: hashable whatever the value (the training subset is a dict).
+    return tuple(json.dumps(row.get(key, runs if key == "classifier_runs" else None), sort_keys=True)
+                 for key in ROW_IDENTITY)
 
 
 def scored_rows(out):
-    """The identities of the rows already in `out` (none when it does not exist)."""
-    if not Path(out).exists():
-        return set()
-    with open(out) as f:
-        return {row_identity(json.loads(line)) for line in f if line.strip()}
+    """The identities of the rows already in `out` (none when it does not exist; a row line a kill cut
+    short is not a row, so its cell is scored again from the scores the log kept)."""
+    from Utils.io import read_json_lines
+
+    return {row_identity(row) for row in read_json_lines(out)}
 
 
 def bench_quality(args):
     from benchmarks.bench_recipe import (ScoreLog, cas_scorer, distance_scorer, mean_and_runs, trained_or_read,
                                          x1_counts)
-    from Data.loaders import load_dataset
+    from Data.loaders import load_dataset, train_subset_record
     from Data.registry import get_spec
     from Models.diffusion.presets import get_preset
 
@@ -199,8 +204,9 @@ def bench_quality(args):
     epochs = args.epochs or preset.enc_epochs
     guidance = preset.default_guidance_scale if args.guidance is None else args.guidance
     spacing = {"timestep_spacing": args.timestep_spacing} if args.timestep_spacing else {}
-    scoring = {"dataset": spec.name, "classifier_epochs": args.classifier_epochs,
-               "classifier_runs": args.classifier_runs, "seed": args.seed}
+    subset = train_subset_record(args.train_subset)
+    scoring = {"dataset": spec.name, **({"train_subset": subset} if subset else {}),
+               "classifier_epochs": args.classifier_epochs, "classifier_runs": args.classifier_runs, "seed": args.seed}
     floor_identity = {"sampler": "real training split", **scoring}
     cells = [{"sampler": name, "steps": steps, **spacing, "guidance": guidance, "preset": preset.name,
               "epochs": epochs, **scoring} for name, steps in ([] if args.floor_only else quality_cells(args))]
@@ -213,7 +219,7 @@ def bench_quality(args):
     if not cells and not score_floor:
         return
 
-    splits = load_dataset(spec.name, data_dir=args.data_dir)
+    splits = load_dataset(spec.name, data_dir=args.data_dir, train_subset=args.train_subset)
     cas = cas_scorer(spec, splits, args.classifier_epochs, 64, args.seed, runs=args.classifier_runs)
     distances = distance_scorer(splits, args.seed)
     # Each classifier's top-1 and each set's distances, as made: a row cut short by a kill loses one score.
@@ -317,6 +323,8 @@ def main(argv=None):
     quality = sub.add_parser("quality", help="CAS x1 and KID per sampler and step count")
     quality.add_argument("--dataset", default="digits")
     quality.add_argument("--data_dir", default=None)
+    quality.add_argument("--train_subset", type=positive_int, default=None, metavar="N",
+                         help="train and score on a seeded, stratified N of the real training images")
     quality.add_argument("--preset", default="small")
     quality.add_argument("--epochs", type=int, default=None, help="training epochs (default: the preset's)")
     quality.add_argument("--steps", default="5,10,15,20,50")

@@ -81,6 +81,7 @@ def main(argv=None):
     from Data.loaders import load_dataset
     from Data.registry import get_spec
     from Models.classifier import evaluate_classifier, train_classifier
+    from Utils.io import append_json_line
 
     spec = get_spec(args.dataset)
     images, labels = load_saved_set(args.saved_set, spec.num_classes)
@@ -111,8 +112,7 @@ def main(argv=None):
                "epochs_run": history["epochs_run"], "best_epoch": history["best_epoch"],
                "wall_s": round(time.perf_counter() - started, 1)}
         print(json.dumps(row), flush=True)
-        with open(args.out, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_json_line(args.out, row)
 
 
 if __name__ == "__main__":

@@ -164,15 +164,19 @@ def test_a_killed_recipe_run_resumes_with_the_scores_it_had_and_makes_only_the_m
 
     out, weights = tmp_path / "rows.jsonl", tmp_path / "m.weights.h5"
     scores = out.with_suffix(".scores.jsonl")
+    # A 100-image subset of digits: every step of the script at a tenth of the whole split's cost.
     args = ["--tag", "t", "--preset", "tiny", "--epochs", "1", "--steps", "2", "--classifier_epochs", "1",
-            "--classifier_runs", "2", "--with_real", "--weights", str(weights), "--out", str(out)]
+            "--classifier_runs", "2", "--with_real", "--train_subset", "100", "--weights", str(weights),
+            "--out", str(out)]
     bench_recipe_main(args)
     (whole,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert whole["train_subset"] == {"images": 100, "seed": 0}
     lines = scores.read_text().splitlines()
     # x1: two classifiers and the distances; the real split: the same.
     assert [(json.loads(line)["set"], json.loads(line)["score"]) for line in lines] == [
         ("x1", "top1_seed0"), ("x1", "top1_seed1"), ("x1", "kid_fid"),
         ("real", "top1_seed0"), ("real", "top1_seed1"), ("real", "kid_fid")]
+    assert all(json.loads(line)["settings"]["train_subset"] == whole["train_subset"] for line in lines)
 
     # Killed while writing the last score, before the row: five scores kept, one line cut short.
     scores.write_text("\n".join(lines[:5]) + "\n" + lines[5][:25])
@@ -188,11 +192,59 @@ def test_a_killed_recipe_run_resumes_with_the_scores_it_had_and_makes_only_the_m
     assert again[:5] == lines[:5] and again[5] == lines[5][:25]
     assert [json.loads(line) for line in again[6:]] == [json.loads(lines[5])]
 
+    # Killed while writing the row: every score is kept, so none is made; the cut line is not taken
+    # for the row, which is written whole on a line of its own.
+    row_line = out.read_text().splitlines()[0]
+    out.write_text(row_line[:40])
+    before_scores = scores.read_text()
+    bench_recipe_main([*args, "--resume"])
+    assert scores.read_text() == before_scores
+    cut, rewritten = out.read_text().splitlines()
+    assert cut == row_line[:40]
+    assert {**json.loads(rewritten), "generate_s": None} == {**json.loads(row_line), "generate_s": None}
+
     # Resumed once more with everything there: no classifier trained, no row written twice.
-    before_scores, before_rows = scores.read_text(), out.read_text()
+    before_rows = out.read_text()
     bench_recipe_main([*args, "--resume"])
     assert scores.read_text() == before_scores and out.read_text() == before_rows
 
+
+def test_a_samplers_row_cut_short_by_a_kill_is_written_again_whole_from_the_kept_scores(tmp_path):
+    import json
+
+    out = tmp_path / "rows.jsonl"
+    floor = {"sampler": "real training split", "dataset": "digits", "train_subset": {"images": 50, "seed": 0},
+             "classifier_epochs": 8, "classifier_runs": 1, "seed": 0}
+    kept = [("top1_seed0", 0.125), ("kid_fid", [7.0, 9.0])]
+    out.with_suffix(".scores.jsonl").write_text("".join(
+        json.dumps({"settings": floor, "set": "x1", "score": score, "value": value}) + "\n"
+        for score, value in kept))
+    whole_row = json.dumps({**floor, "cas_x1_top1": 0.125, "kid": 7.0, "fid": 9.0})
+    out.write_text(whole_row[:30])  # killed while writing the floor's row
+    assert scored_rows(out) == set()
+    bench_samplers_main(["quality", "--floor_only", "--train_subset", "50", "--resume", "--out", str(out)])
+    cut, row = out.read_text().splitlines()
+    assert cut == whole_row[:30] and json.loads(row) == json.loads(whole_row)
+    assert scored_rows(out) == {row_identity(floor)}
+    # Another subset, or none, is another measurement.
+    assert row_identity({**floor, "train_subset": None}) not in scored_rows(out)
+
+
+def test_json_lines_are_appended_whole_and_read_back_without_the_lines_a_kill_cut(tmp_path):
+    from Utils.io import append_json_line, read_json_lines
+
+    path = tmp_path / "log" / "rows.jsonl"
+    assert read_json_lines(path) == []
+    append_json_line(path, {"a": 1})
+    append_json_line(path, {"b": np.float32(0.5), "c": (1, 2)})
+    assert path.read_text() == '{"a": 1}\n{"b": 0.5, "c": [1, 2]}\n'
+    with open(path, "a") as f:
+        f.write('{"d": ')  # a kill in the middle of a line
+    append_json_line(path, {"e": 3})
+    assert path.read_text().splitlines()[2:] == ['{"d": ', '{"e": 3}']
+    with open(path, "a") as f:
+        f.write("\n\n")
+    assert read_json_lines(path) == [{"a": 1}, {"b": 0.5, "c": [1, 2]}, {"e": 3}]
 
 
 def test_the_score_log_takes_a_score_only_for_the_same_settings_set_and_score(tmp_path):
