@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS  # noqa: E402
 from Models.diffusion.schedulers import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
-from Utils.cli import positive_int  # noqa: E402
+from Utils.cli import positive_int, run_cli  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--tag", required=True, help="the row's name")
@@ -385,4 +385,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # bad input (e.g. a --train_subset larger than the split): one line, exit 2

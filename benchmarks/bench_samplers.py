@@ -43,7 +43,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
-from Utils.cli import positive_int  # noqa: E402
+from Utils.cli import positive_int, run_cli  # noqa: E402
 
 from benchmarks.bench_recipe import check_weights_name  # noqa: E402
 from benchmarks.timing import best_of_alternating  # noqa: E402
@@ -407,4 +407,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)  # bad input (e.g. a --train_subset larger than the split): one line, exit 2

@@ -266,3 +266,21 @@ def test_the_score_log_takes_a_score_only_for_the_same_settings_set_and_score(tm
     assert ScoreLog(path, resume=False).record({"guidance": 2.5, "channels": (32, 64)}, "x1", "top1_seed0",
                                                make(0.1)) == 0.1
     assert len(path.read_text().splitlines()) == 5
+
+
+@pytest.mark.parametrize("script, args", [("bench_recipe.py", ["--tag", "t", "--preset", "tiny"]),
+                                          ("bench_samplers.py", ["quality", "--floor_only"])])
+def test_a_training_subset_the_split_cannot_give_stops_with_one_line_and_writes_nothing(script, args, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "rows.jsonl"
+    script_path = Path(__file__).resolve().parent.parent / "benchmarks" / script
+    done = subprocess.run([sys.executable, str(script_path), *args, "--train_subset", "5", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    last = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert last == ["error: --train_subset 5 for digits: a stratified subset of 1077 images in 10 classes needs "
+                    "10 to 1077 images, not 5"]
+    assert list(tmp_path.iterdir()) == []
