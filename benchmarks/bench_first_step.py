@@ -17,6 +17,12 @@ trained weights are equal.
     python benchmarks/bench_first_step.py --preset small --profile
     python benchmarks/bench_first_step.py --vs_keras_step --rounds 5
     python benchmarks/bench_first_step.py --count_ops
+    python benchmarks/bench_first_step.py --grappler '{"constant_folding": false}' --json
+
+`--grappler` sets TensorFlow's graph optimiser options (`tf.config.optimizer.set_experimental_options`,
+e.g. `{"disable_meta_optimizer": true}` or one pass off) before anything is built, to measure what
+the optimiser costs the first fit and gives the steady step; the weights' digest says whether the
+option changes the trained values.
 """
 
 import argparse
@@ -55,6 +61,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="with --vs_keras_step: runs of each")
     parser.add_argument("--json", action="store_true", help="print one JSON line (for --vs_keras_step)")
     parser.add_argument("--save_weights", default=None, help="write the trained weights to this .npz")
+    parser.add_argument("--grappler", type=grappler_options, default={},
+                        help="JSON object of TensorFlow graph optimiser options to set first (TensorFlow only)")
     args = parser.parse_args()
     if args.image_size < 1:
         raise SystemExit(f"error: --image_size must be at least 1, not {args.image_size}")
@@ -63,6 +71,13 @@ def main():
 
     import keras
     import numpy as np
+
+    if args.grappler:
+        if keras.backend.backend() != "tensorflow":
+            raise SystemExit("error: --grappler is for the TensorFlow backend")
+        import tensorflow as tf
+
+        tf.config.optimizer.set_experimental_options(args.grappler)
 
     from Models.diffusion.optimizer import AdamWithEMA, make_optimizer
     from Models.diffusion.trainer import DiffusionTrainer, TrainBatches
@@ -124,6 +139,18 @@ def main():
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
 
 
+def grappler_options(text):
+    """`--grappler`: a JSON object of option name -> true/false (or an int, e.g. min_graph_nodes)."""
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"not JSON: {error}") from None
+    if not isinstance(options, dict) or not all(
+            isinstance(k, str) and isinstance(v, (bool, int)) for k, v in options.items()):
+        raise argparse.ArgumentTypeError('expected a JSON object of option -> true/false, e.g. {"constant_folding": false}')
+    return options
+
+
 @contextlib.contextmanager
 def count_traced_ops():
     """Counts, by type, every operation TensorFlow adds to a traced graph within the block.
@@ -151,7 +178,8 @@ def side_by_side(args):
     """Fresh processes (a first fit is only first once per process), ours and Keras' step alternating."""
     base = [sys.executable, __file__, "--preset", args.preset, "--batch_size", str(args.batch_size),
             "--first_steps", str(args.first_steps), "--steps", str(args.steps), "--image_size", str(args.image_size),
-            "--channels", str(args.channels), "--json"]
+            "--channels", str(args.channels), "--json",
+            *(["--grappler", json.dumps(args.grappler)] if args.grappler else [])]
     runs = {"ours": [], "keras": []}
     for _ in range(args.rounds):
         for name, extra in (("ours", []), ("keras", ["--keras_step"])):
