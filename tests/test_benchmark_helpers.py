@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks.bench_classifier import main as bench_classifier_main
+from benchmarks.bench_first_step import grappler_options
 from benchmarks.bench_recipe import main as bench_recipe_main
 from benchmarks.bench_recipe import ScoreLog, mean_and_runs, multiple_indices
 from benchmarks.bench_samplers import main as bench_samplers_main
@@ -284,3 +285,13 @@ def test_a_training_subset_the_split_cannot_give_stops_with_one_line_and_writes_
     assert last == ["error: --train_subset 5 for digits: a stratified subset of 1077 images in 10 classes needs "
                     "10 to 1077 images, not 5"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_grappler_options_take_a_json_object_of_switches_and_reject_anything_else():
+    assert grappler_options('{"constant_folding": false, "min_graph_nodes": -1}') == {
+        "constant_folding": False, "min_graph_nodes": -1}
+    assert grappler_options("{}") == {}
+    for bad, message in (("x", "not JSON"), ("[1]", "JSON object"), ('{"constant_folding": 0.5}', "JSON object"),
+                         ('{"constant_folding": null}', "JSON object")):
+        with pytest.raises(argparse.ArgumentTypeError, match=message):
+            grappler_options(bad)
