@@ -78,6 +78,9 @@ def main():
         import tensorflow as tf
 
         tf.config.optimizer.set_experimental_options(args.grappler)
+        unknown = sorted(set(args.grappler) - set(tf.config.optimizer.get_experimental_options()))
+        if unknown:  # TensorFlow ignores a name it does not know, which would measure the default
+            raise SystemExit(f"error: --grappler: TensorFlow has no graph optimiser option {', '.join(unknown)}")
 
     from Models.diffusion.optimizer import AdamWithEMA, make_optimizer
     from Models.diffusion.trainer import DiffusionTrainer, TrainBatches
@@ -127,6 +130,7 @@ def main():
         np.savez(args.save_weights, *weights)
     if args.json:
         print(json.dumps({"build_s": built, "first_fit_s": first_fit, "step_s": per_step, "weights": digest,
+                          **({"grappler": args.grappler} if args.grappler else {}),
                           **({"traced_ops": sum(op_counts.values())} if args.count_ops else {})}))
         return
     print(f"{args.preset}: {len(trainer.trainable_variables)} trained variables; build {built:.1f} s; "

@@ -295,3 +295,21 @@ def test_grappler_options_take_a_json_object_of_switches_and_reject_anything_els
                          ('{"constant_folding": null}', "JSON object")):
         with pytest.raises(argparse.ArgumentTypeError, match=message):
             grappler_options(bad)
+
+
+def test_a_graph_optimiser_option_tensorflow_does_not_know_stops_the_benchmark_before_it_measures():
+    """TensorFlow ignores an unknown option name, so a typo would measure its default instead."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("tensorflow")
+    script_path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_first_step.py"
+    done = subprocess.run([sys.executable, str(script_path), "--grappler", '{"constant_foldin": false}'],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "KERAS_BACKEND": "tensorflow"})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: --grappler: TensorFlow has no graph optimiser option constant_foldin")
+    assert "first fit" not in done.stdout
