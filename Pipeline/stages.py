@@ -28,9 +28,10 @@ entry with the same protocol) are checked before it would run.
 
 Budgets
 -------
-`quick` (the default) fits `digits` + `small` into 10 minutes on a 2-core
-CPU: two trials per study, a few hundred images per trial, short classifier
-training, x1 only. `paper` is the paper's run: 50 + 40 trials of 4,000 images, the CAS
+`quick` (the default) is sized for `digits` + `small` in 10 minutes on a 2-core
+CPU (8-9 on a typical day of the measuring VMs, 12.5 on one's slow days): two
+trials per study, a few hundred images per trial, short classifier training,
+x1 only. `paper` is the paper's run: 50 + 40 trials of 4,000 images, the CAS
 protocol's 100 epochs per classifier, x1..x10 (for `--preset sd1` on a GPU).
 Diffusion training epochs are the preset's (`Models/diffusion/presets.py`)
 unless a budget or flag says otherwise.
@@ -102,11 +103,11 @@ class Budget:
 
 
 # The embedded default run (`python reproduce.py`): scikit-learn's digits, no download, the
-# from-scratch generator; it fits in 10 minutes of an idle 2-core CPU (BENCHMARKS.md).
+# from-scratch generator; sized for 10 minutes of an idle 2-core CPU (BENCHMARKS.md).
 DEFAULT_PRESET = "small"
 
 BUDGETS = {
-    # digits + small in under 10 minutes on 2 CPU cores (BENCHMARKS.md). Two trials per study: the
+    # digits + small sized for 10 minutes on 2 CPU cores (BENCHMARKS.md). Two trials per study: the
     # default settings and one more, which displaces them only by more than the validation
     # accuracy's standard error (Pipeline/tuning.py, best_trial).
     "quick": Budget("quick", enc_epochs=None, dif_epochs=None, n_trials_enc=2, n_trials_dif=2,
