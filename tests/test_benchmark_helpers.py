@@ -1,6 +1,10 @@
 """The benchmark scripts' argument handling and set selection (the scripts themselves run by hand)."""
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +17,8 @@ from benchmarks.bench_samplers import main as bench_samplers_main
 from benchmarks.bench_samplers import quality_cells, row_identity, scored_rows
 from benchmarks.bench_saved_set import load_saved_set
 from benchmarks.bench_saved_set import main as bench_saved_set_main
+
+BENCHMARK_SCRIPTS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 def _quality_args(**values):
@@ -272,13 +278,8 @@ def test_the_score_log_takes_a_score_only_for_the_same_settings_set_and_score(tm
 @pytest.mark.parametrize("script, args", [("bench_recipe.py", ["--tag", "t", "--preset", "tiny"]),
                                           ("bench_samplers.py", ["quality", "--floor_only"])])
 def test_a_training_subset_the_split_cannot_give_stops_with_one_line_and_writes_nothing(script, args, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     out = tmp_path / "rows.jsonl"
-    script_path = Path(__file__).resolve().parent.parent / "benchmarks" / script
-    done = subprocess.run([sys.executable, str(script_path), *args, "--train_subset", "5", "--out", str(out)],
+    done = subprocess.run([sys.executable, str(BENCHMARK_SCRIPTS / script), *args, "--train_subset", "5", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     last = [line for line in done.stderr.splitlines() if line.startswith("error:")]
@@ -299,14 +300,8 @@ def test_grappler_options_take_a_json_object_of_switches_and_reject_anything_els
 
 def test_a_graph_optimiser_option_tensorflow_does_not_know_stops_the_benchmark_before_it_measures():
     """TensorFlow ignores an unknown option name, so a typo would measure its default instead."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     pytest.importorskip("tensorflow")
-    script_path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_first_step.py"
-    done = subprocess.run([sys.executable, str(script_path), "--grappler", '{"constant_foldin": false}'],
+    done = subprocess.run([sys.executable, str(BENCHMARK_SCRIPTS / "bench_first_step.py"), "--grappler", '{"constant_foldin": false}'],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "KERAS_BACKEND": "tensorflow"})
     assert done.returncode == 1
