@@ -106,6 +106,9 @@ class AdaptSettings(RuntimeSettings):
     random_flip: bool = setting(None, group=RECIPE,
                                 help="mirror each training image left-right with probability 1/2 (for data "
                                      "whose classes do not depend on the side; not digits)")
+    balanced_sampling: bool = setting(None, group=RECIPE,
+                                      help="each epoch draws as many images as the training split has, with "
+                                           "replacement, every class equally likely (for imbalanced data)")
     seed: int = setting(0, type=non_negative_int, group=ADDED,
                         help="seed of initialisation, data order and noise")
     random_init: bool = setting(False, group=ADDED,
@@ -210,7 +213,8 @@ def plan(settings):
     identity = ck.model_identity(preset, spec, random_init, s.seed, recipe, conditioning)
     record = {**identity, "stage": stage, "epochs": epochs, "batch_size": batch_size, "lr": lr,
               "cond_dropout": recipe["cond_dropout"], "ema_decay": recipe["ema_decay"],
-              "snr_gamma": recipe["snr_gamma"], "random_flip": recipe["random_flip"], "seed": s.seed,
+              "snr_gamma": recipe["snr_gamma"], "random_flip": recipe["random_flip"],
+              "balanced_sampling": recipe["balanced_sampling"], "seed": s.seed,
               "mixed_precision": s.mixed_precision,
               "train_subset": train_subset_record(s.train_subset, s.train_subset_seed)}
     if stage == "dif":
@@ -279,7 +283,8 @@ def run(settings, log=print):
                 lora.add_adapters(model.unet, p.record["lora_rank"], p.record["lora_alpha"])
                 model.set_stage("dif")
         batches = TrainBatches(splits.x_train, splits.y_train, p.batch_size, model.image_size,
-                               seed=s.seed, epoch=p.start, random_flip=p.recipe["random_flip"])
+                               seed=s.seed, epoch=p.start, random_flip=p.recipe["random_flip"],
+                               balanced_sampling=p.recipe["balanced_sampling"])
         # The average warms up over weights that start random; fine-tuning starts from an average.
         model.compile(optimizer=make_optimizer(p.lr, p.epochs * len(batches), p.recipe["ema_decay"],
                                                ema_warmup=p.stage == "enc"),

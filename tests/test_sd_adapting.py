@@ -185,30 +185,72 @@ def test_random_flip_mirrors_half_the_images_the_same_way_in_a_resumed_epoch():
     assert mirrored_per_epoch[0] != mirrored_per_epoch[1]  # drawn again each epoch
 
 
-def test_random_flip_trains_on_mirrored_images_and_is_part_of_the_checkpoints_identity(tmp_path, monkeypatch):
+def test_balanced_sampling_draws_every_class_equally_often_and_the_same_draws_in_a_resumed_epoch():
+    from Models.diffusion.trainer import TrainBatches
+
+    labels = np.repeat([0, 1, 2], [300, 60, 20])  # imbalanced 15 : 3 : 1
+    # Each image holds its own index, so a batch's images can be checked against its labels.
+    images = np.zeros((len(labels), 4, 4, 1), np.uint16)
+    images[:, 0, 0, 0] = np.arange(len(labels))
+    plain = TrainBatches(images, labels, 64, 4, seed=5)
+    balanced = TrainBatches(images, labels, 64, 4, seed=5, balanced_sampling=True)
+    assert len(balanced) == len(plain) == 6  # an epoch is still N images
+    drawn = []
+    for epoch in range(20):
+        assert sorted(plain.order) == list(range(len(labels)))  # without the option: a permutation, as before
+        epoch_labels = []
+        for i in range(len(balanced)):
+            ((batch, batch_labels),) = balanced[i]
+            assert np.array_equal(labels[batch[:, 0, 0, 0]], batch_labels)  # each image with its own label
+            epoch_labels.append(batch_labels)
+        epoch_labels = np.concatenate(epoch_labels)
+        assert len(epoch_labels) == len(labels)
+        resumed = TrainBatches(images, labels, 64, 4, seed=5, epoch=epoch, balanced_sampling=True)
+        assert np.array_equal(resumed.order, balanced.order)  # a run resumed here draws the same images
+        drawn.append(balanced.order.copy())
+        plain.on_epoch_end()
+        balanced.on_epoch_end()
+    drawn = np.concatenate(drawn)
+    shares = np.bincount(labels[drawn], minlength=3) / len(drawn)
+    # 7,600 draws, 1/3 each: the standard error is 0.5 points; the data itself has 79 / 16 / 5 %.
+    assert np.all(np.abs(shares - 1 / 3) < 0.025), shares
+    # The rare class's 20 images are drawn with replacement, each about as often as the others.
+    rare = np.bincount(drawn[labels[drawn] == 2], minlength=len(labels))[300 + 60:]
+    assert rare.min() > 0.5 * rare.mean(), rare
+
+
+def test_random_flip_and_balanced_sampling_change_the_training_and_are_part_of_the_checkpoints_identity(
+        tmp_path, monkeypatch):
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
     short = ["--dataset", "digits", "--preset", "tiny", "--train_model", "enc", "--epochs", "1",
              "--batch_size", "60", "--train_subset", "120", "--grid_per_class", "0", "--verbose", "0"]
     assert SD_adapting.main(short + ["--exp", "1", "--random_flip"]) == 0
     assert SD_adapting.main(short + ["--exp", "2"]) == 0
-    folders = {exp: tmp_path / "Checkpoints" / "DDPM" / f"Exp_{exp}" / "digits" / "MyEmbedding" for exp in (1, 2)}
-    assert ck.read_settings(folders[1])["random_flip"] is True
-    assert ck.read_settings(folders[2])["random_flip"] is False
-    with h5py.File(ck.weights_path(folders[1], 1), "r") as f1, h5py.File(ck.weights_path(folders[2], 1), "r") as f2:
-        unet_1 = np.concatenate([f1["unet"][k][()].ravel() for k in sorted(f1["unet"])])
-        unet_2 = np.concatenate([f2["unet"][k][()].ravel() for k in sorted(f2["unet"])])
-    # Same seed, same batches but for the mirrored images: two steps apart by far more than float
-    # rounding.
-    assert np.max(np.abs(unet_1 - unet_2)) > 1e-4
+    assert SD_adapting.main(short + ["--exp", "3", "--balanced_sampling"]) == 0
+    folders = {exp: tmp_path / "Checkpoints" / "DDPM" / f"Exp_{exp}" / "digits" / "MyEmbedding" for exp in (1, 2, 3)}
+    recorded = {exp: ck.read_settings(folders[exp]) for exp in folders}
+    assert [recorded[exp]["random_flip"] for exp in (1, 2, 3)] == [True, False, False]
+    assert [recorded[exp]["balanced_sampling"] for exp in (1, 2, 3)] == [False, False, True]
 
-    # The folder's checkpoints were made with flips: continuing without them is an error, and back.
+    def unet(exp):
+        with h5py.File(ck.weights_path(folders[exp], 1), "r") as f:
+            return np.concatenate([f["unet"][k][()].ravel() for k in sorted(f["unet"])])
+
+    # Same seed; other images (mirrored, or drawn with replacement): two steps apart by far more
+    # than float rounding.
+    assert np.max(np.abs(unet(1) - unet(2))) > 1e-4
+    assert np.max(np.abs(unet(3) - unet(2))) > 1e-4
+
+    # A folder's checkpoints were made with (or without) the option: continuing otherwise is an error.
     with pytest.raises(CheckpointError, match=r"random_flip=True, not False"):
         SD_adapting.main(short + ["--exp", "1"])
     with pytest.raises(CheckpointError, match=r"random_flip=False, not True"):
         SD_adapting.main(short + ["--exp", "2", "--random_flip"])
-    # A settings.json written before the flag existed was made without flips.
+    with pytest.raises(CheckpointError, match=r"balanced_sampling=True, not False"):
+        SD_adapting.main(short + ["--exp", "3"])
+    # A settings.json written before the flags existed was made without them.
     settings = ck.read_settings(folders[2])
-    del settings["random_flip"]
+    del settings["random_flip"], settings["balanced_sampling"]
     from Pipeline.adapt import AdaptSettings, plan
     from Utils.io import atomic_write_json
 
@@ -217,6 +259,8 @@ def test_random_flip_trains_on_mirrored_images_and_is_part_of_the_checkpoints_id
     assert plan(AdaptSettings.from_argv(short + ["--exp", "2"])).start == 1
     with pytest.raises(CheckpointError, match=r"random_flip=False, not True"):
         plan(AdaptSettings.from_argv(short + ["--exp", "2", "--random_flip"]))
+    with pytest.raises(CheckpointError, match=r"balanced_sampling=False, not True"):
+        plan(AdaptSettings.from_argv(short + ["--exp", "2", "--balanced_sampling"]))
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, run_script, monkeypatch):

@@ -121,6 +121,10 @@ class DiffusionPreset:
     # Mirror each training image left-right with probability 1/2 (diffusers' --random_flip). Off by
     # default: the paper does not, and digits are not mirror-symmetric; a per-dataset choice.
     random_flip: bool = False
+    # Draw each epoch's images with replacement, every class equally likely (class-balanced
+    # sampling), so a rare class trains the conditional branch as often as a common one. Off by
+    # default: the paper trains on the data as it is.
+    balanced_sampling: bool = False
     # The text encoder of the text conditioning methods (a TEXT_ENCODERS key; its width is context_dim).
     text_encoder: str = "tiny_clip"
 
@@ -143,7 +147,8 @@ class DiffusionPreset:
         return {"beta_schedule": self.beta_schedule, "prediction_type": self.prediction_type,
                 "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
                 "timestep_spacing": self.timestep_spacing, "cond_dropout": self.cond_dropout,
-                "ema_decay": self.ema_decay, "snr_gamma": self.snr_gamma, "random_flip": self.random_flip}
+                "ema_decay": self.ema_decay, "snr_gamma": self.snr_gamma, "random_flip": self.random_flip,
+                "balanced_sampling": self.balanced_sampling}
 
     @property
     def downsample(self):

@@ -245,15 +245,19 @@ class TrainBatches(keras.utils.PyDataset):
     by `callbacks.EpochSeeds` and `fit` does not reshuffle (`shuffle=False`: Keras
     would permute the batches with the process's global random state). With
     `random_flip`, each image is mirrored left-right in epoch e with probability 1/2,
-    drawn per image from (seed, e) too, so a resumed run sees the same images. Images
-    stay uint8 until the model scales them.
+    drawn per image from (seed, e) too, so a resumed run sees the same images. With
+    `balanced_sampling`, epoch e is instead N images drawn with replacement from (seed, e),
+    each with probability 1 / (C * its class's count): every class equally likely, as
+    PyTorch's `WeightedRandomSampler` with weights 1 / class count. Images stay uint8 until
+    the model scales them.
 
     Example:
         >>> batches = TrainBatches(x_train, y_train, batch_size=64, image_size=128, seed=0)
         >>> model.fit(batches, epochs=10, shuffle=False, callbacks=[EpochSeeds(model, 0, batches)])
     """
 
-    def __init__(self, images, labels, batch_size, image_size, seed=0, epoch=0, random_flip=False, **kwargs):
+    def __init__(self, images, labels, batch_size, image_size, seed=0, epoch=0, random_flip=False,
+                 balanced_sampling=False, **kwargs):
         super().__init__(**kwargs)
         self.images = np.asarray(images)
         self.labels = np.asarray(labels, np.int64).reshape(-1)
@@ -261,11 +265,18 @@ class TrainBatches(keras.utils.PyDataset):
         self.image_size = int(image_size)
         self.seed = int(seed)
         self.random_flip = bool(random_flip)
+        self.sampling_weights = None
+        if balanced_sampling:
+            _, index, counts = np.unique(self.labels, return_inverse=True, return_counts=True)
+            self.sampling_weights = 1.0 / (len(counts) * counts[index])
         self.set_epoch(epoch)
 
     def set_epoch(self, epoch):
         self.epoch = int(epoch)
-        self.order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.labels))
+        rng = np.random.default_rng([self.seed, self.epoch])
+        n = len(self.labels)
+        self.order = (rng.permutation(n) if self.sampling_weights is None
+                      else rng.choice(n, size=n, p=self.sampling_weights))
         # Its own stream, so the order is the same with and without flips.
         self.flipped = (np.random.default_rng([self.seed, self.epoch, 1]).random(len(self.labels)) < 0.5
                         if self.random_flip else None)
