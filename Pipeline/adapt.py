@@ -211,10 +211,10 @@ def plan(settings):
     except ValueError as e:
         raise UserError(str(e)) from None
     identity = ck.model_identity(preset, spec, random_init, s.seed, recipe, conditioning)
+    # The recipe's schedule keys are in the identity; the rest shape this stage's training only.
+    training_recipe = {key: value for key, value in recipe.items() if key not in ck.SCHEDULE_KEYS}
     record = {**identity, "stage": stage, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-              "cond_dropout": recipe["cond_dropout"], "ema_decay": recipe["ema_decay"],
-              "snr_gamma": recipe["snr_gamma"], "random_flip": recipe["random_flip"],
-              "balanced_sampling": recipe["balanced_sampling"], "seed": s.seed,
+              **training_recipe, "seed": s.seed,
               "mixed_precision": s.mixed_precision,
               "train_subset": train_subset_record(s.train_subset, s.train_subset_seed)}
     if stage == "dif":
