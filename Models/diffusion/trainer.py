@@ -278,7 +278,7 @@ class TrainBatches(keras.utils.PyDataset):
         self.order = (rng.permutation(n) if self.sampling_weights is None
                       else rng.choice(n, size=n, p=self.sampling_weights))
         # Its own stream, so the order is the same with and without flips.
-        self.flipped = (np.random.default_rng([self.seed, self.epoch, 1]).random(len(self.labels)) < 0.5
+        self.flipped = (np.random.default_rng([self.seed, self.epoch, 1]).random(n) < 0.5
                         if self.random_flip else None)
 
     def __len__(self):
