@@ -14,6 +14,16 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="module")
+def jax_env(tmp_path_factory):
+    """The environment of a JAX subprocess, with JAX's persistent compilation cache (README, "On a GPU")
+    shared by this file's runs: a step compiled once is loaded, not compiled, by the runs after it."""
+    pytest.importorskip("jax")
+    cache = tmp_path_factory.mktemp("jax_compilation_cache")
+    return dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+                JAX_COMPILATION_CACHE_DIR=str(cache))
+
+
 # ----- JAX -------------------------------------------------------------------------------------
 JAX_TRAINING = """
 import numpy as np, keras
@@ -40,15 +50,15 @@ print("IMAGES", images.shape, images.dtype)
 """
 
 
-def test_training_runs_under_jax_and_the_loss_falls():
-    pytest.importorskip("jax")
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", JAX_TRAINING], cwd=REPO, env=env, capture_output=True,
+def test_training_runs_under_jax_and_the_loss_falls(jax_env):
+    result = subprocess.run([sys.executable, "-c", JAX_TRAINING], cwd=REPO, env=jax_env, capture_output=True,
                             text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [float(v) for v in result.stdout.split("LOSSES")[1].split("\n")[0].split()]
     assert len(losses) == 3 and losses[-1] < 0.8 * losses[0], losses
     assert "IMAGES (2, 8, 8, 3) uint8" in result.stdout
+    # The train step and the sampling loop went into the cache that JAX_COMPILATION_CACHE_DIR names.
+    assert len(list(Path(jax_env["JAX_COMPILATION_CACHE_DIR"]).iterdir())) >= 2
 
 
 JAX_RESUME = """
@@ -60,12 +70,12 @@ print("DIFFERENCES", json.dumps(largest_resume_differences(run_uninterrupted_and
 
 
 @pytest.mark.slow
-def test_a_killed_run_resumes_bit_for_bit_under_jax(tmp_path):
+def test_a_killed_run_resumes_bit_for_bit_under_jax(tmp_path, jax_env):
     """XLA's CPU kernels are deterministic, so the resumed run must equal the uninterrupted one
-    exactly: the averaged weights, the trained weights, Adam's moments and the step counter."""
-    pytest.importorskip("jax")
-    env = dict(os.environ, KERAS_BACKEND="jax", PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", JAX_RESUME, str(tmp_path)], cwd=REPO, env=env,
+    exactly: the averaged weights, the trained weights, Adam's moments and the step counter. The
+    killed run and its resumption load the uninterrupted run's compiled train step from the
+    persistent cache, so this also checks that a cached step trains exactly as a fresh one."""
+    result = subprocess.run([sys.executable, "-c", JAX_RESUME, str(tmp_path)], cwd=REPO, env=jax_env,
                             capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
 
