@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from Utils.cli import positive_int  # noqa: E402
 WORKLOAD = """
 import json, sys
 from tests.test_recipe import largest_resume_differences, run_uninterrupted_and_killed
@@ -41,14 +43,15 @@ def run_once(cache_dir, work_dir):
                           capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        sys.exit(f"error: the workload failed: {done.stderr.strip().splitlines()[-1]}")
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        sys.exit(f"error: the workload failed: {last}")
     differences = json.loads(done.stdout.split("DIFFERENCES")[1].strip().splitlines()[0])
     return wall, differences
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=positive_int, default=2)
     args = parser.parse_args()
     walls = {"off": [], "cold": [], "warm": []}
     with tempfile.TemporaryDirectory() as scratch:
