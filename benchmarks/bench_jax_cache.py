@@ -10,7 +10,7 @@ the same train step is compiled three times. Each round runs it in a fresh proce
 
 and checks that the resumed run still ends bit for bit where the uninterrupted one does.
 
-    KERAS_BACKEND=jax python benchmarks/bench_jax_cache.py --rounds 2
+    python benchmarks/bench_jax_cache.py --rounds 2     # runs its workload under KERAS_BACKEND=jax itself
 """
 
 import argparse
@@ -25,12 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from tests.test_recipe_jax import JAX_RESUME as WORKLOAD  # noqa: E402  the test's own run, one copy
 from Utils.cli import positive_int  # noqa: E402
-WORKLOAD = """
-import json, sys
-from tests.test_recipe import largest_resume_differences, run_uninterrupted_and_killed
-print("DIFFERENCES", json.dumps(largest_resume_differences(run_uninterrupted_and_killed(sys.argv[1]))))
-"""
 
 
 def run_once(cache_dir, work_dir):
