@@ -20,7 +20,8 @@ keeps the generated set (images and labels, every multiple) for scoring under ot
 protocols. Each classifier's top-1 and each set's KID/FID are also appended, as each is made, to
 `--out`'s `.scores.jsonl` beside it: a killed run started again with `--resume` (and `--weights`,
 so that the model is read, not trained again) scores only what that file lacks; its row holds the
-scores an unbroken run would have given, and a run that had finished is not written twice.
+scores an unbroken run would have given, and a run that had finished is not written twice (nor its
+images generated again).
 `--train_subset N` trains and scores on a seeded, stratified N of the real training images (a
 large dataset on a small machine; the rows and scores record it).
 
@@ -303,9 +304,6 @@ def main(argv=None):
     batch_size = args.batch_size or preset.enc_batch_size
     lr = args.lr or preset.enc_lr
 
-    model, training = trained_or_read(args.weights, preset, model_spec, splits, recipe, epochs, batch_size, lr,
-                                      args.seed)
-
     x1_by_proportions = {p: x1_counts(spec, splits, p) for p in args.class_proportions.split(",")}
     # One generated set holds every proportion's x1..xN: the first k images of each class.
     most_per_class = np.max(list(x1_by_proportions.values()), axis=0)
@@ -328,10 +326,37 @@ def main(argv=None):
                           "sampler": args.sampler,
                           # x1 of a larger set is generated in other batches, which can move the last bits.
                           "generated_with": {"multiples": args.multiples, "class_proportions": args.class_proportions}}
-    real_row = {}  # the real row's figures, computed once
+
+    def tag_of(base_tag, proportions):
+        return base_tag + ("" if proportions == "balanced" else f"_{proportions}")
+
+    def settings_of(steps, guidance, proportions):
+        return {**generator_settings, "steps": steps, "guidance": guidance, "class_proportions": proportions}
+
+    def grid_of(base_tag):
+        return out.with_name(f"{out.stem}_{base_tag}.png")
+
+    def finished(steps, guidance, base_tag):
+        """Whether a resumed run has written everything of this sampling: its rows, its grid and its saved
+        set. Then there is nothing to generate (minutes at RetinaMNIST's size)."""
+        return args.resume and grid_of(base_tag).exists() and \
+            (not args.save_images or Path(args.save_images.format(tag=base_tag)).exists()) and \
+            all(row_in(out, tag_of(base_tag, p), settings_of(steps, guidance, p)) for p in x1_by_proportions)
+
+    samplings = []
     for steps, guidance in itertools.product(step_counts, guidances):
         base_tag = args.tag + (f"_g{guidance:g}" if len(guidances) > 1 else "") + \
             (f"_s{steps}" if len(step_counts) > 1 else "")
+        if finished(steps, guidance, base_tag):
+            print(f"{base_tag}: its rows are in {out} already; nothing generated", flush=True)
+        else:
+            samplings.append((steps, guidance, base_tag))
+    if not samplings:
+        return
+    model, training = trained_or_read(args.weights, preset, model_spec, splits, recipe, epochs, batch_size, lr,
+                                      args.seed)
+    real_row = {}  # the real row's figures, computed once
+    for steps, guidance, base_tag in samplings:
         started = time.perf_counter()
         with model.sampling_weights():
             images = model.generate(labels, num_steps=steps, guidance_scale=guidance, seed=args.seed,
@@ -345,8 +370,7 @@ def main(argv=None):
                 np.savez(f, images=images, labels=labels)
 
         for proportions, per_class_x1 in x1_by_proportions.items():
-            tag = base_tag + ("" if proportions == "balanced" else f"_{proportions}")
-            settings = {**generator_settings, "steps": steps, "guidance": guidance, "class_proportions": proportions}
+            tag, settings = tag_of(base_tag, proportions), settings_of(steps, guidance, proportions)
             cas_by_multiple, cas_runs, kid_by_multiple, fid_by_multiple = {}, {}, {}, {}
             for k in range(1, args.multiples + 1):
                 chosen = multiple_indices(labels, per_class_x1, k)
@@ -383,8 +407,7 @@ def main(argv=None):
             if not (args.resume and row_in(out, tag, settings)):
                 append_json_line(out, row)
         pick = np.concatenate([np.flatnonzero(labels == c)[:8] for c in range(spec.num_classes)])
-        save_image_grid(images[pick], labels[pick], spec.label_names, out.with_name(f"{out.stem}_{base_tag}.png"),
-                        per_class=8, title=base_tag)
+        save_image_grid(images[pick], labels[pick], spec.label_names, grid_of(base_tag), per_class=8, title=base_tag)
 
 
 if __name__ == "__main__":

@@ -210,10 +210,16 @@ def test_a_killed_recipe_run_resumes_with_the_scores_it_had_and_makes_only_the_m
     assert cut == row_line[:40]
     assert {**json.loads(rewritten), "generate_s": None} == {**json.loads(row_line), "generate_s": None}
 
-    # Resumed once more with everything there: no classifier trained, no row written twice.
-    before_rows = out.read_text()
+    # Resumed once more with everything there: no classifier trained, no row written twice, and
+    # neither the model read nor an image generated.
+    before_rows, grid = out.read_text(), tmp_path / "rows_t.png"
+    grid_written = grid.stat().st_mtime_ns
+    capsys.readouterr()
     bench_recipe_main([*args, "--resume"])
     assert scores.read_text() == before_scores and out.read_text() == before_rows
+    said = capsys.readouterr()
+    assert "t: its rows are in" in said.out and "read from" not in said.out and "generating" not in said.err
+    assert grid.stat().st_mtime_ns == grid_written
 
 
 def test_a_samplers_row_cut_short_by_a_kill_is_written_again_whole_from_the_kept_scores(tmp_path):
