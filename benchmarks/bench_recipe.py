@@ -91,7 +91,8 @@ parser.add_argument("--weights", default=None, metavar="FILE.weights.h5",
 parser.add_argument("--out", default="bench_recipe.jsonl")
 parser.add_argument("--resume", action="store_true",
                     help="take the scores already in --out's .scores.jsonl for the same settings instead of "
-                         "training those classifiers again (pair it with --weights)")
+                         "training those classifiers again (pair it with --weights); a sampling whose rows, "
+                         "grid and saved set are all written is not generated again")
 parser.add_argument("--cond_dropout", type=float)
 parser.add_argument("--ema_decay", type=float)
 parser.add_argument("--snr_gamma", type=float)
@@ -336,11 +337,14 @@ def main(argv=None):
     def grid_of(base_tag):
         return out.with_name(f"{out.stem}_{base_tag}.png")
 
+    def saved_set_of(base_tag):
+        return Path(args.save_images.format(tag=base_tag)) if args.save_images else None
+
     def finished(steps, guidance, base_tag):
         """Whether a resumed run has written everything of this sampling: its rows, its grid and its saved
         set. Then there is nothing to generate (minutes at RetinaMNIST's size)."""
         return args.resume and grid_of(base_tag).exists() and \
-            (not args.save_images or Path(args.save_images.format(tag=base_tag)).exists()) and \
+            (saved_set_of(base_tag) is None or saved_set_of(base_tag).exists()) and \
             all(row_in(out, tag_of(base_tag, p), settings_of(steps, guidance, p)) for p in x1_by_proportions)
 
     samplings = []
@@ -365,8 +369,7 @@ def main(argv=None):
         if args.save_images:
             from Utils.io import atomic_path
 
-            target = Path(args.save_images.format(tag=base_tag))
-            with atomic_path(target) as tmp, open(tmp, "wb") as f:
+            with atomic_path(saved_set_of(base_tag)) as tmp, open(tmp, "wb") as f:
                 np.savez(f, images=images, labels=labels)
 
         for proportions, per_class_x1 in x1_by_proportions.items():
