@@ -150,7 +150,10 @@ def existing_file(text):
 def run_cli(main, argv=None):
     """Runs `main(argv)`, turning any InputError (UserError, the library's errors) into one
     line `error: <message>` on stderr and exit status 2."""
+    from Utils.runtime import graph_optimizer_setting
+
     try:
+        graph_optimizer_setting()  # a bad value stops the script before anything is written
         status = main(argv)
     except InputError as e:
         sys.stderr.write(f"error: {e}\n")

@@ -18,6 +18,13 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Utils.paths import SHARED_DIR  # noqa: E402
+from Utils.runtime import GRAPH_OPTIMIZER_ENV, graph_optimizer_setting, use_graph_optimizer  # noqa: E402
+
+# TensorFlow's graph optimiser off, here and in every script a test starts: most of a test's time is
+# the first call of freshly traced functions, which the optimiser makes ~1.4x dearer (BENCHMARKS.md,
+# "The whole test suite"). Tests whose outcome depends on the product's default say so with
+# `@pytest.mark.tf_graph_optimizer` (the fixture below). SDDG_TF_GRAPH_OPTIMIZER=on runs them all so.
+os.environ.setdefault(GRAPH_OPTIMIZER_ENV, "off")
 
 SHARED_DATA = SHARED_DIR / "data"
 
@@ -231,6 +238,26 @@ def pytest_collection_modifyitems(items):
         return LONGEST_FILES_FIRST.index(name) if name in LONGEST_FILES_FIRST else len(LONGEST_FILES_FIRST)
 
     items.sort(key=rank)  # stable: the order within a file is kept
+
+
+@pytest.fixture(autouse=True, scope="session")
+def suite_graph_optimizer():
+    """The suite's setting in this process, before any fixture traces a function."""
+    use_graph_optimizer(graph_optimizer_setting())
+
+
+@pytest.fixture(autouse=True)
+def product_graph_optimizer(request, monkeypatch):
+    """TensorFlow's default for the tests marked `tf_graph_optimizer` (those that pin the product's
+    numbers), in this process and in the scripts they start."""
+    if request.node.get_closest_marker("tf_graph_optimizer") is None:
+        yield
+        return
+    suite_setting = graph_optimizer_setting()
+    monkeypatch.setenv(GRAPH_OPTIMIZER_ENV, "on")
+    use_graph_optimizer(True)
+    yield
+    use_graph_optimizer(suite_setting)
 
 
 # Each xdist worker runs many test files in one process: after each file it drops what it can
