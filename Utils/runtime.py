@@ -26,7 +26,7 @@ PRECISIONS = ("float32", "float16", "bfloat16")
 # seconds per train step, sampling loop and classifier, which a short run (a test, a smoke run)
 # pays many times over and a long run once. "off" makes the first call of each ~1.4x cheaper and
 # changes the trained weights in the last bits (BENCHMARKS.md, "The whole test suite"); the product
-# keeps TensorFlow's default, "on". The test suite sets "off" (tests/conftest.py).
+# keeps TensorFlow's default, "on". The tiny pipeline tests set "off" for their scripts (tests/conftest.py).
 GRAPH_OPTIMIZER_ENV = "SDDG_TF_GRAPH_OPTIMIZER"
 GRAPH_OPTIMIZER_CHOICES = ("on", "off")
 

@@ -18,13 +18,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from Utils.paths import SHARED_DIR  # noqa: E402
-from Utils.runtime import GRAPH_OPTIMIZER_ENV, graph_optimizer_setting, use_graph_optimizer  # noqa: E402
-
-# TensorFlow's graph optimiser off, here and in every script a test starts: most of a test's time is
-# the first call of freshly traced functions, which the optimiser makes ~1.4x dearer (BENCHMARKS.md,
-# "The whole test suite"). Tests whose outcome depends on the product's default say so with
-# `@pytest.mark.tf_graph_optimizer` (the fixture below). SDDG_TF_GRAPH_OPTIMIZER=on runs them all so.
-os.environ.setdefault(GRAPH_OPTIMIZER_ENV, "off")
+from Utils.runtime import GRAPH_OPTIMIZER_ENV, use_graph_optimizer  # noqa: E402
 
 SHARED_DATA = SHARED_DIR / "data"
 
@@ -240,24 +234,21 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: the order within a file is kept
 
 
-@pytest.fixture(autouse=True, scope="session")
-def suite_graph_optimizer():
-    """The suite's setting in this process, before any fixture traces a function."""
-    use_graph_optimizer(graph_optimizer_setting())
-
-
 @pytest.fixture(autouse=True)
-def product_graph_optimizer(request, monkeypatch):
-    """TensorFlow's default for the tests marked `tf_graph_optimizer` (those that pin the product's
-    numbers), in this process and in the scripts they start."""
-    if request.node.get_closest_marker("tf_graph_optimizer") is None:
+def scripts_without_graph_optimizer(request, monkeypatch):
+    """For the tests marked `scripts_without_graph_optimizer`: the scripts they start run with TensorFlow's
+    graph optimiser off (SDDG_TF_GRAPH_OPTIMIZER=off). Most of a tiny pipeline's time is the first call
+    of freshly traced functions, which the optimiser makes dearer: those tests take ~0.84x the time
+    (BENCHMARKS.md, "The whole test suite"). Only where the scripts are tiny models in their own
+    processes: off in the test workers themselves, a full run ran out of memory. Anything this test
+    runs in this process follows the variable too, so the default is put back after it."""
+    if request.node.get_closest_marker("scripts_without_graph_optimizer") is None:
         yield
         return
-    suite_setting = graph_optimizer_setting()
-    monkeypatch.setenv(GRAPH_OPTIMIZER_ENV, "on")
-    use_graph_optimizer(True)
+    monkeypatch.setenv(GRAPH_OPTIMIZER_ENV, "off")
     yield
-    use_graph_optimizer(suite_setting)
+    if "keras" in sys.modules:
+        use_graph_optimizer(True)
 
 
 # Each xdist worker runs many test files in one process: after each file it drops what it can

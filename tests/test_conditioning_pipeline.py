@@ -11,6 +11,8 @@ import pytest
 
 from tests.test_reproduce import REPO, TINY_BUDGET_ON_A_SUBSET, _env
 
+pytestmark = pytest.mark.scripts_without_graph_optimizer  # tests/conftest.py
+
 
 @pytest.mark.parametrize("method", ["text", "textual_inversion"])
 def test_reproduce_runs_a_text_method_to_a_report(tmp_path, method):

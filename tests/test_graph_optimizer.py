@@ -1,7 +1,7 @@
-"""SDDG_TF_GRAPH_OPTIMIZER: TensorFlow's graph optimiser on (the product's default) or off (the test suite's).
+"""SDDG_TF_GRAPH_OPTIMIZER: TensorFlow's graph optimiser on (the default) or off (scripts of the tiny pipeline tests).
 
-The suite turns it off for speed (tests/conftest.py); the tests marked `tf_graph_optimizer` run
-with the product's default, here and in the scripts they start.
+The product keeps TensorFlow's default. The tests marked `scripts_without_graph_optimizer` run their
+scripts with it off (tests/conftest.py), and the test process gets the default back after them.
 """
 
 import os
@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
-from Utils.runtime import GRAPH_OPTIMIZER_ENV, configure_runtime
+from Utils.runtime import GRAPH_OPTIMIZER_ENV, configure_runtime, use_graph_optimizer
 
-REPO_SCRIPTS = ("reproduce.py", "SD_adapting.py", "generate_dataset.py", "classifier_training.py")
+SCRIPTS = ("reproduce.py", "SD_adapting.py", "generate_dataset.py", "classifier_training.py")
 
 
 def optimiser_is_on():
@@ -21,20 +21,22 @@ def optimiser_is_on():
     return not tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
 
 
-def test_the_suite_runs_with_the_optimiser_off_unless_asked():
-    expected = os.environ.get(GRAPH_OPTIMIZER_ENV) == "on"
-    assert optimiser_is_on() is expected
+@pytest.mark.scripts_without_graph_optimizer
+def test_a_marked_test_runs_its_scripts_with_the_optimiser_off():
+    assert os.environ[GRAPH_OPTIMIZER_ENV] == "off"
+    configure_runtime()  # what a stage run in this process does
+    assert not optimiser_is_on()
 
 
-@pytest.mark.tf_graph_optimizer
-def test_a_marked_test_and_its_scripts_get_the_products_default():
-    assert os.environ[GRAPH_OPTIMIZER_ENV] == "on" and optimiser_is_on()
+def test_after_it_the_test_process_has_the_default_again():
+    # Runs after the test above in the same process (one file per worker, in order).
+    assert os.environ.get(GRAPH_OPTIMIZER_ENV) is None
+    assert optimiser_is_on()
 
 
 def test_configure_runtime_follows_the_environment(monkeypatch):
-    suite_setting = optimiser_is_on()
     try:
-        monkeypatch.delenv(GRAPH_OPTIMIZER_ENV)
+        monkeypatch.delenv(GRAPH_OPTIMIZER_ENV, raising=False)
         configure_runtime()
         assert optimiser_is_on()  # unset: TensorFlow's default, as users run
         monkeypatch.setenv(GRAPH_OPTIMIZER_ENV, "off")
@@ -44,12 +46,10 @@ def test_configure_runtime_follows_the_environment(monkeypatch):
         configure_runtime()
         assert optimiser_is_on()
     finally:
-        from Utils.runtime import use_graph_optimizer
-
-        use_graph_optimizer(suite_setting)
+        use_graph_optimizer(True)
 
 
-@pytest.mark.parametrize("script", REPO_SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_a_bad_value_is_one_line_and_exit_2_before_anything_is_written(tmp_path, script):
     from tests.test_reproduce import REPO
 

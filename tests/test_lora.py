@@ -277,6 +277,7 @@ def test_lora_flags_are_checked_before_anything_is_written(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
+@pytest.mark.scripts_without_graph_optimizer  # tests/conftest.py
 def test_reproduce_with_lora_fine_tuning_runs_to_a_report(tmp_path):
     import json
     import subprocess

@@ -18,9 +18,6 @@ import generate_dataset
 from Data.registry import get_spec
 from Models.diffusion import checkpoints as ck
 
-# Users' images: TensorFlow's graph optimiser on, as in the product (tests/conftest.py).
-pytestmark = pytest.mark.tf_graph_optimizer
-
 LABELS = np.array([0, 1, 2, 3, 9, 9])
 
 

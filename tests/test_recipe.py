@@ -276,7 +276,6 @@ def largest_resume_differences(folders):
 
 
 @pytest.mark.slow
-@pytest.mark.tf_graph_optimizer  # with the optimiser on, equal weights need Utils.runtime.fresh_layer_names
 def test_ema_checkpoints_hold_the_average_and_a_killed_run_resumes_both(tmp_path, monkeypatch):
     from Models.diffusion import checkpoints as ck
 

@@ -22,6 +22,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
+pytestmark = pytest.mark.scripts_without_graph_optimizer  # tests/conftest.py
+
 TINY_BUDGET = ["--preset", "tiny", "--enc_epochs", "1", "--dif_epochs", "1", "--n_trials_enc", "1", "--n_trials_dif", "1",
                "--num_imgs", "30", "--tuning_classifier_epochs", "1", "--classifier_epochs", "1",
                "--classifier_batch_size", "64", "--max_multiple", "1"]

@@ -92,6 +92,7 @@ def test_tiny_enc_trains_the_unet_and_cond_dropout_one_never_trains_on_labels(di
 
 # ----- the script ----------------------------------------------------------------------------
 @pytest.mark.slow
+@pytest.mark.scripts_without_graph_optimizer  # tests/conftest.py
 def test_enc_killed_resumes_without_redoing_epochs_then_dif(tmp_path, run_script, monkeypatch):
     folder = tmp_path / "Checkpoints" / "DDPM" / "Exp_0" / "digits" / "MyEmbedding"
     env = dict(os.environ, SDDG_OUTPUT_ROOT=str(tmp_path), PYTHONUNBUFFERED="1")
