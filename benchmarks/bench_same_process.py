@@ -53,10 +53,10 @@ def main(argv=None):
     from Models.diffusion import checkpoints
     from Models.diffusion.presets import get_preset
 
-    if args.no_grappler and keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
+    if args.no_grappler:
+        from Utils.runtime import use_graph_optimizer
 
-        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+        use_graph_optimizer(False)
     if args.no_fresh_names:
         checkpoints.fresh_layer_names = lambda: None
     preset = get_preset(args.preset)
