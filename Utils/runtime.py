@@ -12,6 +12,7 @@ import platform
 import subprocess
 from dataclasses import dataclass
 
+from Utils.errors import InputError
 from Utils.settings import RUNTIME, Settings, setting
 
 # Quieter TensorFlow start-up; must be set before TensorFlow is imported.
@@ -60,9 +61,7 @@ def graph_optimizer_setting():
     """Whether `$SDDG_TF_GRAPH_OPTIMIZER` asks for TensorFlow's graph optimiser ("on", the default)."""
     value = os.environ.get(GRAPH_OPTIMIZER_ENV, "on")
     if value not in GRAPH_OPTIMIZER_CHOICES:
-        from Utils.cli import UserError
-
-        raise UserError(f"{GRAPH_OPTIMIZER_ENV}={value!r}: expected one of {', '.join(GRAPH_OPTIMIZER_CHOICES)}")
+        raise InputError(f"{GRAPH_OPTIMIZER_ENV}={value!r}: expected one of {', '.join(GRAPH_OPTIMIZER_CHOICES)}")
     return value == "on"
 
 
