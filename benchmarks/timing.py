@@ -21,3 +21,18 @@ def best_of_alternating(functions, repeats, calls=1):
                 function()
             best[k] = min(best[k], (time.perf_counter() - start) / calls)
     return best
+
+
+def median_of_alternating(functions, repeats):
+    """Seconds per call of each function, the median of `repeats` alternating rounds (after one warm-up call each)."""
+    import statistics
+
+    for function in functions:
+        function()
+    times = [[] for _ in functions]
+    for _ in range(repeats):
+        for k, function in enumerate(functions):
+            start = time.perf_counter()
+            function()
+            times[k].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]

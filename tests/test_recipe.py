@@ -308,6 +308,43 @@ def test_ema_checkpoints_hold_the_average_and_a_killed_run_resumes_both(tmp_path
     assert not np.array_equal(stored, np.concatenate([v.ravel() for v in trained.values()]))
 
 
+def test_a_checkpoints_weights_file_holds_the_averages_without_swapping_them_in(tmp_path):
+    import h5py
+
+    from Data.registry import get_spec
+    from Models.diffusion import checkpoints as ck
+
+    model = ck.build_model("tiny", get_spec("digits"), seed=0)
+    model.compile(optimizer=make_optimizer(1e-2, 10, ema_decay=0.999))
+    model.optimizer.build(model.trainable_variables)
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # the weights and their averages drift apart
+        model.optimizer.apply([rng.standard_normal(v.shape).astype("float32") for v in model.trainable_variables],
+                              model.trainable_variables)
+    weights = [numpy(v).copy() for v in model.trainable_variables]
+    direct, swapped = tmp_path / "direct.weights.h5", tmp_path / "swapped.weights.h5"
+    ck.save_parts(direct, model.trained_parts(), values=model.sampling_values)
+    for variable, value in zip(model.trainable_variables, weights):  # nothing was swapped in
+        np.testing.assert_array_equal(numpy(variable), value)
+    with model.sampling_weights():
+        ck.save_parts(swapped, model.trained_parts())
+
+    def arrays(path):
+        with h5py.File(path, "r") as f:
+            out = {}
+            f.visititems(lambda name, item: out.__setitem__(name, (item[()], item.attrs["path"]))
+                         if isinstance(item, h5py.Dataset) else None)
+            return out
+
+    a, b = arrays(direct), arrays(swapped)
+    assert a.keys() == b.keys() and len(a) == sum(len(layer.weights) for layer in model.trained_parts().values())
+    for key in a:
+        np.testing.assert_array_equal(a[key][0], b[key][0], err_msg=key)
+        assert a[key][1] == b[key][1]
+    stored = np.concatenate([a[key][0].ravel() for key in sorted(a)])
+    assert not np.array_equal(stored, np.concatenate([w.ravel() for w in weights]))  # averages, not the weights
+
+
 # ----- grey data -------------------------------------------------------------------------------
 def test_grey_datasets_are_modelled_with_one_channel_and_generated_exactly_grey():
     from Data.registry import get_spec

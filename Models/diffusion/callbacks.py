@@ -139,11 +139,13 @@ class Checkpointer(keras.callbacks.Callback):
         ck.save_optimizer(ck.optimizer_path(self.folder, done), model.optimizer, done,
                           trained_parts=model.trained_parts() if ema else None)
         # With an EMA, the weights file and the grid get the average: what generation samples with.
-        with model.sampling_weights():
-            ck.save_parts(ck.weights_path(self.folder, done), model.trained_parts(),
-                          attrs={"epoch": done, "stage": model.stage, "preset": model.preset.name,
-                                 "dataset": self.spec.name})
-            if self.wants_grid(done):
+        # The file is written from the averages themselves; only a grid swaps them into the model.
+        ck.save_parts(ck.weights_path(self.folder, done), model.trained_parts(),
+                      attrs={"epoch": done, "stage": model.stage, "preset": model.preset.name,
+                             "dataset": self.spec.name},
+                      values=model.sampling_values)
+        if self.wants_grid(done):
+            with model.sampling_weights():
                 self.save_grid(done)
         ck.remove_old_optimizer_states(self.folder, done)
 

@@ -96,10 +96,13 @@ def schedule_settings(settings):
 
 
 # ----- weight files ------------------------------------------------------------------------
-def _write_variables(group, variables):
-    """One dataset per variable, in order, named by index; the variable's path kept as an attribute."""
-    for i, variable in enumerate(variables):
-        data = group.create_dataset(f"{i:05d}", data=keras.ops.convert_to_numpy(variable))
+def _write_variables(group, variables, values=None):
+    """One dataset per variable, in order, named by index; the variable's path kept as an attribute.
+    `values`: the arrays to store for them, when not their own values (e.g. their moving averages)."""
+    if values is None:
+        values = [keras.ops.convert_to_numpy(variable) for variable in variables]
+    for i, (variable, value) in enumerate(zip(variables, values, strict=True)):
+        data = group.create_dataset(f"{i:05d}", data=value)
         data.attrs["path"] = variable.path
 
 
@@ -108,14 +111,18 @@ def _read_values(group):
     return [group[key][()] for key in sorted(group.keys()) if isinstance(group[key], h5py.Dataset)]
 
 
-def save_parts(path, parts, attrs=None):
-    """Writes the weights of `parts` ({name: layer}) to one HDF5 file, atomically."""
+def save_parts(path, parts, attrs=None, values=None):
+    """Writes the weights of `parts` ({name: layer}) to one HDF5 file, atomically.
+
+    values: a function from a part's weights to the arrays to store for them (default: their own
+    values), e.g. `DiffusionTrainer.sampling_values`: the moving averages, without swapping them in.
+    """
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             for key, value in (attrs or {}).items():
                 f.attrs[key] = value
             for name, layer in parts.items():
-                _write_variables(f.create_group(name), layer.weights)
+                _write_variables(f.create_group(name), layer.weights, values(layer.weights) if values else None)
 
 
 def load_parts(path, parts):
