@@ -244,6 +244,8 @@ PRESETS["small"] = replace(
     # higher each time; on RetinaMNIST 40 and 50 tie, BENCHMARKS.md) and still fits the default
     # run's 10 minutes.
     enc_epochs=50,
+    # tiny's batch 32 kept: at 8 px a step of 64 takes about twice a step of 32 on a CPU, so 64 saves
+    # ~10 % of an epoch and thinned x1's margin over three seeds (BENCHMARKS.md, round 6).
     # The enc stage already trains the UNet, down to a learning rate of 0: fine-tuning it again at
     # tiny's 5e-4 throws it out of that minimum (KID x10 even through the EMA); at 2e-5, 100x
     # below the enc stage's peak (the paper's two stages are 10x apart), it keeps its quality.
