@@ -1,6 +1,7 @@
 """The side-by-side timing the benchmark scripts share: warm up each, then alternate."""
 
 import math
+import statistics
 import time
 
 
@@ -25,8 +26,6 @@ def best_of_alternating(functions, repeats, calls=1):
 
 def median_of_alternating(functions, repeats):
     """Seconds per call of each function, the median of `repeats` alternating rounds (after one warm-up call each)."""
-    import statistics
-
     for function in functions:
         function()
     times = [[] for _ in functions]

@@ -205,7 +205,7 @@ class DiffusionTrainer(keras.Model):
     def sampling_weights(self):
         """A context in which the backbone holds the weights it samples with: the moving average
         when the optimizer keeps one, else its own weights (checkpoints and sample grids use it)."""
-        ema = ema_optimizer(self.optimizer) if getattr(self, "optimizer", None) is not None else None
+        ema = self._ema_optimizer()
         return ema.averaged_weights(self.trainable_variables) if ema else contextlib.nullcontext()
 
     def sampling_values(self, variables):
@@ -214,12 +214,16 @@ class DiffusionTrainer(keras.Model):
         A checkpoint's weights file needs these values every epoch; swapping the averages in and out
         copies every trained weight twice more (for sd1, 3.4 GB each way).
         """
-        ema = ema_optimizer(self.optimizer) if getattr(self, "optimizer", None) is not None else None
+        ema = self._ema_optimizer()
         averages = {}
         if ema:
             trainable = self.trainable_variables
             averages = {id(variable): average for variable, average in zip(trainable, ema.moving_averages(trainable))}
         return [keras.ops.convert_to_numpy(averages.get(id(variable), variable)) for variable in variables]
+
+    def _ema_optimizer(self):
+        """The optimizer's moving average of the weights, or None (none kept, or not compiled yet)."""
+        return ema_optimizer(self.optimizer) if getattr(self, "optimizer", None) is not None else None
 
     @property
     def clip_sample(self):
