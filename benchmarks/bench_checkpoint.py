@@ -26,8 +26,6 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.timing import median_of_alternating  # noqa: E402
-
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--preset", default="small")
 parser.add_argument("--dataset", default="digits")
@@ -51,7 +49,15 @@ def main(argv=None):
     model.optimizer.apply([rng.standard_normal(v.shape).astype("float32") for v in model.trainable_variables],
                           model.trainable_variables)  # averages and weights differ, as after training
     parts = model.trained_parts()
-    folder = Path(tempfile.mkdtemp(prefix="bench_checkpoint_"))
+    with tempfile.TemporaryDirectory(prefix="bench_checkpoint_") as tmp:
+        report(args, model, parts, Path(tmp))
+
+
+def report(args, model, parts, folder):
+    """Times the three saves into `folder` and prints the table."""
+    from Models.diffusion import checkpoints as ck
+
+    from benchmarks.timing import median_of_alternating
 
     def optimizer_state():
         ck.save_optimizer(ck.optimizer_path(folder, 1), model.optimizer, 1, trained_parts=parts)
@@ -72,9 +78,6 @@ def main(argv=None):
           f"optimizer variables, files {size_mb:.1f} MB in all; medians of {args.rounds} alternating rounds")
     print("| optimizer state alone | epoch-end save, swap | epoch-end save, direct | direct / swap |")
     print(f"| {state_s * 1000:.0f} ms | {swap_s * 1000:.0f} ms | {direct_s * 1000:.0f} ms | {direct_s / swap_s:.2f} |")
-    for path in folder.iterdir():
-        path.unlink()
-    folder.rmdir()
 
 
 if __name__ == "__main__":

@@ -98,9 +98,10 @@ def schedule_settings(settings):
 # ----- weight files ------------------------------------------------------------------------
 def _write_variables(group, variables, values=None):
     """One dataset per variable, in order, named by index; the variable's path kept as an attribute.
-    `values`: the arrays to store for them, when not their own values (e.g. their moving averages)."""
+    `values`: the arrays to store for them, when not their own values (e.g. their moving averages).
+    Read one at a time, so no more than one variable's copy is held (sd1's state is ~10 GB)."""
     if values is None:
-        values = [keras.ops.convert_to_numpy(variable) for variable in variables]
+        values = (keras.ops.convert_to_numpy(variable) for variable in variables)
     for i, (variable, value) in enumerate(zip(variables, values, strict=True)):
         data = group.create_dataset(f"{i:05d}", data=value)
         data.attrs["path"] = variable.path

@@ -209,7 +209,8 @@ class DiffusionTrainer(keras.Model):
         return ema.averaged_weights(self.trainable_variables) if ema else contextlib.nullcontext()
 
     def sampling_values(self, variables):
-        """What `variables` hold within `sampling_weights`, as NumPy arrays, with nothing swapped in.
+        """What `variables` hold within `sampling_weights`, as NumPy arrays (one at a time), with
+        nothing swapped in.
 
         A checkpoint's weights file needs these values every epoch; swapping the averages in and out
         copies every trained weight twice more (for sd1, 3.4 GB each way).
@@ -219,7 +220,7 @@ class DiffusionTrainer(keras.Model):
         if ema:
             trainable = self.trainable_variables
             averages = {id(variable): average for variable, average in zip(trainable, ema.moving_averages(trainable))}
-        return [keras.ops.convert_to_numpy(averages.get(id(variable), variable)) for variable in variables]
+        return (keras.ops.convert_to_numpy(averages.get(id(variable), variable)) for variable in variables)
 
     def _ema_optimizer(self):
         """The optimizer's moving average of the weights, or None (none kept, or not compiled yet)."""
