@@ -21,6 +21,11 @@ end of every epoch. Each epoch's order of the training images is drawn from
 that never stopped. A finished run leaves `<classifier>.weights.h5`,
 `history.csv` and `run.json` in `checkpoint_dir`, and no resume file.
 
+Reuse: a process that trains many classifiers of one shape (a study's trials,
+the pipeline's CAS runs) passes a `ClassifierPool`; each training then starts
+from the compiled model of the one before, with a fresh model's weights and
+optimizer state, and skips the seconds of tracing a new model costs.
+
 Example:
     >>> model, history = train_classifier(x_train, y_train, x_val, y_val, num_classes=10,
     ...                                   config=ClassifierConfig(epochs=100), seed=0,
@@ -28,6 +33,9 @@ Example:
     >>> result = evaluate_classifier(model, x_test, y_test, spec.label_names)
     >>> result["top1"], result["top5"]
     >>> model = load_classifier("Checkpoints/Classifiers/Exp_0/cifar10/real")   # later, elsewhere
+    >>> pool = ClassifierPool()
+    >>> for images, labels in trial_sets:       # each model is valid until the next training
+    ...     model, history = train_classifier(images, labels, x_val, y_val, 10, pool=pool)
 """
 
 import csv
@@ -99,6 +107,61 @@ def build_classifier(input_shape, num_classes, config=None):
     if config.classifier != "resnet20":
         raise ModelSettingsError(f"unknown classifier '{config.classifier}'; choose from: {', '.join(CLASSIFIERS)}")
     return build_resnet20(input_shape, num_classes, initial_filters=config.initial_filters)
+
+
+# What `build_classifier` and `compile_classifier` read: trainings that agree on these (and on the
+# input shape, classes, dtype policy and distribution) can share one compiled model.
+COMPILED_FIELDS = ("classifier", "initial_filters", "label_smoothing", "learning_rate", "jit_compile")
+
+
+class ClassifierPool:
+    """Compiled classifiers kept for the next training of the same kind.
+
+    Every new Keras model traces and optimises its train step in its first
+    epoch: ~5 s on a 2-core CPU, more than a whole 4-epoch tuning classifier
+    takes after it. `train_classifier(..., pool=pool)` instead takes the pool's
+    model of that kind, sets the weights a freshly built model of the seed
+    holds and the optimizer's state as it was before its first step, and
+    trains it; the trained weights are a fresh model's bit for bit
+    (tests/test_classifier_training.py), only sooner.
+
+    A model the pool lends is the same object the next training with that pool
+    changes: use it before training again (evaluate it, save it), and train
+    without a pool what must be kept (a feature extractor).
+    """
+
+    def __init__(self):
+        self._compiled = {}  # key -> (model, its optimizer's variables before any step)
+
+    def __len__(self):
+        return len(self._compiled)
+
+    def lend(self, input_shape, num_classes, config):
+        """A compiled model with the weights `build_classifier` gives now: seed first."""
+        fresh = build_classifier(input_shape, num_classes, config)
+        key = _compiled_kind(input_shape, num_classes, config)
+        if key not in self._compiled:
+            compile_classifier(fresh, config)
+            initial = [keras.ops.convert_to_numpy(v) for v in fresh.optimizer.variables]
+            self._compiled[key] = (fresh, initial)
+            return fresh
+        model, initial_optimizer = self._compiled[key]
+        model.set_weights(fresh.get_weights())
+        for variable, value in zip(model.optimizer.variables, initial_optimizer):
+            variable.assign(value)
+        return model
+
+
+def _compiled_kind(input_shape, num_classes, config):
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        distribution = tf.distribute.get_strategy()
+    else:
+        distribution = keras.distribution.distribution()
+    compiled = tuple(getattr(config, name) for name in COMPILED_FIELDS)
+    return (tuple(int(d) for d in input_shape), int(num_classes), compiled,
+            keras.config.dtype_policy().name, distribution)
 
 
 def weights_file(checkpoint_dir, config=None):
@@ -257,7 +320,7 @@ def _check_arrays(x, y, num_classes, what):
 
 
 def train_classifier(x_train, y_train, x_val, y_val, num_classes, config=None, seed=0,
-                     checkpoint_dir=None, extra_callbacks=(), verbose=1, metadata=None):
+                     checkpoint_dir=None, extra_callbacks=(), verbose=1, metadata=None, pool=None):
     """Trains the classifier with the paper's protocol; returns (model, history).
 
     Args:
@@ -274,6 +337,8 @@ def train_classifier(x_train, y_train, x_val, y_val, num_classes, config=None, s
             callback reading `logs["val_accuracy"]` in `on_epoch_end`).
         verbose: `model.fit`'s verbosity (1: progress bar, 2: a line per epoch).
         metadata: extra JSON-able facts stored in `run.json` (source folder, ...).
+        pool: a `ClassifierPool` to take the compiled model from (the same
+            weights, sooner); None builds and compiles a model of its own.
 
     Returns:
         The compiled model holding the best validation epoch's weights, and the
@@ -288,8 +353,10 @@ def train_classifier(x_train, y_train, x_val, y_val, num_classes, config=None, s
         raise ValueError(f"training images are {x_train.shape[1:]} but validation images {x_val.shape[1:]}")
 
     keras.utils.set_random_seed(int(seed))
-    model = build_classifier(x_train.shape[1:], num_classes, config)
-    compile_classifier(model, config)
+    if pool is None:
+        model = compile_classifier(build_classifier(x_train.shape[1:], num_classes, config), config)
+    else:
+        model = pool.lend(x_train.shape[1:], num_classes, config)
 
     fingerprint = _fingerprint(x_train, y_train, x_val, y_val, num_classes, config, seed)
     resume_path = Path(checkpoint_dir) / RESUME_FILE if checkpoint_dir else None

@@ -163,8 +163,12 @@ def is_done(settings):
     return None
 
 
-def run(settings, log=print):
-    """Trains (or loads) the classifier and tests it; returns a CASResult. Bad input raises before writing."""
+def run(settings, log=print, classifier_pool=None):
+    """Trains (or loads) the classifier and tests it; returns a CASResult. Bad input raises before writing.
+
+    classifier_pool: a `Models.classifier.ClassifierPool` to train with (the pipeline's, shared by its
+    stages); None compiles a classifier of its own.
+    """
     from Data.images import RESIZE_METHOD
     from Data.shards import require_complete
     from Data.synthetic import format_report, load_image_folder
@@ -227,7 +231,7 @@ def run(settings, log=print):
             model, history = train_classifier(
                 x_train, y_train, splits.x_val, splits.y_val, spec.num_classes, config=config,
                 seed=r.seed, checkpoint_dir=checkpoint_dir, metadata=metadata,
-                verbose=1 if sys.stdout.isatty() else 2)
+                verbose=1 if sys.stdout.isatty() else 2, pool=classifier_pool)
         run_info = {**metadata, "n_train": len(y_train), "epochs_run": history["epochs_run"],
                     "best_epoch": history["best_epoch"], "seed": r.seed, "config": config.to_dict()}
         log(f"trained {history['epochs_run']} epochs, best validation accuracy "

@@ -43,6 +43,7 @@ Example:
 
 import dataclasses
 import datetime
+import functools
 import gc
 import time
 from dataclasses import dataclass, replace
@@ -129,6 +130,7 @@ class Stage:
     title: str
     module: object
     settings: object  # callable() -> the stage's settings (computed when it runs: it may need earlier results)
+    trains_classifiers: bool = False  # its run() takes the pipeline's `classifier_pool`
 
     @property
     def script(self):
@@ -288,19 +290,20 @@ class Pipeline:
         stages = [
             Stage("enc", "class encoder", adapt, lambda: self.adapt_settings("enc")),
             Stage("tune_enc", "tuning #1 (class-encoder checkpoint, steps, UGS)", tune,
-                  lambda: self.tune_settings("enc", optimize=True)),
+                  lambda: self.tune_settings("enc", optimize=True), trains_classifiers=True),
             Stage("enc_default", "stage table, class encoder, default settings", tune,
-                  lambda: self.tune_settings("enc", optimize=False)),
+                  lambda: self.tune_settings("enc", optimize=False), trains_classifiers=True),
             Stage("dif", "UNet fine-tuning", adapt, lambda: self.adapt_settings("dif")),
             Stage("tune_dif", "tuning #2 (UNet checkpoint, steps, UGS)", tune,
-                  lambda: self.tune_settings("dif", optimize=True)),
+                  lambda: self.tune_settings("dif", optimize=True), trains_classifiers=True),
             Stage("dif_default", "stage table, fine-tuned UNet, default settings", tune,
-                  lambda: self.tune_settings("dif", optimize=False)),
+                  lambda: self.tune_settings("dif", optimize=False), trains_classifiers=True),
             Stage("generate", f"generation of x{b.max_multiple} the real training set", generate,
                   self.generate_settings),
-            Stage("cas_real", "CAS of the real training set", cas, self.cas_settings),
+            Stage("cas_real", "CAS of the real training set", cas, self.cas_settings, trains_classifiers=True),
         ]
-        stages += [Stage(f"cas_x{k}", f"CAS of x{k} synthetic", cas, lambda k=k: self.cas_settings(take=k))
+        stages += [Stage(f"cas_x{k}", f"CAS of x{k} synthetic", cas, lambda k=k: self.cas_settings(take=k),
+                         trains_classifiers=True)
                    for k in range(1, b.max_multiple + 1)]
         if self.quality:
             stages.append(Stage("quality", "quality metrics of the generated set (ResNet20 features)", evaluate,
@@ -308,6 +311,13 @@ class Pipeline:
         return stages
 
     # ----- running ---------------------------------------------------------------------
+    @functools.cached_property
+    def classifier_pool(self):
+        """One compiled ResNet20 per kind for all the stages' classifiers: each saves a new model's trace."""
+        from Models.classifier import ClassifierPool
+
+        return ClassifierPool()
+
     def record(self, stage, **entry):
         merge_json(experiment_dir(self.exp, self.dataset) / STAGE_LOG_FILE, {stage.name: entry})
 
@@ -325,7 +335,7 @@ class Pipeline:
         self.log(f"{prefix}: running\n    {command}")
         self.record(stage, status="running", command=command, started=_now())
         started = time.perf_counter()
-        stage.module.run(settings)
+        stage.module.run(settings, **({"classifier_pool": self.classifier_pool} if stage.trains_classifiers else {}))
         seconds = time.perf_counter() - started
         self.record(stage, status="done", command=command, seconds=round(seconds, 1), finished=_now())
         self.log(f"{prefix}: done in {seconds:.0f} s")

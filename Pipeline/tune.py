@@ -324,14 +324,18 @@ def is_done(settings):
     return f"{STAGE_KEYS[stage]}.{key} recorded; study {name} has {finished} finished trials"
 
 
-def run(settings, log=print):
-    """Tunes (or scores the default settings of) one stage; returns the stage-table cell it wrote."""
+def run(settings, log=print, classifier_pool=None):
+    """Tunes (or scores the default settings of) one stage; returns the stage-table cell it wrote.
+
+    classifier_pool: a `Models.classifier.ClassifierPool` shared with other stages (default: one
+    for this stage's trials, which all train the same kind of classifier).
+    """
     p = plan(settings, log=log)
     s = p.settings
 
     import optuna
 
-    from Models.classifier import ClassifierConfig
+    from Models.classifier import ClassifierConfig, ClassifierPool
     from Pipeline.tuning.images import DiffusionImageSource
     from Pipeline.tuning.objective import GenerationObjective
     from Utils.runtime import configure_runtime
@@ -345,8 +349,10 @@ def run(settings, log=print):
                                   conditioning=conditioning_spec(s), timestep_spacing=s.timestep_spacing)
     splits = load_real(s)
     config = ClassifierConfig(epochs=int(s.classifier_epochs), batch_size=int(s.batch_size))
+    classifier_pool = classifier_pool if classifier_pool is not None else ClassifierPool()
     if not s.optimize:
-        objective = GenerationObjective(source, None, splits, s.num_imgs, config, seed=s.seed)
+        objective = GenerationObjective(source, None, splits, s.num_imgs, config, seed=s.seed,
+                                        classifier_pool=classifier_pool)
         return _score_defaults(p, objective, log)
 
     from Pipeline.tuning.space import build_search_space
@@ -355,7 +361,8 @@ def run(settings, log=print):
     space = build_search_space(stage, p.checkpoint_epochs, is_1=p.is_1, ugs_1=p.ugs_1, max_steps=s.max_steps,
                                samplers=s.search_samplers)
     storage = p.storage or open_storage(p.storage_url, create_folder=True)
-    objective = GenerationObjective(source, space, splits, s.num_imgs, config, seed=s.seed, objective=s.objective)
+    objective = GenerationObjective(source, space, splits, s.num_imgs, config, seed=s.seed, objective=s.objective,
+                                    classifier_pool=classifier_pool)
     return _tune(p, storage, space, objective, log)
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from Data.images import RESIZE_METHOD
 from Data.registry import get_spec
 from Metrics.cas import cas_figure, load_cas, published_cas, record_cas, run_key_for
-from Models.classifier import (ClassifierConfig, EpochShuffledBatches, evaluate_classifier,
+from Models.classifier import (ClassifierConfig, ClassifierPool, EpochShuffledBatches, evaluate_classifier,
                                load_classifier, train_classifier)
 from Utils.paths import PUBLISHED_CAS_JSON
 
@@ -123,6 +123,30 @@ def test_training_learns_keeps_the_best_epoch_and_resumes_exactly(tmp_path):
     loaded, run = load_classifier(tmp_path)
     assert run["epochs_run"] == history["epochs_run"] and run["best_epoch"] == best
     np.testing.assert_array_equal(loaded.predict(xv, verbose=0), whole.predict(xv, verbose=0))
+
+
+def test_a_pooled_model_trains_to_a_fresh_models_weights_bit_for_bit():
+    x, y, xv, yv = _tiny_data(seed=1)
+    config = ClassifierConfig(epochs=3, lr_patience=1, **TINY)  # the learning rate drops: the pool must undo it
+    fresh, fresh_history = train_classifier(x, y, xv, yv, 3, config, seed=0, verbose=0)
+
+    pool = ClassifierPool()
+    # Another seed and other batches first, so the pooled model has weights, Adam moments, a step
+    # count and a lowered learning rate of its own to be reset.
+    first, first_history = train_classifier(x[:50], y[:50], xv, yv, 3, config, seed=1, verbose=0, pool=pool)
+    assert min(first_history["learning_rate"]) < config.learning_rate
+    keras.backend.clear_session()  # the pipeline clears the session between its stages
+    pooled, pooled_history = train_classifier(x, y, xv, yv, 3, config, seed=0, verbose=0, pool=pool)
+
+    assert pooled is first and len(pool) == 1  # lent again, not built again
+    assert pooled_history == fresh_history
+    assert all(np.array_equal(a, b) for a, b in zip(fresh.get_weights(), pooled.get_weights()))
+    assert all(np.array_equal(keras.ops.convert_to_numpy(a), keras.ops.convert_to_numpy(b))
+               for a, b in zip(fresh.optimizer.variables, pooled.optimizer.variables))
+
+    # Another kind of model (here: four classes) is compiled for itself.
+    four = pool.lend(x.shape[1:], 4, config)
+    assert four is not pooled and four.output_shape[-1] == 4 and len(pool) == 2
 
 
 def test_resume_file_of_another_run_is_ignored(tmp_path, capsys):

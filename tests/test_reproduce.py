@@ -152,6 +152,13 @@ def test_every_stage_command_line_rebuilds_its_settings(retinamnist_dir, tmp_pat
         assert parsed == settings, (stage.name, argv)
         assert settings.command(stage.script).startswith(f"python {stage.script} ")
         assert ("--exp" in argv and argv[argv.index("--exp") + 1] == "0001"), (stage.name, argv)
+    # The stages that train classifiers share the pipeline's compiled one (Models.classifier.ClassifierPool);
+    # the quality stage's feature extractor is kept, so it trains its own.
+    import inspect
+
+    pooled = [s.name for s in stages if s.trains_classifiers]
+    assert pooled == ["tune_enc", "enc_default", "tune_dif", "dif_default", "cas_real", "cas_x1", "cas_x2"]
+    assert all("classifier_pool" in inspect.signature(s.module.run).parameters for s in stages if s.trains_classifiers)
     by_name = {s.name: s.settings() for s in stages}
     assert by_name["generate"].img_total == 2 * 1080 and by_name["generate"].data_dir is None
     assert by_name["generate"].batch_size == BUDGETS["quick"].generation_batch_size

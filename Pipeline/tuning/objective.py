@@ -99,7 +99,7 @@ class GenerationObjective:
     """
 
     def __init__(self, source, space, splits, num_imgs, classifier_config, seed=0, objective="cas",
-                 kid_objective=None, verbose=0):
+                 kid_objective=None, verbose=0, classifier_pool=None):
         if objective not in OBJECTIVES:
             raise UserError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
         self.source, self.space, self.splits = source, space, splits
@@ -110,6 +110,7 @@ class GenerationObjective:
         self.objective = objective
         self.kid_objective = kid_objective
         self.verbose = verbose
+        self.classifier_pool = classifier_pool
 
     @property
     def direction(self):
@@ -133,7 +134,7 @@ class GenerationObjective:
         model, history = train_classifier(
             images, labels, self.splits.x_val, self.splits.y_val, self.spec.num_classes,
             config=self.classifier_config, seed=self.seed, extra_callbacks=list(callbacks),
-            verbose=self.verbose)
+            verbose=self.verbose, pool=self.classifier_pool)
         return model, history, float(max(history["val_accuracy"]))
 
     def test_accuracy(self, model):
