@@ -1,8 +1,9 @@
 """The whole paper in one command: encoder -> tuning #1 -> fine-tuning -> tuning #2 -> generation -> CAS -> report.
 
 With no arguments it runs the embedded default, `digits` with the `small`
-preset and the `quick` budget, end to end on a 2-core CPU in 7.5-9 minutes (more on a slow machine), and
-writes `Experiments/Exp_0/digits/REPORT.md`. Every stage is skipped when its
+preset and the `quick` budget, end to end on a 2-core CPU in under 10 minutes
+on a typical day (measured: BENCHMARKS.md), and writes
+`Experiments/Exp_0/digits/REPORT.md`. Every stage is skipped when its
 outputs exist, so a killed run continues where it stopped: run the same
 command again. The stages, budgets and what "done" means are in
 `Pipeline/stages.py`.

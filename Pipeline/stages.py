@@ -29,7 +29,7 @@ entry with the same protocol) are checked before it would run.
 Budgets
 -------
 `quick` (the default) is sized for `digits` + `small` in 10 minutes on a 2-core
-CPU (7.5-9 on a typical day of the measuring VMs, 12.5 on one's slow days): two
+CPU (the measured times: BENCHMARKS.md, "The README's main command today"): two
 trials per study, a few hundred images per trial, short classifier training,
 x1 only. `paper` is the paper's run: 50 + 40 trials of 4,000 images, the CAS
 protocol's 100 epochs per classifier, x1..x10 (for `--preset sd1` on a GPU).
