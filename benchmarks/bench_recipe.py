@@ -181,14 +181,15 @@ def cas_scorer(spec, splits, classifier_epochs, classifier_batch_size, seed, run
     compared, a set's figure is the mean of several runs (`mean_and_runs`)."""
     import keras
 
-    from Models.classifier import ClassifierConfig, evaluate_classifier, train_classifier
+    from Models.classifier import ClassifierConfig, ClassifierPool, evaluate_classifier, train_classifier
 
     config = ClassifierConfig(epochs=classifier_epochs, batch_size=classifier_batch_size)
+    pool = ClassifierPool()  # every classifier is scored before the next trains: one compiled model for all
 
     def train(x, y, classifier_seed):
         keras.utils.set_random_seed(classifier_seed)
         classifier, _ = train_classifier(x, y, splits.x_val, splits.y_val, spec.num_classes,
-                                         config=config, seed=classifier_seed, verbose=0)
+                                         config=config, seed=classifier_seed, verbose=0, pool=pool)
         return evaluate_classifier(classifier, splits.x_test, splits.y_test, spec.label_names)["top1"]
 
     def cas(x, y, record=lambda classifier_seed, train: train()):

@@ -184,12 +184,14 @@ class _DigitsSource:
 
 def test_hyperband_prunes_a_trial_that_falls_behind(tmp_path):
     from Data.loaders import load_dataset
-    from Models.classifier import ClassifierConfig
+    from Models.classifier import ClassifierConfig, ClassifierPool
 
     splits = load_dataset("digits")
     space = tuning.build_search_space("enc", [1], max_steps=5)
+    # The trials train one compiled classifier in turn, as in hyp_opt.py.
     objective = tuning.GenerationObjective(_DigitsSource(splits), space, splits, num_imgs=500,
-                                           classifier_config=ClassifierConfig(epochs=2, batch_size=32))
+                                           classifier_config=ClassifierConfig(epochs=2, batch_size=32),
+                                           classifier_pool=ClassifierPool())
     storage = tuning.open_storage(f"sqlite:///{tmp_path}/s.db")
     # max_resource 2 epochs: Hyperband has a single bracket, so trial 1 is judged against trial 0.
     study = tuning.open_study(storage, "prune", "maximize", 0, max_resource=2, protocol={})
@@ -298,7 +300,7 @@ def test_objective_never_reads_test_labels(tiny_checkpoints, monkeypatch):
     import tensorflow as tf
 
     from Data.loaders import load_dataset
-    from Models.classifier import ClassifierConfig
+    from Models.classifier import ClassifierConfig, ClassifierPool
 
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tiny_checkpoints))
     tf.config.experimental.enable_op_determinism()
@@ -306,10 +308,14 @@ def test_objective_never_reads_test_labels(tiny_checkpoints, monkeypatch):
     source = tuning.DiffusionImageSource(0, "digits", "tiny", "enc")
     space = tuning.build_search_space("enc", source.checkpoint_epochs(), max_steps=5)
     params = {"inf_steps": 5, "ugs": 2.0, "enc_epoch": 2}
+    # One compiled classifier for every score, as in hyp_opt.py: the first score trains a fresh model, the
+    # others the pooled one, so the equalities below also hold the pool to a fresh model's weights.
+    pool = ClassifierPool()
 
     def score(test_split):
         objective = tuning.GenerationObjective(source, space, test_split, num_imgs=40,
-                                               classifier_config=ClassifierConfig(epochs=2, batch_size=32))
+                                               classifier_config=ClassifierConfig(epochs=2, batch_size=32),
+                                               classifier_pool=pool)
         trial = optuna.trial.FixedTrial(params)
         return objective(trial), trial
 
@@ -323,7 +329,8 @@ def test_objective_never_reads_test_labels(tiny_checkpoints, monkeypatch):
     # A test split that raises when read: the value was fixed before the first read.
     poisoned = dataclasses.replace(splits, x_test=_Poisoned(), y_test=_Poisoned())
     objective = tuning.GenerationObjective(source, space, poisoned, num_imgs=40,
-                                           classifier_config=ClassifierConfig(epochs=2, batch_size=32))
+                                           classifier_config=ClassifierConfig(epochs=2, batch_size=32),
+                                           classifier_pool=pool)
     trial = optuna.trial.FixedTrial(params)
     with pytest.raises(_TestSplitRead):
         objective(trial)
