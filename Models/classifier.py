@@ -117,9 +117,10 @@ COMPILED_FIELDS = ("classifier", "initial_filters", "label_smoothing", "learning
 class ClassifierPool:
     """Compiled classifiers kept for the next training of the same kind.
 
-    Every new Keras model traces and optimises its train step in its first
-    epoch: ~5 s on a 2-core CPU, more than a whole 4-epoch tuning classifier
-    takes after it. `train_classifier(..., pool=pool)` instead takes the pool's
+    Every new Keras model traces and optimises its train, validation and
+    prediction steps when it first runs them: 2.5-3.5 s of a 4-epoch tuning
+    classifier's ~6 s on a 2-core CPU (BENCHMARKS.md, "CAS classifier" (d)).
+    `train_classifier(..., pool=pool)` instead takes the pool's
     model of that kind, sets the weights a freshly built model of the seed
     holds and the optimizer's state as it was before its first step, and
     trains it; the trained weights are a fresh model's bit for bit
