@@ -8,14 +8,19 @@ cost. `--profile` prints where the first `fit` spends its time (cProfile, cumula
 profiler itself slows tracing down). `--count_ops` adds how many graph operations TensorFlow
 created while tracing the first `fit` (each one traced and then optimised before the first step).
 
-`--vs_keras_step` measures the project's optimizer (`PaperAdam`: the step's scalars once per
-step) against the same optimizer with Keras' own step (every scalar again for each variable),
-each run in a fresh process, alternating, `--rounds` times; medians, the ratio, and whether the
-trained weights are equal.
+`--step` picks the optimizer's step: `flat` (the project's `PaperAdam`: the step's scalars once
+per step, its state in flat vectors updated at once), `per_variable` (the same scalars once, Keras'
+one state slot per variable, each updated on its own: `PaperAdam` before the flat state) or
+`keras` (Keras' own step: every scalar again for each variable). `--vs_keras_step` runs the three,
+each in a fresh process, alternating, `--rounds` times; medians, the ratios, and whether the
+trained weights are equal. Steady steps drift on a shared VM by more than the steps differ, so
+`--steady_interleaved` builds a `flat` and a `per_variable` trainer in one process and alternates
+epochs of `--steps` steps between them, `--rounds` times: the medians and their ratio.
 
     python benchmarks/bench_first_step.py                   # tiny
     python benchmarks/bench_first_step.py --preset small --profile
     python benchmarks/bench_first_step.py --vs_keras_step --rounds 5
+    python benchmarks/bench_first_step.py --preset small --steady_interleaved --steps 20 --rounds 15
     python benchmarks/bench_first_step.py --count_ops
     python benchmarks/bench_first_step.py --grappler '{"constant_folding": false}' --json
 
@@ -39,6 +44,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -54,11 +61,14 @@ def main():
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--count_ops", action="store_true",
                         help="count the graph operations traced in the first fit (TensorFlow only)")
-    parser.add_argument("--keras_step", action="store_true",
-                        help="the optimizer with Keras' own step (every scalar per variable)")
+    parser.add_argument("--step", choices=STEPS, default="flat",
+                        help="the optimizer's step: flat (the project's, default), per_variable, keras")
     parser.add_argument("--vs_keras_step", action="store_true",
-                        help="ours against --keras_step, fresh processes, alternating")
-    parser.add_argument("--rounds", type=int, default=3, help="with --vs_keras_step: runs of each")
+                        help="the three --step choices side by side, fresh processes, alternating")
+    parser.add_argument("--steady_interleaved", action="store_true",
+                        help="flat against per_variable steady steps, one process, epochs alternating")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="with --vs_keras_step: runs of each; with --steady_interleaved: epochs of each")
     parser.add_argument("--json", action="store_true", help="print one JSON line (for --vs_keras_step)")
     parser.add_argument("--save_weights", default=None, help="write the trained weights to this .npz")
     parser.add_argument("--grappler", type=grappler_options, default={},
@@ -68,9 +78,10 @@ def main():
         raise SystemExit(f"error: --image_size must be at least 1, not {args.image_size}")
     if args.vs_keras_step:
         return side_by_side(args)
+    if args.steady_interleaved:
+        return steady_interleaved(args)
 
     import keras
-    import numpy as np
 
     if args.grappler:
         if keras.backend.backend() != "tensorflow":
@@ -82,27 +93,11 @@ def main():
         if unknown:  # TensorFlow ignores a name it does not know, which would measure the default
             raise SystemExit(f"error: --grappler: TensorFlow has no graph optimiser option {', '.join(unknown)}")
 
-    from Models.diffusion.optimizer import AdamWithEMA, make_optimizer
-    from Models.diffusion.trainer import DiffusionTrainer, TrainBatches
+    from Models.diffusion.trainer import TrainBatches
 
-    class KerasOwnStep(AdamWithEMA):
-        def _backend_apply_gradients(self, grads, trainable_variables):
-            keras.optimizers.Adam._backend_apply_gradients(self, grads, trainable_variables)
-
-    rng = np.random.default_rng(0)
-    n = args.batch_size * max(args.first_steps, args.steps)
-    images = rng.integers(0, 256, (n, args.image_size, args.image_size, args.channels), dtype="uint8")
-    labels = rng.integers(0, 10, n)
-
-    keras.utils.set_random_seed(0)
+    images, labels = random_images(args)
     start = time.perf_counter()
-    trainer = DiffusionTrainer.from_preset(args.preset, num_classes=10, image_size=args.image_size, stage="enc",
-                                           image_channels=args.channels)
-    optimizer = make_optimizer(1e-3, total_steps=1000, ema_decay=trainer.preset.ema_decay)
-    if args.keras_step:
-        optimizer = KerasOwnStep.from_config(optimizer.get_config())
-    trainer.compile(optimizer=optimizer)
-    trainer.optimizer.build(trainer.trainable_variables)
+    trainer = compiled_trainer(args, args.step)
     built = time.perf_counter() - start
 
     first = TrainBatches(images[:args.batch_size * args.first_steps], labels[:args.batch_size * args.first_steps],
@@ -141,6 +136,69 @@ def main():
               f"(most common: {', '.join(f'{k} {v}' for k, v in op_counts.most_common(6))})")
     if profiler:
         pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+
+
+STEPS = ("flat", "per_variable", "keras")
+STEP_LABELS = {"flat": "PaperAdam (scalars once, flat state)",
+               "per_variable": "scalars once, one state slot per variable",
+               "keras": "Keras' own (scalars per variable)"}
+
+
+def random_images(args):
+    rng = np.random.default_rng(0)
+    n = args.batch_size * max(args.first_steps, args.steps)
+    images = rng.integers(0, 256, (n, args.image_size, args.image_size, args.channels), dtype="uint8")
+    return images, rng.integers(0, 10, n)
+
+
+def compiled_trainer(args, step):
+    """The preset's trainer, seed 0, compiled as `SD_adapting.py` compiles it, with `step`'s optimizer."""
+    import keras
+
+    from Models.diffusion.optimizer import AdamWithEMA, make_optimizer
+    from Models.diffusion.trainer import DiffusionTrainer
+
+    class PerVariableState(AdamWithEMA):
+        flat_state = False
+
+    class KerasOwnStep(PerVariableState):
+        def _backend_apply_gradients(self, grads, trainable_variables):
+            keras.optimizers.Adam._backend_apply_gradients(self, grads, trainable_variables)
+
+    keras.utils.set_random_seed(0)
+    trainer = DiffusionTrainer.from_preset(args.preset, num_classes=10, image_size=args.image_size, stage="enc",
+                                           image_channels=args.channels)
+    optimizer = make_optimizer(1e-3, total_steps=100_000, ema_decay=trainer.preset.ema_decay)
+    if step != "flat":
+        optimizer = (KerasOwnStep if step == "keras" else PerVariableState).from_config(optimizer.get_config())
+    trainer.compile(optimizer=optimizer)
+    trainer.optimizer.build(trainer.trainable_variables)
+    return trainer
+
+
+def steady_interleaved(args):
+    """Steady steps of the flat and the per-variable state in one process, epochs alternating."""
+    from Models.diffusion.trainer import TrainBatches
+
+    images, labels = random_images(args)
+    batches = TrainBatches(images[:args.batch_size * args.steps], labels[:args.batch_size * args.steps],
+                           batch_size=args.batch_size, image_size=args.image_size)
+    trainers = {step: compiled_trainer(args, step) for step in ("flat", "per_variable")}
+    for trainer in trainers.values():
+        trainer.fit(batches, epochs=1, verbose=0)  # the trace and the graph optimisation
+    per_step = {step: [] for step in trainers}
+    for _ in range(args.rounds):
+        for step, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.fit(batches, epochs=1, verbose=0)
+            per_step[step].append((time.perf_counter() - start) / len(batches))
+    medians = {step: statistics.median(times) for step, times in per_step.items()}
+    print(f"{args.preset}, {args.image_size} px, {args.channels} channel(s), batch {args.batch_size}: "
+          f"medians of {args.rounds} alternating epochs of {len(batches)} steps in one process")
+    for step, times in per_step.items():
+        print(f"  {STEP_LABELS[step]}: {medians[step] * 1000:.1f} ms per step "
+              f"(epochs {min(times) * 1000:.0f}-{max(times) * 1000:.0f})")
+    print(f"  flat / per_variable: {medians['flat'] / medians['per_variable']:.3f}")
 
 
 def grappler_options(text):
@@ -184,27 +242,26 @@ def side_by_side(args):
             "--first_steps", str(args.first_steps), "--steps", str(args.steps), "--image_size", str(args.image_size),
             "--channels", str(args.channels), "--json",
             *(["--grappler", json.dumps(args.grappler)] if args.grappler else [])]
-    runs = {"ours": [], "keras": []}
+    runs = {name: [] for name in STEPS}
     for _ in range(args.rounds):
-        for name, extra in (("ours", []), ("keras", ["--keras_step"])):
-            done = subprocess.run(base + extra, capture_output=True, text=True, check=True)
+        for name in STEPS:
+            done = subprocess.run(base + ["--step", name], capture_output=True, text=True, check=True)
             runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
     print(f"{args.preset}, batch {args.batch_size}, medians of {args.rounds} fresh processes each, alternating")
-    print("| optimizer step | build s | first fit s | steady ms per step |")
-    print("| --- | --- | --- | --- |")
-    medians = {}
-    for name, label in (("keras", "Keras' own (scalars per variable)"), ("ours", "PaperAdam (scalars once per step)")):
-        medians[name] = {k: statistics.median(r[k] for r in runs[name]) for k in ("build_s", "first_fit_s", "step_s")}
+    print("| optimizer step | build s | first fit s | steady ms per step | first fit / flat's |")
+    print("| --- | --- | --- | --- | --- |")
+    medians = {name: {k: statistics.median(r[k] for r in runs[name]) for k in ("build_s", "first_fit_s", "step_s")}
+               for name in STEPS}
+    for name in reversed(STEPS):
         m = medians[name]
-        print(f"| {label} | {m['build_s']:.1f} | {m['first_fit_s']:.1f} | {m['step_s'] * 1000:.0f} |")
-    print(f"first fit: Keras' / ours = {medians['keras']['first_fit_s'] / medians['ours']['first_fit_s']:.2f}; "
-          f"steady step: {medians['keras']['step_s'] / medians['ours']['step_s']:.2f}")
+        print(f"| {STEP_LABELS[name]} | {m['build_s']:.1f} | {m['first_fit_s']:.1f} | {m['step_s'] * 1000:.0f} | "
+              f"{m['first_fit_s'] / medians['flat']['first_fit_s']:.2f} |")
     digests = {name: {r["weights"] for r in runs[name]} for name in runs}
     print("trained weights: " + "; ".join(
         f"{name} {'the same in every run' if len(d) == 1 else f'{len(d)} different results'}"
-        for name, d in digests.items()) + "; ours against Keras' "
-        + ("equal" if digests["ours"] == digests["keras"] else
-           "different (TensorFlow's graph optimiser rounds the two graphs differently; equal with it off)"))
+        for name, d in digests.items()) + "; the three steps "
+        + ("equal" if len(set.union(*digests.values())) == 1 else
+           "not all equal (TensorFlow's graph optimiser rounds different graphs differently; equal with it off)"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The from-scratch training recipe: schedules, v-prediction, min-SNR weights, EMA, grey data, JAX."""
 
 import os
+import re
 from pathlib import Path
 
 import keras
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from Models.diffusion.optimizer import AdamWithEMA, PaperAdam, ema_optimizer, make_optimizer
+from Models.diffusion.optimizer import (AdamWithEMA, PaperAdam, ema_optimizer, load_optimizer_state, make_optimizer,
+                                       optimizer_state)
 from Models.diffusion.schedule import NoiseSchedule, ScheduleError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -115,52 +117,138 @@ def test_ema_warm_up_and_averaged_weights():
         np.testing.assert_allclose(numpy(optimizer.moving_averages([variable])[0]), expected, rtol=1e-5)
 
 
-class KerasOwnStep(AdamWithEMA):
-    """AdamWithEMA with Keras' own step: every scalar computed again for each variable."""
+class PerVariableState(AdamWithEMA):
+    """AdamWithEMA with Keras' one state slot per variable (each updated on its own, the scalars once)."""
+
+    flat_state = False
+
+
+class KerasOwnStep(PerVariableState):
+    """AdamWithEMA with Keras' own step and state: every scalar computed again for each variable."""
 
     def _backend_apply_gradients(self, grads, trainable_variables):
         keras.optimizers.Adam._backend_apply_gradients(self, grads, trainable_variables)
 
 
+OPTIMIZER_SHAPES = [(3, 3, 4, 8), (8,), (16, 8), (8,)] * 5
+
+
+def _optimizer_run(optimizer_class, ema_decay, steps=4, compiled=False, state=None):
+    """`optimizer_class` (the paper's settings, a cosine schedule) applied to fixed random gradients
+    on fixed variables; step 2 has no gradient for the second variable. `state`: `optimizer_state`
+    arrays to load before the steps. Returns (optimizer, variables, traced ops of a step or None)."""
+    rng = np.random.default_rng(0)
+    initial = [rng.standard_normal(shape).astype("float32") for shape in OPTIMIZER_SHAPES]
+    gradients = [[rng.standard_normal(shape).astype("float32") * 5 for shape in OPTIMIZER_SHAPES]
+                 for _ in range(steps)]
+    variables = [keras.Variable(value) for value in initial]
+    schedule = keras.optimizers.schedules.CosineDecay(0.01, 10)
+    optimizer = optimizer_class(learning_rate=schedule, weight_decay=0.004, epsilon=1e-8, global_clipnorm=10.0,
+                                use_ema=ema_decay > 0, ema_momentum=ema_decay or 0.99)
+    optimizer.build(variables)
+    if state is not None:
+        assert load_optimizer_state(optimizer, state)
+
+    def apply(grads, without_second):
+        optimizer.apply(grads, [v for i, v in enumerate(variables) if not (without_second and i == 1)])
+
+    ops_in_step = None
+    if compiled and keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        apply = tf.function(apply)
+        ops_in_step = len(apply.get_concrete_function([tf.constant(g) for g in gradients[0]], False)
+                          .graph.get_operations())
+    for step, step_gradients in enumerate(gradients):
+        without_second = step == 2
+        apply([ops.convert_to_tensor(g) for i, g in enumerate(step_gradients) if not (without_second and i == 1)],
+              without_second)
+    return optimizer, variables, ops_in_step
+
+
+def _trained(optimizer, variables, ema_decay):
+    averages = [numpy(a) for a in optimizer.moving_averages(variables)] if ema_decay else []
+    return [numpy(v) for v in variables] + averages
+
+
 @pytest.mark.parametrize("ema_decay", [0.0, 0.999])
 def test_paper_adam_is_keras_adam_bit_for_bit_with_a_smaller_step(ema_decay):
-    """The step's scalars computed once give Keras' Adam (weight decay, clipping, cosine schedule,
-    the average) to the last bit, compiled and eager, with fewer ops in the compiled step."""
-    rng = np.random.default_rng(0)
-    shapes = [(3, 3, 4, 8), (8,), (16, 8), (8,)] * 5
-    initial = [rng.standard_normal(shape).astype("float32") for shape in shapes]
-    gradients = [[rng.standard_normal(shape).astype("float32") * 5 for shape in shapes] for _ in range(4)]
-
-    def train(optimizer_class, compiled):
-        variables = [keras.Variable(value) for value in initial]
-        schedule = keras.optimizers.schedules.CosineDecay(0.01, 10)
-        optimizer = optimizer_class(learning_rate=schedule, weight_decay=0.004, epsilon=1e-8, global_clipnorm=10.0,
-                                    use_ema=ema_decay > 0, ema_momentum=ema_decay or 0.99)
-        optimizer.build(variables)
-        def apply(grads):
-            optimizer.apply(grads, variables)
-
-        ops_in_step = None
-        if compiled and keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            apply = tf.function(apply)
-            ops_in_step = len(apply.get_concrete_function([tf.constant(g) for g in gradients[0]]).graph.get_operations())
-        for step_gradients in gradients:
-            apply([ops.convert_to_tensor(g) for g in step_gradients])
-        weights = [numpy(v) for v in variables]
-        averages = [numpy(a) for a in optimizer.moving_averages(variables)] if ema_decay else []
-        return weights + averages, ops_in_step
-
+    """The step's scalars computed once and the state in flat vectors give Keras' Adam (weight decay,
+    clipping, cosine schedule, the average, a variable without a gradient) to the last bit, compiled
+    and eager, with far fewer ops in the compiled step; the per-variable state too."""
+    ours_class = AdamWithEMA if ema_decay else PaperAdam
     for compiled in (False, True):
-        ours, our_ops = train(AdamWithEMA if ema_decay else PaperAdam, compiled)
-        keras_own, keras_ops = train(KerasOwnStep, compiled)
-        for a, b in zip(ours, keras_own):
-            np.testing.assert_array_equal(a, b)
+        ours, variables, our_ops = _optimizer_run(ours_class, ema_decay, compiled=compiled)
+        assert ours.keeps_flat_state
+        keras_own, keras_variables, keras_ops = _optimizer_run(KerasOwnStep, ema_decay, compiled=compiled)
+        assert not keras_own.keeps_flat_state
+        per_variable, per_variable_variables, _ = _optimizer_run(PerVariableState, ema_decay, compiled=compiled)
+        expected = _trained(keras_own, keras_variables, ema_decay)
+        for got in (_trained(ours, variables, ema_decay), _trained(per_variable, per_variable_variables, ema_decay)):
+            for a, b in zip(got, expected, strict=True):
+                np.testing.assert_array_equal(a, b)
         if our_ops is not None:
-            # Keras' cosine schedule and bias corrections, once per variable: ~25 ops each.
-            assert keras_ops - our_ops > 15 * len(shapes), (our_ops, keras_ops)
+            # Keras' schedule, bias corrections, clipping, decay and update, once per variable: ~35 ops each.
+            assert keras_ops - our_ops > 20 * len(OPTIMIZER_SHAPES), (our_ops, keras_ops)
     assert isinstance(make_optimizer(1e-3, 10), PaperAdam) and ema_optimizer(make_optimizer(1e-3, 10)) is None
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.999])
+def test_the_flat_state_is_saved_in_keras_per_variable_layout_and_loads_from_it(ema_decay):
+    """Checkpoints hold Keras' per-variable layout whatever the state: the flat state's arrays are
+    the per-variable optimizer's, bit for bit, and either loads the other's and trains on the same."""
+    flat_class = AdamWithEMA if ema_decay else PaperAdam
+    flat, _, _ = _optimizer_run(flat_class, ema_decay, steps=3)
+    per_variable, _, _ = _optimizer_run(PerVariableState, ema_decay, steps=3)
+    flat_state, per_variable_state = list(optimizer_state(flat)), list(optimizer_state(per_variable))
+    # The same kinds of state in the same order (the names hold each run's own variable names).
+    kinds = [[re.split("[/_]", name)[-1] for name, _ in state] for state in (flat_state, per_variable_state)]
+    assert kinds[0] == kinds[1] and kinds[0][:3] == ["iteration", "average" if ema_decay else "momentum",
+                                                      "average" if ema_decay else "velocity"]
+    for (_, a), (_, b) in zip(flat_state, per_variable_state, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # Each loads the other's state (the weights are the same fixed ones) and ends where the other would.
+    arrays = {"flat": [a for _, a in flat_state], "per_variable": [a for _, a in per_variable_state]}
+    from_per_variable = _optimizer_run(flat_class, ema_decay, steps=1, state=arrays["per_variable"])
+    from_flat = _optimizer_run(PerVariableState, ema_decay, steps=1, state=arrays["flat"])
+    for a, b in zip(_trained(*from_per_variable[:2], ema_decay), _trained(*from_flat[:2], ema_decay), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(numpy(from_per_variable[0].iterations)) == 4
+    # A state of another shape is refused, nothing assigned.
+    assert not load_optimizer_state(flat, arrays["flat"][:-1])
+    np.testing.assert_array_equal(list(optimizer_state(flat))[-1][1], flat_state[-1][1])
+
+
+def test_the_per_variable_state_where_the_flat_one_does_not_apply():
+    """Under a distribution strategy (several GPUs) and with per-variable clipping the optimizer keeps
+    Keras' slots; a loss-scale wrapper's state is its own variables, then the inner optimizer's."""
+    variable = keras.Variable(np.ones(3, np.float32))
+    clipped = PaperAdam(learning_rate=0.1, clipnorm=1.0)
+    clipped.build([variable])
+    assert not clipped.keeps_flat_state
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+            mirrored_variable = keras.Variable(np.ones(3, np.float32))
+            mirrored = make_optimizer(0.1, 10, ema_decay=0.9)
+            mirrored.build([mirrored_variable])
+        assert not mirrored.keeps_flat_state
+    wrapped = keras.optimizers.LossScaleOptimizer(make_optimizer(0.1, 10, ema_decay=0.9))
+    wrapped.build([variable])
+    assert wrapped.inner_optimizer.keeps_flat_state
+    wrapped.apply([ops.ones(3)], [variable])
+    names = [name for name, _ in optimizer_state(wrapped)]
+    # The wrapper's own variables (its step counter and scale among them), the inner step counter, then
+    # the average and the two moments of the one variable.
+    own = [v.path for v in wrapped._variables]
+    assert names[:len(own)] == own and len(names) == len(own) + 4
+    assert [name.rsplit("_", 1)[1] for name in names[-3:]] == ["average", "momentum", "velocity"]
+    other = keras.optimizers.LossScaleOptimizer(make_optimizer(0.1, 10, ema_decay=0.9))
+    other.build([keras.Variable(np.ones(3, np.float32))])
+    assert load_optimizer_state(other, [a for _, a in optimizer_state(wrapped)])
+    for (_, a), (_, b) in zip(optimizer_state(other), optimizer_state(wrapped), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 # ----- label dropout: it is what trains the unconditional branch --------------------------------

@@ -39,6 +39,7 @@ import keras
 from Models.diffusion.backbone import ClassConditionalBackbone
 from Models.diffusion.conditioning import ConditioningSpec, context_length
 from Models.diffusion.generator import ClassConditionalGenerator, schedule_for
+from Models.diffusion.optimizer import load_optimizer_state, optimizer_state
 from Models.diffusion.presets import get_preset
 from Models.diffusion.trainer import DiffusionTrainer
 from Models.errors import CheckpointError, ModelSettingsError
@@ -151,7 +152,8 @@ def save_optimizer(path, optimizer, epoch, trained_parts=None):
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["epoch"] = int(epoch)
-            _write_variables(f, optimizer.variables)
+            for i, (name, value) in enumerate(optimizer_state(optimizer)):
+                f.create_dataset(f"{i:05d}", data=value).attrs["path"] = name
             for name, layer in (trained_parts or {}).items():
                 _write_variables(f.create_group(f"{TRAINED_GROUP}/{name}"), layer.weights)
 
@@ -161,11 +163,8 @@ def load_optimizer(path, optimizer, trained_parts=None):
     `trained_parts` where the file has them); returns the stored epoch."""
     try:
         with h5py.File(path, "r") as f:
-            values = _read_values(f)
-            if [v.shape for v in values] != [tuple(v.shape) for v in optimizer.variables]:
+            if not load_optimizer_state(optimizer, _read_values(f)):
                 raise CheckpointError(f"optimizer state {path} does not fit this model")
-            for variable, value in zip(optimizer.variables, values):
-                variable.assign(value)
             epoch = int(f.attrs["epoch"])
     except OSError as e:
         raise CheckpointError(f"cannot read optimizer state {path}: {e}") from None

@@ -12,8 +12,10 @@ Example:
 """
 
 import contextlib
+import math
 
 import keras
+import numpy as np
 from keras import ops
 
 
@@ -35,22 +37,63 @@ def make_optimizer(learning_rate, total_steps, ema_decay=0.0, ema_warmup=True):
 
 @keras.saving.register_keras_serializable(package="sddg")
 class PaperAdam(keras.optimizers.Adam):
-    """Keras' Adam with the scalars of a step computed once per step instead of once per variable.
+    """Keras' Adam, its state in flat vectors and its step computed on them at once.
 
-    Keras evaluates the learning-rate schedule, Adam's bias corrections and the weight-decay
-    learning rate again for every variable (`Adam.update_step`, `_apply_weight_decay`): with
-    the cosine schedule some 25 graph ops per variable, for the ~300 variables of a
-    from-scratch UNet, all of which TensorFlow traces and optimises before the first step.
-    Here `_backend_apply_gradients` computes them once and the per-variable updates read
-    them, with Keras' expressions in Keras' order: the optimizer's updates are Keras' to the
-    last bit (tests/test_recipe.py). In a whole TensorFlow train step the graph optimiser
-    (Grappler) rewrites the two graphs differently, so trained weights can differ from
-    Keras' in the last bits (equal with Grappler off). The first `fit` of `tiny` takes ~1.5x
-    less time (BENCHMARKS.md, `benchmarks/bench_first_step.py --vs_keras_step`).
+    Keras' Adam updates every variable on its own: the learning-rate schedule, the bias
+    corrections, the weight decay, the clipping and Adam's moments again for each one, some 35
+    graph ops per variable, for the ~300 variables of a from-scratch UNet, all of which
+    TensorFlow traces and its graph optimiser rewrites before the first step. Here the step's
+    scalars are computed once, and the moments (and `AdamWithEMA`'s average) are each one flat
+    vector over all the trained variables: the step concatenates the gradients and the weights,
+    updates the whole vectors with Keras' expressions in Keras' order, and writes each weight
+    back: ~10 graph ops per variable. The updates are Keras' to the last bit (tests/test_recipe.py),
+    and a TensorFlow train step's first `fit` takes much less time (BENCHMARKS.md, "The optimizer's
+    state in flat vectors"; `benchmarks/bench_first_step.py --vs_keras_step`).
+
+    The flat state is kept where it is exact and simple: float32 variables, global-norm or no
+    clipping, no gradient accumulation, AMSGrad or excluded variables, and no distribution
+    (several GPUs: each replica's variables are updated by the strategy, variable by variable).
+    Elsewhere the state is Keras' own, one slot per variable, with the scalars still once per
+    step. Checkpoints hold Keras' per-variable layout either way (`state_items`), so a run
+    resumes across the two, and files written before the flat state load unchanged.
     """
 
+    flat_state = True  # False: always Keras' per-variable slots (tests compare the two)
     _step_scalars = None  # learning_rate, alpha and Adam's constants while a step's updates are being built
+    _flat = None  # while flat: {"sizes", "shapes", "momentum", "velocity", "average"}
 
+    # ----- building the state ----------------------------------------------------------------
+    def build(self, var_list):
+        if self.built:
+            return
+        if not self._can_keep_flat_state(var_list):
+            return super().build(var_list)
+        use_ema = self.use_ema
+        self.use_ema = False  # the base class would make one average per variable
+        try:
+            keras.optimizers.Optimizer.build(self, var_list)  # the step counter, the variable index
+        finally:
+            self.use_ema = use_ema
+        total = sum(math.prod(v.shape) for v in var_list)
+        self._flat = {"shapes": [tuple(v.shape) for v in var_list],
+                      "sizes": [math.prod(v.shape) for v in var_list]}
+        for name in ("momentum", "velocity") + (("average",) if use_ema else ()):
+            self._flat[name] = self.add_variable((total,), initializer="zeros", name=f"flat_{name}")
+
+    @property
+    def keeps_flat_state(self):
+        """Whether the built state is the flat one (else Keras' per-variable slots)."""
+        return self._flat is not None
+
+    def _can_keep_flat_state(self, var_list):
+        return (self.flat_state and not self.amsgrad and not self.gradient_accumulation_steps
+                and not self.clipnorm and not self.clipvalue and self.ema_overwrite_frequency is None
+                and not getattr(self, "_exclude_from_weight_decay", None)
+                and not getattr(self, "_exclude_from_weight_decay_pattern", None)
+                and all(v.dtype == "float32" and not self._overwrite_variable_with_gradient(v) for v in var_list)
+                and not _distributed())
+
+    # ----- the step ----------------------------------------------------------------------------
     def _backend_apply_gradients(self, grads, trainable_variables):
         learning_rate = super()._get_current_learning_rate()
         local_step = ops.cast(self.iterations + 1, "float32")
@@ -62,9 +105,48 @@ class PaperAdam(keras.optimizers.Adam):
         self._step_scalars = {"learning_rate": learning_rate, "alpha": alpha,
                               **{name: ops.convert_to_tensor(value, "float32") for name, value in constants.items()}}
         try:
-            super()._backend_apply_gradients(grads, trainable_variables)
+            if self._flat is None:
+                super()._backend_apply_gradients(grads, trainable_variables)
+            else:
+                self._flat_step(grads, trainable_variables)
         finally:
             self._step_scalars = None
+
+    def _flat_step(self, grads, trainable_variables):
+        """Keras' clipping, weight decay, Adam update and moving average on the flat vectors."""
+        scalars, flat = self._step_scalars, self._flat
+        built = self._trainable_variables
+        if self.global_clipnorm:
+            # Keras' `clip_by_global_norm`: the squares summed per variable, then over the variables.
+            norm = ops.sqrt(ops.sum(ops.stack([ops.sum(ops.square(g)) for g in grads])))
+        given = {self._get_variable_index(v): g for g, v in zip(grads, trainable_variables)}
+        # A variable without a gradient keeps its weight and moments, as in Keras (zeros here, masked below).
+        grads = [given[i] if i in given else ops.zeros(flat["shapes"][i]) for i in range(len(built))]
+        gradient = _concatenate(grads, flat["sizes"])
+        if self.global_clipnorm:
+            clip = self.global_clipnorm
+            scale = clip * ops.minimum(1.0 / norm, 1.0 / clip) + (norm - norm)
+            gradient = gradient * scale
+        weights = _concatenate(built, flat["sizes"])
+        learning_rate = scalars["learning_rate"]
+        if self.weight_decay is not None:  # Keras' test: a decay of 0 still rounds through the expression
+            weights = weights - weights * ops.cast(self.weight_decay, "float32") * learning_rate
+        m, v = flat["momentum"], flat["velocity"]
+        new_m = m + (gradient - m) * scalars["1 - beta_1"]
+        new_v = v + (ops.square(gradient) - v) * scalars["1 - beta_2"]
+        new_weights = weights - (new_m * scalars["alpha"]) / (ops.sqrt(new_v) + scalars["epsilon"])
+        if len(given) < len(built):
+            updated = np.concatenate([np.full(n, i in given) for i, n in enumerate(flat["sizes"])])
+            new_m, new_v = ops.where(updated, new_m, m), ops.where(updated, new_v, v)
+            new_weights = ops.where(updated, new_weights, _concatenate(built, flat["sizes"]))
+        m.assign(new_m)
+        v.assign(new_v)
+        for variable, value in zip(built, _split(new_weights, flat["sizes"])):
+            variable.assign(ops.reshape(value, variable.shape))
+        if self.use_ema:
+            average = flat["average"]
+            decay, one_minus_decay = self._ema_decay()
+            average.assign(decay * average + one_minus_decay * new_weights)
 
     def _get_current_learning_rate(self):
         # Read per variable by the weight decay (and by `update_step`'s caller) within a step.
@@ -84,6 +166,59 @@ class PaperAdam(keras.optimizers.Adam):
         self.assign_add(v, ops.multiply(ops.subtract(ops.square(gradient), v), scalars["1 - beta_2"]))
         self.assign_sub(variable, ops.divide(ops.multiply(m, scalars["alpha"]),
                                              ops.add(ops.sqrt(v), scalars["epsilon"])))
+
+    # ----- the state in Keras' per-variable layout (checkpoints) ------------------------------
+    def state_items(self):
+        """(name, NumPy array) of this optimizer's state in the order and shapes of Keras' own Adam
+        (its step counter, then one average per variable, then each variable's two moments),
+        whether the state is flat or not; one piece at a time (sd1's state is ~10 GB)."""
+        if self._flat is None:
+            yield from ((v.path, ops.convert_to_numpy(v)) for v in self.variables)
+            return
+        flat = self._flat
+        yield from ((v.path, ops.convert_to_numpy(v)) for v in self.variables if not _is_flat(v, flat))
+        names = [f"{self.name}/{v.path.replace('/', '_')}" for v in self._trainable_variables]
+        if "average" in flat:
+            yield from zip([f"{n}_average" for n in names], self._flat_pieces("average"))
+        for name, m, v in zip(names, self._flat_pieces("momentum"), self._flat_pieces("velocity")):
+            yield f"{name}_momentum", m
+            yield f"{name}_velocity", v
+
+    def state_shapes(self):
+        """The shapes of `state_items`' arrays, without reading any value."""
+        if self._flat is None:
+            return [tuple(v.shape) for v in self.variables]
+        shapes = self._flat["shapes"]
+        own = [tuple(v.shape) for v in self.variables if not _is_flat(v, self._flat)]
+        return own + (shapes if "average" in self._flat else []) + [s for shape in shapes for s in (shape, shape)]
+
+    def load_state_values(self, values):
+        """Assigns the arrays of `state_items` (written with either state)."""
+        if self._flat is None:
+            for variable, value in zip(self.variables, values):
+                variable.assign(value)
+            return
+        flat = self._flat
+        own = [v for v in self.variables if not _is_flat(v, flat)]
+        for variable, value in zip(own, values):
+            variable.assign(value)
+        n = len(flat["shapes"])
+        rest = list(values[len(own):])
+        if "average" in flat:
+            flat["average"].assign(np.concatenate([np.ravel(a) for a in rest[:n]]))
+            rest = rest[n:]
+        flat["momentum"].assign(np.concatenate([np.ravel(a) for a in rest[0::2]]))
+        flat["velocity"].assign(np.concatenate([np.ravel(a) for a in rest[1::2]]))
+
+    def _flat_pieces(self, name):
+        """One flat state vector as per-variable NumPy arrays: read whole when small, else piece by piece."""
+        flat = self._flat
+        offsets = np.cumsum([0] + flat["sizes"])
+        vector = flat[name]
+        if offsets[-1] <= 1 << 24:
+            vector = ops.convert_to_numpy(vector)
+        for i, shape in enumerate(flat["shapes"]):
+            yield np.reshape(ops.convert_to_numpy(vector[offsets[i]:offsets[i + 1]]), shape)
 
 
 @keras.saving.register_keras_serializable(package="sddg")
@@ -113,12 +248,18 @@ class AdamWithEMA(PaperAdam):
     def get_config(self):
         return {**super().get_config(), "ema_warmup": self.ema_warmup}
 
-    def _update_model_variables_moving_average(self, trainable_variables):
+    def _ema_decay(self):
+        """(d, 1 - d) of this step's update of the average (float32)."""
         step = ops.cast(self.iterations, "float32")
         decay = ops.convert_to_tensor(float(self.ema_momentum), "float32")
         if self.ema_warmup:
             decay = ops.minimum(decay, (1.0 + step) / (10.0 + step))
         decay = decay * ops.cast(ops.not_equal(self.iterations, 0), "float32")  # step 0: the average = the weights
+        return decay, 1.0 - decay
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        # Keras' per-variable state (the flat one is updated in `_flat_step`).
+        decay, _ = self._ema_decay()
         by_dtype = {}  # (d, 1 - d) once per dtype, not once per variable (fewer graph ops to trace)
         for variable, average in zip(trainable_variables, self._model_variables_moving_average):
             if average is not None:
@@ -135,8 +276,14 @@ class AdamWithEMA(PaperAdam):
         pass
 
     def moving_averages(self, variables):
-        """The average of each of `variables` (trained by this optimizer), in order."""
-        return [self._model_variables_moving_average[self._get_variable_index(v)] for v in variables]
+        """The average of each of `variables` (trained by this optimizer), in order: variables, or
+        with the flat state, tensors read from it."""
+        indices = [self._get_variable_index(v) for v in variables]
+        if self._flat is None:
+            return [self._model_variables_moving_average[i] for i in indices]
+        offsets = np.cumsum([0] + self._flat["sizes"])
+        average = self._flat["average"]
+        return [ops.reshape(average[offsets[i]:offsets[i + 1]], self._flat["shapes"][i]) for i in indices]
 
     @contextlib.contextmanager
     def averaged_weights(self, variables):
@@ -156,3 +303,65 @@ def ema_optimizer(optimizer):
     """The `AdamWithEMA` inside `optimizer` (mixed precision wraps it), or None without an average."""
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     return inner if isinstance(inner, AdamWithEMA) and inner.use_ema else None
+
+
+def optimizer_state(optimizer):
+    """(name, array) of an optimizer's state in Keras' per-variable layout, what checkpoints hold,
+    one at a time (`PaperAdam.state_items`; a loss-scale wrapper's own variables first, as in its
+    `variables`)."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if isinstance(optimizer, PaperAdam):
+        yield from optimizer.state_items()
+    elif isinstance(inner, PaperAdam):
+        # `LossScaleOptimizer.variables` is its own `_variables`, then the inner optimizer's.
+        yield from ((v.path, ops.convert_to_numpy(v)) for v in optimizer._variables)
+        yield from inner.state_items()
+    else:
+        yield from ((v.path, ops.convert_to_numpy(v)) for v in optimizer.variables)
+
+
+def load_optimizer_state(optimizer, values):
+    """Assigns `optimizer_state`'s arrays; False (nothing assigned) where their shapes do not fit."""
+    inner = getattr(optimizer, "inner_optimizer", None)
+    own, target = [], optimizer
+    if isinstance(inner, PaperAdam) and not isinstance(optimizer, PaperAdam):
+        own, target = list(optimizer._variables), inner
+    if isinstance(target, PaperAdam):
+        shapes = [tuple(v.shape) for v in own] + target.state_shapes()
+    else:
+        shapes = [tuple(v.shape) for v in optimizer.variables]
+    if [tuple(np.shape(v)) for v in values] != shapes:
+        return False
+    for variable, value in zip(own, values):
+        variable.assign(value)
+    if isinstance(target, PaperAdam):
+        target.load_state_values(values[len(own):])
+    else:
+        for variable, value in zip(optimizer.variables, values):
+            variable.assign(value)
+    return True
+
+
+def _distributed():
+    """Whether a distribution (several devices) is in effect for the variables built now."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.distribute.has_strategy()
+    return keras.distribution.distribution() is not None
+
+
+def _concatenate(tensors, sizes):
+    """`tensors` as one 1-D vector (its length static: a densified sparse gradient's is not)."""
+    return ops.concatenate([ops.reshape(t, (n,)) for t, n in zip(tensors, sizes)], axis=0)
+
+
+def _split(flat, sizes):
+    """`flat` cut into pieces of `sizes` (1-D each)."""
+    if len(sizes) == 1:
+        return [flat]
+    return ops.split(flat, [int(i) for i in np.cumsum(sizes)[:-1]], axis=0)
+
+
+def _is_flat(variable, flat):
+    return any(variable is flat[name] for name in ("momentum", "velocity", "average") if name in flat)
