@@ -129,7 +129,7 @@ class PaperAdam(keras.optimizers.Adam):
             gradient = gradient * scale
         weights = _concatenate(built, flat["sizes"])
         learning_rate = scalars["learning_rate"]
-        if self.weight_decay is not None:  # Keras' test: a decay of 0 still rounds through the expression
+        if self.weight_decay is not None:  # as in Keras: only None skips it
             weights = weights - weights * ops.cast(self.weight_decay, "float32") * learning_rate
         m, v = flat["momentum"], flat["velocity"]
         new_m = m + (gradient - m) * scalars["1 - beta_1"]
