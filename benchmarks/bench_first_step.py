@@ -158,19 +158,17 @@ def compiled_trainer(args, step):
     from Models.diffusion.optimizer import AdamWithEMA, make_optimizer
     from Models.diffusion.trainer import DiffusionTrainer
 
-    class PerVariableState(AdamWithEMA):
-        flat_state = False
-
-    class KerasOwnStep(PerVariableState):
+    class KerasOwnStep(AdamWithEMA):
         def _backend_apply_gradients(self, grads, trainable_variables):
             keras.optimizers.Adam._backend_apply_gradients(self, grads, trainable_variables)
 
     keras.utils.set_random_seed(0)
     trainer = DiffusionTrainer.from_preset(args.preset, num_classes=10, image_size=args.image_size, stage="enc",
                                            image_channels=args.channels)
-    optimizer = make_optimizer(1e-3, total_steps=100_000, ema_decay=trainer.preset.ema_decay)
-    if step != "flat":
-        optimizer = (KerasOwnStep if step == "keras" else PerVariableState).from_config(optimizer.get_config())
+    optimizer = make_optimizer(1e-3, total_steps=100_000, ema_decay=trainer.preset.ema_decay,
+                               flat_state=step == "flat")
+    if step == "keras":
+        optimizer = KerasOwnStep.from_config(optimizer.get_config())  # per-variable slots, as in its config
     trainer.compile(optimizer=optimizer)
     trainer.optimizer.build(trainer.trainable_variables)
     return trainer

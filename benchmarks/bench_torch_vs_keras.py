@@ -319,15 +319,16 @@ class KerasFit:
     jit_compile: compile's; "auto" is jax.jit on JAX and a plain tf.function on TensorFlow.
     """
 
-    def __init__(self, preset, case, steps, jit_compile="auto"):
+    def __init__(self, preset, case, steps, jit_compile="auto", optimizer_state="per_variable"):
         from Models.diffusion.optimizer import make_optimizer
         from Models.diffusion.trainer import DiffusionTrainer, TrainBatches
 
         keras.utils.set_random_seed(0)
         self.trainer = DiffusionTrainer.from_preset(preset.name, num_classes=10, image_size=case["image_size"],
                                                     stage="enc", image_channels=case["channels"])
-        self.trainer.compile(optimizer=make_optimizer(preset.enc_lr, 100 * steps, preset.ema_decay),
-                             jit_compile=jit_compile)
+        optimizer = make_optimizer(preset.enc_lr, 100 * steps, preset.ema_decay,
+                                   flat_state=optimizer_state == "flat")
+        self.trainer.compile(optimizer=optimizer, jit_compile=jit_compile)
         self.batches = TrainBatches(*fit_data(preset, case, steps), case["train_batch"], case["image_size"])
 
     def __call__(self):
@@ -530,7 +531,7 @@ def op_profile(preset, case, rounds):
 
 # ----- report -------------------------------------------------------------------------------
 def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fit_steps=10, fit_torch_first=False,
-               fit_side=None, mixed_precision="float32"):
+               fit_side=None, mixed_precision="float32", optimizer_state="per_variable"):
     """fit_side: time only this side's fit ("keras" with its XLA variant, or "torch"), for --fit_processes.
     mixed_precision: the fit's precision on both sides (the other measures are float32)."""
     preset = get_preset(name)
@@ -566,7 +567,7 @@ def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fi
     if "fit" in measures:
         # A "torch" side still builds the Keras trainer: its weights are the ones PyTorch's UNet gets.
         keras.mixed_precision.set_dtype_policy("float32" if mixed_precision == "float32" else f"mixed_{mixed_precision}")
-        keras_fit = KerasFit(preset, case, fit_steps)
+        keras_fit = KerasFit(preset, case, fit_steps, optimizer_state=optimizer_state)
         fitting = {} if fit_side == "torch" else {"keras": keras_fit}
         if fit_side != "keras":
             _, fit_model, _ = build_pair(preset, case["image_size"], case["channels"], unet=keras_fit.trainer.unet)
@@ -574,7 +575,7 @@ def run_preset(name, rounds, profile, xla, overrides=None, measures=MEASURES, fi
                                         autocast=mixed_precision == "bfloat16")
             del fit_model
         if xla and BACKEND == "tensorflow" and fit_side != "torch":  # under JAX the step is XLA-compiled already
-            fitting["keras_xla"] = KerasFit(preset, case, fit_steps, jit_compile=True)
+            fitting["keras_xla"] = KerasFit(preset, case, fit_steps, jit_compile=True, optimizer_state=optimizer_state)
         keras.mixed_precision.set_dtype_policy("float32")
         result["mixed_precision"] = mixed_precision
         if fit_torch_first:
@@ -696,6 +697,9 @@ def main(argv=None):
                         help="Keras backend (read before keras is imported; default $KERAS_BACKEND or "
                              "tensorflow). jax: the training step is one jax.jit")
     parser.add_argument("--fit_steps", type=int, default=10, help="batches per timed fit epoch")
+    parser.add_argument("--optimizer_state", choices=("flat", "per_variable"), default="per_variable",
+                        help="the Keras fit's optimizer state: one slot per variable (default: what a training run "
+                             "uses) or flat vectors (short runs; Models/diffusion/optimizer.py)")
     parser.add_argument("--fit_torch_first", action="store_true",
                         help="fit: all PyTorch rounds before the Keras ones instead of alternating")
     parser.add_argument("--fit_processes", type=int, default=0, metavar="N",
@@ -734,7 +738,7 @@ def main(argv=None):
                    for name in args.presets]
     else:
         results = [run_preset(name, args.rounds, args.profile, name in args.xla, overrides, measures, args.fit_steps,
-                              args.fit_torch_first, args.fit_side, args.mixed_precision)
+                              args.fit_torch_first, args.fit_side, args.mixed_precision, args.optimizer_state)
                    for name in args.presets]
     env = {"date": time.strftime("%Y-%m-%d"), "cpu_count": os.cpu_count(), "machine": platform.processor(),
            "tensorflow": tf.__version__, "keras": keras.__version__, "keras_backend": BACKEND, "torch": torch.__version__,

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from keras import ops
 
-from Models.diffusion.optimizer import (AdamWithEMA, PaperAdam, ema_optimizer, load_optimizer_state, make_optimizer,
-                                       optimizer_state)
+from Models.diffusion.optimizer import (FLAT_STATE_MAX_STEPS, AdamWithEMA, PaperAdam, ema_optimizer, load_optimizer_state,
+                                       make_optimizer, optimizer_state)
 from Models.diffusion.schedule import NoiseSchedule, ScheduleError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -191,6 +191,11 @@ def test_paper_adam_is_keras_adam_bit_for_bit_with_a_smaller_step(ema_decay):
             # Keras' schedule, bias corrections, clipping, decay and update, once per variable: ~35 ops each.
             assert keras_ops - our_ops > 20 * len(OPTIMIZER_SHAPES), (our_ops, keras_ops)
     assert isinstance(make_optimizer(1e-3, 10), PaperAdam) and ema_optimizer(make_optimizer(1e-3, 10)) is None
+    # The flat state for short runs, the per-variable one for training runs, as asked where asked.
+    assert make_optimizer(1e-3, FLAT_STATE_MAX_STEPS).flat_state
+    assert not make_optimizer(1e-3, FLAT_STATE_MAX_STEPS + 1, ema_decay=0.9).flat_state
+    assert make_optimizer(1e-3, 10_000, flat_state=True).flat_state and not make_optimizer(1e-3, 1, flat_state=False).flat_state
+    assert not AdamWithEMA.from_config(make_optimizer(1e-3, 10_000, ema_decay=0.9).get_config()).flat_state
 
 
 @pytest.mark.parametrize("ema_decay", [0.0, 0.999])
@@ -220,12 +225,22 @@ def test_the_flat_state_is_saved_in_keras_per_variable_layout_and_loads_from_it(
 
 
 def test_the_per_variable_state_where_the_flat_one_does_not_apply():
-    """Under a distribution strategy (several GPUs) and with per-variable clipping the optimizer keeps
-    Keras' slots; a loss-scale wrapper's state is its own variables, then the inner optimizer's."""
+    """Under a distribution strategy (several GPUs), with per-variable clipping and above its size
+    limit the optimizer keeps Keras' slots; a loss-scale wrapper's state is its own variables, then
+    the inner optimizer's."""
     variable = keras.Variable(np.ones(3, np.float32))
     clipped = PaperAdam(learning_rate=0.1, clipnorm=1.0)
     clipped.build([variable])
     assert not clipped.keeps_flat_state
+
+    class AtMostTwoWeights(PaperAdam):
+        flat_state_max_size = 2
+
+    too_large = AtMostTwoWeights(learning_rate=0.1)
+    too_large.build([variable])
+    assert not too_large.keeps_flat_state
+    too_large.apply([ops.ones(3)], [variable])  # Keras' per-variable step
+    assert len(list(optimizer_state(too_large))) == 4  # the step counter, the learning rate, the two moments
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 

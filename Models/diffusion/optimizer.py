@@ -19,7 +19,15 @@ import numpy as np
 from keras import ops
 
 
-def make_optimizer(learning_rate, total_steps, ema_decay=0.0, ema_warmup=True):
+# The flat state (`PaperAdam`) makes the first step's trace ~4-6 s cheaper and, in a process of its own,
+# each later step 5-15 % dearer on this CPU (its whole-vector temporaries are fresh pages every step:
+# BENCHMARKS.md, "The optimizer's state in flat vectors"). Both give the same updates to the last bit,
+# so `make_optimizer` picks by the run's length: flat for short runs (tests, smoke runs), per variable
+# for training runs, where the steady step is what counts.
+FLAT_STATE_MAX_STEPS = 300
+
+
+def make_optimizer(learning_rate, total_steps, ema_decay=0.0, ema_warmup=True, flat_state=None):
     """The paper's optimiser for both stages, with an optional moving average of the weights.
 
     Adam(weight_decay 0.004, epsilon 1e-8, global_clipnorm 10) with the
@@ -27,12 +35,18 @@ def make_optimizer(learning_rate, total_steps, ema_decay=0.0, ema_warmup=True):
     `weight_decay` decays the weights decoupled from the gradient (AdamW-style).
     `ema_decay` > 0 keeps an exponential moving average of the trained weights
     (`AdamWithEMA`); `ema_warmup` for weights that start random (see there).
+    `flat_state`: keep the state in flat vectors (`PaperAdam`); None: for runs of at
+    most `FLAT_STATE_MAX_STEPS` steps. The trained weights are the same either way.
     """
     schedule = keras.optimizers.schedules.CosineDecay(float(learning_rate), max(1, int(total_steps)))
+    if flat_state is None:
+        flat_state = int(total_steps) <= FLAT_STATE_MAX_STEPS
     if ema_decay:
         return AdamWithEMA(learning_rate=schedule, weight_decay=0.004, epsilon=1e-8, global_clipnorm=10.0,
-                           use_ema=True, ema_momentum=float(ema_decay), ema_warmup=bool(ema_warmup))
-    return PaperAdam(learning_rate=schedule, weight_decay=0.004, epsilon=1e-8, global_clipnorm=10.0)
+                           use_ema=True, ema_momentum=float(ema_decay), ema_warmup=bool(ema_warmup),
+                           flat_state=flat_state)
+    return PaperAdam(learning_rate=schedule, weight_decay=0.004, epsilon=1e-8, global_clipnorm=10.0,
+                     flat_state=flat_state)
 
 
 @keras.saving.register_keras_serializable(package="sddg")
@@ -51,16 +65,30 @@ class PaperAdam(keras.optimizers.Adam):
     state in flat vectors"; `benchmarks/bench_first_step.py --vs_keras_step`).
 
     The flat state is kept where it is exact and simple: float32 variables, global-norm or no
-    clipping, no gradient accumulation, AMSGrad or excluded variables, and no distribution
-    (several GPUs: each replica's variables are updated by the strategy, variable by variable).
+    clipping, no gradient accumulation, AMSGrad or excluded variables, no distribution (several
+    GPUs: each replica's variables are updated by the strategy, variable by variable), and at most
+    `flat_state_max_size` trained weights (a whole sd1 UNet trains with Keras' slots).
     Elsewhere the state is Keras' own, one slot per variable, with the scalars still once per
     step. Checkpoints hold Keras' per-variable layout either way (`state_items`), so a run
     resumes across the two, and files written before the flat state load unchanged.
     """
 
-    flat_state = True  # False: always Keras' per-variable slots (tests compare the two)
+    flat_state = True  # False: Keras' per-variable slots (`make_optimizer` chooses; tests compare the two)
+    # The flat step holds whole-vector temporaries (the gradients, the weights, the new moments) at once
+    # where Keras' step holds one variable's: for a whole sd1 UNet (860 M weights, 3.4 GB per vector) some
+    # 15 GB more accelerator memory at the step's peak (estimated, not measured). Above this many trained
+    # weights the state stays per variable; the trace it saves matters for small models' short runs.
+    flat_state_max_size = 1 << 26  # 67 M weights: 256 MB per float32 vector
     _step_scalars = None  # learning_rate, alpha and Adam's constants while a step's updates are being built
     _flat = None  # while flat: {"sizes", "shapes", "momentum", "velocity", "average"}
+
+    def __init__(self, *args, flat_state=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if flat_state is not None:  # else the class's
+            self.flat_state = bool(flat_state)
+
+    def get_config(self):
+        return {**super().get_config(), "flat_state": self.flat_state}
 
     # ----- building the state ----------------------------------------------------------------
     def build(self, var_list):
@@ -86,7 +114,8 @@ class PaperAdam(keras.optimizers.Adam):
         return self._flat is not None
 
     def _can_keep_flat_state(self, var_list):
-        return (self.flat_state and not self.amsgrad and not self.gradient_accumulation_steps
+        return (self.flat_state and sum(math.prod(v.shape) for v in var_list) <= self.flat_state_max_size
+                and not self.amsgrad and not self.gradient_accumulation_steps
                 and not self.clipnorm and not self.clipvalue and self.ema_overwrite_frequency is None
                 and not getattr(self, "_exclude_from_weight_decay", None)
                 and not getattr(self, "_exclude_from_weight_decay_pattern", None)
