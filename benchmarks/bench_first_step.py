@@ -8,9 +8,9 @@ cost. `--profile` prints where the first `fit` spends its time (cProfile, cumula
 profiler itself slows tracing down). `--count_ops` adds how many graph operations TensorFlow
 created while tracing the first `fit` (each one traced and then optimised before the first step).
 
-`--step` picks the optimizer's step: `flat` (the project's `PaperAdam`: the step's scalars once
-per step, its state in flat vectors updated at once), `per_variable` (the same scalars once, Keras'
-one state slot per variable, each updated on its own: `PaperAdam` before the flat state) or
+`--step` picks the optimizer's step: `flat` (`PaperAdam`'s scalars once per step, its state in flat
+vectors updated at once: what `make_optimizer` gives a short run), `per_variable` (the same scalars
+once, Keras' one state slot per variable, each updated on its own: what a training run gets) or
 `keras` (Keras' own step: every scalar again for each variable). `--vs_keras_step` runs the three,
 each in a fresh process, alternating, `--rounds` times; medians, the ratios, and whether the
 trained weights are equal. Steady steps drift on a shared VM by more than the steps differ, so
@@ -62,7 +62,7 @@ def main():
     parser.add_argument("--count_ops", action="store_true",
                         help="count the graph operations traced in the first fit (TensorFlow only)")
     parser.add_argument("--step", choices=STEPS, default="flat",
-                        help="the optimizer's step: flat (the project's, default), per_variable, keras")
+                        help="the optimizer's step: flat (default), per_variable, keras")
     parser.add_argument("--vs_keras_step", action="store_true",
                         help="the three --step choices side by side, fresh processes, alternating")
     parser.add_argument("--steady_interleaved", action="store_true",
@@ -139,8 +139,8 @@ def main():
 
 
 STEPS = ("flat", "per_variable", "keras")
-STEP_LABELS = {"flat": "PaperAdam (scalars once, flat state)",
-               "per_variable": "scalars once, one state slot per variable",
+STEP_LABELS = {"flat": "PaperAdam, flat state (short runs)",
+               "per_variable": "PaperAdam, one state slot per variable (training runs)",
                "keras": "Keras' own (scalars per variable)"}
 
 

@@ -61,8 +61,9 @@ class PaperAdam(keras.optimizers.Adam):
     vector over all the trained variables: the step concatenates the gradients and the weights,
     updates the whole vectors with Keras' expressions in Keras' order, and writes each weight
     back: ~10 graph ops per variable. The updates are Keras' to the last bit (tests/test_recipe.py),
-    and a TensorFlow train step's first `fit` takes much less time (BENCHMARKS.md, "The optimizer's
-    state in flat vectors"; `benchmarks/bench_first_step.py --vs_keras_step`).
+    and a TensorFlow train step's first `fit` takes much less time; its later steps, in a process of
+    their own, take more (BENCHMARKS.md, "The optimizer's state in flat vectors"), so `make_optimizer`
+    keeps it for short runs only (`flat_state`).
 
     The flat state is kept where it is exact and simple: float32 variables, global-norm or no
     clipping, no gradient accumulation, AMSGrad or excluded variables, no distribution (several
