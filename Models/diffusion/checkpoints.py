@@ -103,9 +103,13 @@ def _write_variables(group, variables, values=None):
     Read one at a time, so no more than one variable's copy is held (sd1's state is ~10 GB)."""
     if values is None:
         values = (keras.ops.convert_to_numpy(variable) for variable in variables)
-    for i, (variable, value) in enumerate(zip(variables, values, strict=True)):
-        data = group.create_dataset(f"{i:05d}", data=value)
-        data.attrs["path"] = variable.path
+    _write_named(group, ((variable.path, value) for variable, value in zip(variables, values, strict=True)))
+
+
+def _write_named(group, items):
+    """`_write_variables`' layout from (path, array) pairs."""
+    for i, (path, value) in enumerate(items):
+        group.create_dataset(f"{i:05d}", data=value).attrs["path"] = path
 
 
 def _read_values(group):
@@ -152,8 +156,7 @@ def save_optimizer(path, optimizer, epoch, trained_parts=None):
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as f:
             f.attrs["epoch"] = int(epoch)
-            for i, (name, value) in enumerate(optimizer_state(optimizer)):
-                f.create_dataset(f"{i:05d}", data=value).attrs["path"] = name
+            _write_named(f, optimizer_state(optimizer))
             for name, layer in (trained_parts or {}).items():
                 _write_variables(f.create_group(f"{TRAINED_GROUP}/{name}"), layer.weights)
 
