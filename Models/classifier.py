@@ -52,6 +52,7 @@ import numpy as np
 from Models.errors import CheckpointError, ModelSettingsError
 from Models.resnet20 import build_resnet20
 from Utils.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from Utils.runtime import keep_tensor_buffers_on_heap
 
 CLASSIFIERS = ("resnet20",)
 RESUME_FILE = "resume_state.npz"
@@ -191,6 +192,7 @@ class EpochShuffledBatches(keras.utils.PyDataset):
 
     def __init__(self, x, y, batch_size, seed, first_epoch=0):
         super().__init__()
+        keep_tensor_buffers_on_heap()
         self.x, self.y = x, y
         self.batch_size = int(batch_size)
         self.seed = int(seed)

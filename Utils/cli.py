@@ -150,10 +150,11 @@ def existing_file(text):
 def run_cli(main, argv=None):
     """Runs `main(argv)`, turning any InputError (UserError, the library's errors) into one
     line `error: <message>` on stderr and exit status 2."""
-    from Utils.runtime import graph_optimizer_setting
+    from Utils.runtime import graph_optimizer_setting, tf_malloc_patch_setting
 
     try:
         graph_optimizer_setting()  # a bad value stops the script before anything is written
+        tf_malloc_patch_setting()
         status = main(argv)
     except InputError as e:
         sys.stderr.write(f"error: {e}\n")

@@ -31,6 +31,16 @@ PRECISIONS = ("float32", "float16", "bfloat16")
 GRAPH_OPTIMIZER_ENV = "SDDG_TF_GRAPH_OPTIMIZER"
 GRAPH_OPTIMIZER_CHOICES = ("on", "off")
 
+# TensorFlow's memory patch for generator datasets: "undo" it (the default) or "keep" it.
+# See `keep_tensor_buffers_on_heap`.
+TF_MALLOC_PATCH_ENV = "SDDG_TF_MALLOC_PATCH"
+TF_MALLOC_PATCH_CHOICES = ("undo", "keep")
+# glibc's mallopt(3) parameter number for M_MMAP_THRESHOLD, and the ceiling glibc's own adaptive
+# threshold rises to on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX).
+_M_MMAP_THRESHOLD = -3
+HEAP_BLOCK_LIMIT_BYTES = 32 * 1024 * 1024
+_tf_malloc_patch_undone = False
+
 
 def set_seed(seed):
     """Seeds Python, NumPy and the backend: same seed, same numbers."""
@@ -73,6 +83,45 @@ def use_graph_optimizer(on):
         import tensorflow as tf
 
         tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": not on})
+
+
+def tf_malloc_patch_setting():
+    """Whether `$SDDG_TF_MALLOC_PATCH` asks to undo TensorFlow's mmap threshold ("undo", the default)."""
+    value = os.environ.get(TF_MALLOC_PATCH_ENV, "undo")
+    if value not in TF_MALLOC_PATCH_CHOICES:
+        raise InputError(f"{TF_MALLOC_PATCH_ENV}={value!r}: expected one of {', '.join(TF_MALLOC_PATCH_CHOICES)}")
+    return value == "undo"
+
+
+def keep_tensor_buffers_on_heap():
+    """Undo TensorFlow's 128 KB mmap threshold for this process; a no-op unless TensorFlow runs on glibc.
+
+    The first generator dataset that runs in a process sets glibc's mmap threshold to 128 KB
+    (TensorFlow's `ApplyPython311MemoryPatch`, against the memory growth of generator datasets under
+    Python 3.11), and Keras feeds every `PyDataset` to `fit` through one. From then on every buffer
+    over 128 KB, nearly every activation and gradient of a train step, is memory mapped afresh and
+    page-faulted in on each step: `small`'s steady step at 8 px took ~1.2x as long, with ~9,000 page
+    faults per step (BENCHMARKS.md, "TensorFlow's mmap threshold"). So this runs such a dataset once,
+    which makes TensorFlow apply its setting now (it does so once per process), and then raises the
+    threshold to 32 MB, the ceiling of glibc's own adaptive threshold: freed buffers are reused.
+    `$SDDG_TF_MALLOC_PATCH=keep` leaves TensorFlow's setting. Called by the training datasets.
+    """
+    global _tf_malloc_patch_undone
+    if _tf_malloc_patch_undone:
+        return
+    import keras
+
+    if not tf_malloc_patch_setting() or keras.backend.backend() != "tensorflow" or platform.libc_ver()[0] != "glibc":
+        return
+    import ctypes
+
+    import tensorflow as tf
+
+    if not tf.executing_eagerly():
+        return
+    list(tf.data.Dataset.from_generator(lambda: iter(()), output_signature=tf.TensorSpec((), tf.int32)))
+    ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, HEAP_BLOCK_LIMIT_BYTES)
+    _tf_malloc_patch_undone = True
 
 
 def configure_runtime(seed=None, mixed_precision="float32", xla=False):

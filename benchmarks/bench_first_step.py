@@ -17,10 +17,16 @@ trained weights are equal. Steady steps drift on a shared VM by more than the st
 `--steady_interleaved` builds a `flat` and a `per_variable` trainer in one process and alternates
 epochs of `--steps` steps between them, `--rounds` times: the medians and their ratio.
 
+`--vs_malloc_patch` runs the `--step` given in fresh processes, alternating, `--rounds` times each,
+with TensorFlow's 128 KB mmap threshold kept (`SDDG_TF_MALLOC_PATCH=keep`) and undone (the default,
+`Utils.runtime.keep_tensor_buffers_on_heap`): medians of the first fit, the steady step, the minor
+page faults and the peak RSS of each process, and whether the trained weights are equal.
+
     python benchmarks/bench_first_step.py                   # tiny
     python benchmarks/bench_first_step.py --preset small --profile
     python benchmarks/bench_first_step.py --vs_keras_step --rounds 5
     python benchmarks/bench_first_step.py --preset small --steady_interleaved --steps 20 --rounds 15
+    python benchmarks/bench_first_step.py --preset small --step per_variable --vs_malloc_patch --rounds 3 --steps 160
     python benchmarks/bench_first_step.py --count_ops
     python benchmarks/bench_first_step.py --grappler '{"constant_folding": false}' --json
 
@@ -67,8 +73,11 @@ def main():
                         help="the three --step choices side by side, fresh processes, alternating")
     parser.add_argument("--steady_interleaved", action="store_true",
                         help="flat against per_variable steady steps, one process, epochs alternating")
+    parser.add_argument("--vs_malloc_patch", action="store_true",
+                        help="TensorFlow's mmap threshold kept against undone, fresh processes, alternating")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="with --vs_keras_step: runs of each; with --steady_interleaved: epochs of each")
+                        help="with --vs_keras_step or --vs_malloc_patch: runs of each; "
+                             "with --steady_interleaved: epochs of each")
     parser.add_argument("--json", action="store_true", help="print one JSON line (for --vs_keras_step)")
     parser.add_argument("--save_weights", default=None, help="write the trained weights to this .npz")
     parser.add_argument("--grappler", type=grappler_options, default={},
@@ -78,6 +87,8 @@ def main():
         raise SystemExit(f"error: --image_size must be at least 1, not {args.image_size}")
     if args.vs_keras_step:
         return side_by_side(args)
+    if args.vs_malloc_patch:
+        return malloc_patch_side_by_side(args)
     if args.steady_interleaved:
         return steady_interleaved(args)
 
@@ -234,12 +245,52 @@ def count_traced_ops():
         func_graph.FuncGraph._create_op_internal = original
 
 
-def side_by_side(args):
-    """Fresh processes (a first fit is only first once per process), ours and Keras' step alternating."""
-    base = [sys.executable, __file__, "--preset", args.preset, "--batch_size", str(args.batch_size),
+def fresh_process_command(args):
+    """This script's command line for one measured run of `args`' model and images, printing JSON."""
+    return [sys.executable, __file__, "--preset", args.preset, "--batch_size", str(args.batch_size),
             "--first_steps", str(args.first_steps), "--steps", str(args.steps), "--image_size", str(args.image_size),
             "--channels", str(args.channels), "--json",
             *(["--grappler", json.dumps(args.grappler)] if args.grappler else [])]
+
+
+def malloc_patch_side_by_side(args):
+    """Fresh processes with TensorFlow's 128 KB mmap threshold kept and undone, alternating."""
+    from Utils.runtime import TF_MALLOC_PATCH_CHOICES, TF_MALLOC_PATCH_ENV
+
+    command = fresh_process_command(args) + ["--step", args.step]
+    runs = {choice: [] for choice in TF_MALLOC_PATCH_CHOICES}
+    for _ in range(args.rounds):
+        for choice in ("keep", "undo"):
+            child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     env={**os.environ, TF_MALLOC_PATCH_ENV: choice})
+            output = child.stdout.read()
+            _, status, usage = os.wait4(child.pid, 0)
+            if status:
+                raise SystemExit(f"error: the {choice} run failed (wait status {status})")
+            run = json.loads(output.strip().splitlines()[-1])
+            runs[choice].append({**run, "minor_faults": usage.ru_minflt, "peak_rss_mb": usage.ru_maxrss / 1024})
+    print(f"{args.preset}, {args.image_size} px, {args.channels} channel(s), batch {args.batch_size}, "
+          f"step {args.step}: medians of {args.rounds} fresh processes each, alternating; "
+          f"{args.first_steps} + {args.steps} steps per process")
+    print("| TensorFlow's mmap threshold | first fit s | steady ms per step | minor page faults | peak RSS MB |")
+    print("| --- | --- | --- | --- | --- |")
+    medians = {choice: {k: statistics.median(r[k] for r in runs[choice])
+                        for k in ("first_fit_s", "step_s", "minor_faults", "peak_rss_mb")} for choice in runs}
+    labels = {"keep": "kept (128 KB)", "undo": "undone (32 MB, the default)"}
+    for choice in ("keep", "undo"):
+        m = medians[choice]
+        print(f"| {labels[choice]} | {m['first_fit_s']:.1f} | {m['step_s'] * 1000:.1f} | {m['minor_faults']:,.0f} | "
+              f"{m['peak_rss_mb']:,.0f} |")
+    every_run = {choice: ", ".join(f"{r['step_s'] * 1000:.0f}" for r in runs[choice]) for choice in runs}
+    print(f"steady step undone / kept: {medians['undo']['step_s'] / medians['keep']['step_s']:.3f}; "
+          f"every run's steady ms: kept {every_run['keep']}, undone {every_run['undo']}")
+    digests = {r["weights"] for choice in runs for r in runs[choice]}
+    print("trained weights: " + ("the same in every run" if len(digests) == 1 else f"{len(digests)} different results"))
+
+
+def side_by_side(args):
+    """Fresh processes (a first fit is only first once per process), ours and Keras' step alternating."""
+    base = fresh_process_command(args)
     runs = {name: [] for name in STEPS}
     for _ in range(args.rounds):
         for name in STEPS:

@@ -51,6 +51,7 @@ from Models.diffusion.backbone import ClassConditionalBackbone
 from Models.diffusion.generator import ClassConditionalGenerator, schedule_for
 from Models.diffusion.optimizer import ema_optimizer
 from Models.diffusion.presets import STAGES
+from Utils.runtime import keep_tensor_buffers_on_heap
 
 
 
@@ -277,6 +278,7 @@ class TrainBatches(keras.utils.PyDataset):
     def __init__(self, images, labels, batch_size, image_size, seed=0, epoch=0, random_flip=False,
                  balanced_sampling=False, **kwargs):
         super().__init__(**kwargs)
+        keep_tensor_buffers_on_heap()
         self.images = np.asarray(images)
         self.labels = np.asarray(labels, np.int64).reshape(-1)
         self.batch_size = int(batch_size)
