@@ -100,8 +100,8 @@ def keep_tensor_buffers_on_heap():
     (TensorFlow's `ApplyPython311MemoryPatch`, against the memory growth of generator datasets under
     Python 3.11), and Keras feeds every `PyDataset` to `fit` through one. From then on every buffer
     over 128 KB, nearly every activation and gradient of a train step, is memory mapped afresh and
-    page-faulted in on each step: `small`'s steady step at 8 px took ~1.2x as long, with ~9,000 page
-    faults per step (BENCHMARKS.md, "TensorFlow's mmap threshold"). So this runs such a dataset once,
+    page-faulted in on each step: `small` at 8 px has ~6,000 more page faults per step, and a steady
+    step 1.04-1.7x as long (BENCHMARKS.md, "TensorFlow's mmap threshold"). So this runs such a dataset once,
     which makes TensorFlow apply its setting now (it does so once per process), and then raises the
     threshold to 32 MB, the ceiling of glibc's own adaptive threshold: freed buffers are reused.
     `$SDDG_TF_MALLOC_PATCH=keep` leaves TensorFlow's setting. Called by the training datasets.
