@@ -20,8 +20,9 @@ from keras import ops
 
 
 # The flat state (`PaperAdam`) makes the first step's trace ~4-6 s cheaper and, in a process of its own,
-# each later step 5-15 % dearer on this CPU (its whole-vector temporaries are fresh pages every step:
-# BENCHMARKS.md, "The optimizer's state in flat vectors"). Both give the same updates to the last bit,
+# each later step dearer on this CPU: 5-15 % while TensorFlow's 128 KB mmap threshold made its whole-vector
+# temporaries fresh pages every step, and still in the one run since that threshold is undone
+# (BENCHMARKS.md, "The optimizer's state in flat vectors", "TensorFlow's mmap threshold"). Both give the same updates to the last bit,
 # so `make_optimizer` picks by the run's length: flat for short runs (tests, smoke runs), per variable
 # for training runs, where the steady step is what counts.
 FLAT_STATE_MAX_STEPS = 300
