@@ -109,6 +109,9 @@ class AdaptSettings(RuntimeSettings):
     balanced_sampling: bool = setting(None, group=RECIPE,
                                       help="each epoch draws as many images as the training split has, with "
                                            "replacement, every class equally likely (for imbalanced data)")
+    lr_warmup_steps: int = setting(None, type=non_negative_int, group=RECIPE,
+                                   help="steps over which the learning rate rises linearly from 0 to --lr before "
+                                        "its cosine decay (0: decay from the first step, the paper's)")
     seed: int = setting(0, type=non_negative_int, group=ADDED,
                         help="seed of initialisation, data order and noise")
     random_init: bool = setting(False, group=ADDED,
@@ -285,9 +288,14 @@ def run(settings, log=print):
         batches = TrainBatches(splits.x_train, splits.y_train, p.batch_size, model.image_size,
                                seed=s.seed, epoch=p.start, random_flip=p.recipe["random_flip"],
                                balanced_sampling=p.recipe["balanced_sampling"])
+        total_steps = p.epochs * len(batches)
+        if p.recipe["lr_warmup_steps"] >= total_steps:
+            raise UserError(f"--lr_warmup_steps {p.recipe['lr_warmup_steps']}: the run has {total_steps} steps "
+                            f"({p.epochs} epochs of {len(batches)} batches); warm up over fewer")
         # The average warms up over weights that start random; fine-tuning starts from an average.
-        model.compile(optimizer=make_optimizer(p.lr, p.epochs * len(batches), p.recipe["ema_decay"],
-                                               ema_warmup=p.stage == "enc"),
+        model.compile(optimizer=make_optimizer(p.lr, total_steps, p.recipe["ema_decay"],
+                                               ema_warmup=p.stage == "enc",
+                                               warmup_steps=p.recipe["lr_warmup_steps"]),
                       jit_compile=jit)
         model.optimizer.build(model.trainable_variables)
         if p.start:

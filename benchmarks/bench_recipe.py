@@ -105,6 +105,8 @@ parser.add_argument("--random_flip", action=argparse.BooleanOptionalAction, defa
 parser.add_argument("--balanced_sampling", action=argparse.BooleanOptionalAction, default=None,
                     help="draw each epoch's training images with replacement, every class equally likely "
                          "(default: the preset's)")
+parser.add_argument("--lr_warmup_steps", type=int,
+                    help="linear learning-rate warmup from 0 over this many steps (default: the preset's)")
 
 
 def train_from_scratch(preset, model_spec, splits, recipe, epochs, batch_size, lr, seed):
@@ -116,7 +118,8 @@ def train_from_scratch(preset, model_spec, splits, recipe, epochs, batch_size, l
     model = ck.build_model(preset, model_spec, random_init=True, init_seed=seed, seed=seed, recipe=recipe)
     batches = TrainBatches(splits.x_train, splits.y_train, batch_size, model.image_size, seed=seed,
                            random_flip=recipe["random_flip"], balanced_sampling=recipe["balanced_sampling"])
-    model.compile(optimizer=make_optimizer(lr, epochs * len(batches), recipe["ema_decay"]))
+    model.compile(optimizer=make_optimizer(lr, epochs * len(batches), recipe["ema_decay"],
+                                           warmup_steps=recipe["lr_warmup_steps"]))
     started, cpu_started = time.perf_counter(), time.process_time()
     history = model.fit(batches, epochs=epochs, verbose=2)
     # CPU seconds are what the ablation compares: wall time depends on whatever else runs.

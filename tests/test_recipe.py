@@ -286,6 +286,33 @@ def _denoising_losses(model, images, labels):
     return losses
 
 
+def test_learning_rate_warmup_rises_linearly_from_zero_then_decays_as_a_cosine():
+    from Models.diffusion.optimizer import learning_rate_schedule
+
+    peak, total, warmup = 2e-3, 100, 20
+    steps = np.arange(total + 1)
+    rates = np.array([float(learning_rate_schedule(peak, total, warmup)(step)) for step in steps])
+    np.testing.assert_allclose(rates[:warmup + 1], peak * steps[:warmup + 1] / warmup, rtol=1e-6, atol=1e-12)
+    decayed = steps[warmup:] - warmup
+    np.testing.assert_allclose(rates[warmup:], peak * 0.5 * (1 + np.cos(np.pi * decayed / (total - warmup))),
+                               rtol=1e-5, atol=1e-10)
+    # Without warmup: the paper's schedule, Keras' cosine decay from the first step, value for value.
+    plain = keras.optimizers.schedules.CosineDecay(peak, total)
+    assert ([float(learning_rate_schedule(peak, total)(step)) for step in steps]
+            == [float(plain(step)) for step in steps])
+    for bad in (-1, total, total + 1):
+        with pytest.raises(ValueError, match="warmup steps"):
+            learning_rate_schedule(peak, total, bad)
+    # The optimiser steps with it: no update at all at step 0, where the rate is 0.
+    optimizer = make_optimizer(peak, total, warmup_steps=warmup)
+    weight = keras.Variable(np.ones(3, "float32"))
+    optimizer.apply_gradients([(ops.ones(3), weight)])
+    np.testing.assert_array_equal(numpy(weight), np.ones(3))
+    assert float(optimizer.learning_rate) == pytest.approx(peak / warmup)
+    optimizer.apply_gradients([(ops.ones(3), weight)])
+    assert np.all(numpy(weight) < 1)
+
+
 @pytest.mark.slow
 def test_label_dropout_trains_the_unconditional_branch():
     # Two classes that only the label tells apart at high noise (black and white squares): a

@@ -220,7 +220,7 @@ def test_balanced_sampling_draws_every_class_equally_often_and_the_same_draws_in
     assert rare.min() > 0.5 * rare.mean(), rare
 
 
-def test_random_flip_and_balanced_sampling_change_the_training_and_are_part_of_the_checkpoints_identity(
+def test_random_flip_balanced_sampling_and_lr_warmup_change_the_training_and_are_part_of_the_checkpoints_identity(
         tmp_path, monkeypatch):
     monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
     short = ["--dataset", "digits", "--preset", "tiny", "--train_model", "enc", "--epochs", "1",
@@ -228,10 +228,12 @@ def test_random_flip_and_balanced_sampling_change_the_training_and_are_part_of_t
     assert SD_adapting.main(short + ["--exp", "1", "--random_flip"]) == 0
     assert SD_adapting.main(short + ["--exp", "2"]) == 0
     assert SD_adapting.main(short + ["--exp", "3", "--balanced_sampling"]) == 0
-    folders = {exp: tmp_path / "Checkpoints" / "DDPM" / f"Exp_{exp}" / "digits" / "MyEmbedding" for exp in (1, 2, 3)}
+    assert SD_adapting.main(short + ["--exp", "4", "--lr_warmup_steps", "1"]) == 0
+    folders = {exp: tmp_path / "Checkpoints" / "DDPM" / f"Exp_{exp}" / "digits" / "MyEmbedding" for exp in (1, 2, 3, 4)}
     recorded = {exp: ck.read_settings(folders[exp]) for exp in folders}
-    assert [recorded[exp]["random_flip"] for exp in (1, 2, 3)] == [True, False, False]
-    assert [recorded[exp]["balanced_sampling"] for exp in (1, 2, 3)] == [False, False, True]
+    assert [recorded[exp]["random_flip"] for exp in (1, 2, 3, 4)] == [True, False, False, False]
+    assert [recorded[exp]["balanced_sampling"] for exp in (1, 2, 3, 4)] == [False, False, True, False]
+    assert [recorded[exp]["lr_warmup_steps"] for exp in (1, 2, 3, 4)] == [0, 0, 0, 1]
 
     def unet(exp):
         with h5py.File(ck.weights_path(folders[exp], 1), "r") as f:
@@ -241,6 +243,9 @@ def test_random_flip_and_balanced_sampling_change_the_training_and_are_part_of_t
     # than float rounding.
     assert np.max(np.abs(unet(1) - unet(2))) > 1e-4
     assert np.max(np.abs(unet(3) - unet(2))) > 1e-4
+    # The warmup's first step has a learning rate of 0: of the epoch's two steps only the second moves
+    # the weights, by less than the two of an unwarmed run.
+    assert np.max(np.abs(unet(4) - unet(2))) > 1e-4
 
     # A folder's checkpoints were made with (or without) the option: continuing otherwise is an error.
     with pytest.raises(CheckpointError, match=r"random_flip=True, not False"):
@@ -249,9 +254,11 @@ def test_random_flip_and_balanced_sampling_change_the_training_and_are_part_of_t
         SD_adapting.main(short + ["--exp", "2", "--random_flip"])
     with pytest.raises(CheckpointError, match=r"balanced_sampling=True, not False"):
         SD_adapting.main(short + ["--exp", "3"])
+    with pytest.raises(CheckpointError, match=r"lr_warmup_steps=1, not 0"):
+        SD_adapting.main(short + ["--exp", "4"])
     # A settings.json written before the flags existed was made without them.
     settings = ck.read_settings(folders[2])
-    del settings["random_flip"], settings["balanced_sampling"]
+    del settings["random_flip"], settings["balanced_sampling"], settings["lr_warmup_steps"]
     from Pipeline.adapt import AdaptSettings, plan
     from Utils.io import atomic_write_json
 
@@ -262,6 +269,8 @@ def test_random_flip_and_balanced_sampling_change_the_training_and_are_part_of_t
         plan(AdaptSettings.from_argv(short + ["--exp", "2", "--random_flip"]))
     with pytest.raises(CheckpointError, match=r"balanced_sampling=False, not True"):
         plan(AdaptSettings.from_argv(short + ["--exp", "2", "--balanced_sampling"]))
+    with pytest.raises(CheckpointError, match=r"lr_warmup_steps=0, not 5"):
+        plan(AdaptSettings.from_argv(short + ["--exp", "2", "--lr_warmup_steps", "5"]))
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, run_script, monkeypatch):
@@ -273,6 +282,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, run_script, monkeypa
         (["--train_model", "dif", "--enc_epoch", "1"], "no class-encoder checkpoint for epoch 1"),
         (["--dif_epoch", "1"], "--dif_epoch is for --train_model dif"),
         (["--enc_epoch", "5"], "no class-encoder checkpoint for epoch 5"),
+        # 2 epochs of digits' 1,077 training images at batch 256: 10 steps.
+        (["--epochs", "2", "--batch_size", "256", "--lr_warmup_steps", "10"],
+         "--lr_warmup_steps 10: the run has 10 steps (2 epochs of 5 batches); warm up over fewer"),
     ]:
         monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
         with pytest.raises(InputError, match=re.escape(message)):

@@ -8,6 +8,6 @@ weights.py      keras-cv's published weight files: download, cache, load
 backbone.py     ClassConditionalBackbone: class encoder + UNet (+ autoencoder), how each is called
 generator.py    ClassConditionalGenerator: class labels -> uint8 images (DDIM, guidance, seeded noise)
 trainer.py      DiffusionTrainer: fit with the diffusion loss, stages, the weight average; TrainBatches
-optimizer.py    make_optimizer, PaperAdam (Keras' Adam: its scalars once per step, its state in flat vectors), AdamWithEMA, ema_optimizer, optimizer_state
+optimizer.py    make_optimizer, learning_rate_schedule (cosine decay, optional warmup), PaperAdam (Keras' Adam: its scalars once per step, its state in flat vectors), AdamWithEMA, ema_optimizer, optimizer_state
 checkpoints.py  stage checkpoints; build_model (a trainer), load_generation_model (a generator)
 """

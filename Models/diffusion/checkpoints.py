@@ -57,7 +57,7 @@ CONDITIONING_KEYS = ("conditioning", "prompt_templates", "ti_tokens")
 IDENTITY_KEYS = ("preset", "dataset", "num_classes", "image_size", "context_length", "context_dim",
                  "unet_channels", "random_init", "init_seed", *SCHEDULE_KEYS, *CONDITIONING_KEYS)
 # Keys added to settings.json after checkpoints existed: what their absence meant.
-ABSENT_MEANS = {"unet_tuning": "full", "random_flip": False, "balanced_sampling": False}
+ABSENT_MEANS = {"unet_tuning": "full", "random_flip": False, "balanced_sampling": False, "lr_warmup_steps": 0}
 TRAINED_GROUP = "trained_weights"  # in the optimizer file: the weights themselves when the weights file holds averages
 _WEIGHTS_RE = re.compile(r"^epoch_(\d+)\.weights\.h5$")
 

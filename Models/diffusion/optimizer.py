@@ -28,18 +28,20 @@ from keras import ops
 FLAT_STATE_MAX_STEPS = 300
 
 
-def make_optimizer(learning_rate, total_steps, ema_decay=0.0, ema_warmup=True, flat_state=None):
+def make_optimizer(learning_rate, total_steps, ema_decay=0.0, ema_warmup=True, flat_state=None, warmup_steps=0):
     """The paper's optimiser for both stages, with an optional moving average of the weights.
 
     Adam(weight_decay 0.004, epsilon 1e-8, global_clipnorm 10) with the
     learning rate cosine-decayed to 0 over all `total_steps`. Keras' Adam with
     `weight_decay` decays the weights decoupled from the gradient (AdamW-style).
+    `warmup_steps` > 0 (diffusers' `--lr_warmup_steps`): the rate rises linearly from 0
+    to `learning_rate` over those first steps, then decays over the rest.
     `ema_decay` > 0 keeps an exponential moving average of the trained weights
     (`AdamWithEMA`); `ema_warmup` for weights that start random (see there).
     `flat_state`: keep the state in flat vectors (`PaperAdam`); None: for runs of at
     most `FLAT_STATE_MAX_STEPS` steps. The trained weights are the same either way.
     """
-    schedule = keras.optimizers.schedules.CosineDecay(float(learning_rate), max(1, int(total_steps)))
+    schedule = learning_rate_schedule(learning_rate, total_steps, warmup_steps)
     if flat_state is None:
         flat_state = int(total_steps) <= FLAT_STATE_MAX_STEPS
     if ema_decay:
@@ -48,6 +50,24 @@ def make_optimizer(learning_rate, total_steps, ema_decay=0.0, ema_warmup=True, f
                            flat_state=flat_state)
     return PaperAdam(learning_rate=schedule, weight_decay=0.004, epsilon=1e-8, global_clipnorm=10.0,
                      flat_state=flat_state)
+
+
+def learning_rate_schedule(learning_rate, total_steps, warmup_steps=0):
+    """Cosine decay to 0 at `total_steps`, after a linear warmup from 0 over `warmup_steps`.
+
+    Without warmup it is the paper's schedule, Keras' CosineDecay from the first step. A
+    from-scratch UNet wider than `small` stays on the loss plateau every run passes through in
+    its first epochs at `small`'s peak rate, and leaves it with a warmup (BENCHMARKS.md,
+    "A wider generator").
+    """
+    total_steps, warmup_steps = max(1, int(total_steps)), int(warmup_steps)
+    if warmup_steps < 0 or warmup_steps >= total_steps:
+        raise ValueError(f"{warmup_steps} warmup steps: expected 0 or more and fewer than the run's "
+                         f"{total_steps} steps")
+    if not warmup_steps:
+        return keras.optimizers.schedules.CosineDecay(float(learning_rate), total_steps)
+    return keras.optimizers.schedules.CosineDecay(0.0, total_steps - warmup_steps,
+                                                  warmup_target=float(learning_rate), warmup_steps=warmup_steps)
 
 
 @keras.saving.register_keras_serializable(package="sddg")

@@ -125,6 +125,9 @@ class DiffusionPreset:
     # sampling), so a rare class trains the conditional branch as often as a common one. Off by
     # default: the paper trains on the data as it is.
     balanced_sampling: bool = False
+    # Steps over which the learning rate rises linearly from 0 to its peak before the cosine decay
+    # (diffusers' --lr_warmup_steps). 0: the paper's schedule, decaying from the first step.
+    lr_warmup_steps: int = 0
     # The text encoder of the text conditioning methods (a TEXT_ENCODERS key; its width is context_dim).
     text_encoder: str = "tiny_clip"
 
@@ -148,7 +151,7 @@ class DiffusionPreset:
                 "rescale_betas_zero_snr": self.rescale_betas_zero_snr,
                 "timestep_spacing": self.timestep_spacing, "cond_dropout": self.cond_dropout,
                 "ema_decay": self.ema_decay, "snr_gamma": self.snr_gamma, "random_flip": self.random_flip,
-                "balanced_sampling": self.balanced_sampling}
+                "balanced_sampling": self.balanced_sampling, "lr_warmup_steps": self.lr_warmup_steps}
 
     @property
     def downsample(self):
