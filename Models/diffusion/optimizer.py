@@ -56,9 +56,9 @@ def learning_rate_schedule(learning_rate, total_steps, warmup_steps=0):
     """Cosine decay to 0 at `total_steps`, after a linear warmup from 0 over `warmup_steps`.
 
     Without warmup it is the paper's schedule, Keras' CosineDecay from the first step. A
-    from-scratch UNet wider than `small` stays on the loss plateau every run passes through in
-    its first epochs at `small`'s peak rate, and leaves it with a warmup (BENCHMARKS.md,
-    "A wider generator").
+    three-level UNet from scratch stays, at `small`'s peak rate, on the loss plateau every run
+    here passes through in its first epochs; with a warmup it leaves it (BENCHMARKS.md, "The
+    wider generator with a learning-rate warmup").
     """
     total_steps, warmup_steps = max(1, int(total_steps)), int(warmup_steps)
     if warmup_steps < 0 or warmup_steps >= total_steps:
