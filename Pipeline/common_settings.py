@@ -88,8 +88,10 @@ def conditioning_setting():
 
     return setting(DEFAULT_CONDITIONING, choices=CONDITIONINGS, group=ADDED,
                    help=f"how a label becomes the UNet's context (default {DEFAULT_CONDITIONING}, the paper's): "
-                        "class_encoder, text (prompts from --prompt_template over the label names, CLIP text "
-                        "encoder), textual_inversion (a learned token per class); Models/diffusion/conditioning.py")
+                        "class_encoder, ordinal_class_encoder (classes that are grades of one scale, label 0 the "
+                        "lowest: grade k coded as ones at 0..k), text (prompts from --prompt_template over the label "
+                        "names, CLIP text encoder), textual_inversion (a learned token per class); "
+                        "Models/diffusion/conditioning.py")
 
 
 def prompt_template_setting():

@@ -46,7 +46,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from Models.diffusion.presets import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS  # noqa: E402
+from Models.diffusion.presets import (BETA_SCHEDULES, CONDITIONINGS, DEFAULT_CONDITIONING,  # noqa: E402
+                                      PREDICTION_TYPES, TEXT_CONDITIONINGS, TIMESTEP_SPACINGS)
 from Models.diffusion.schedulers import DEFAULT_SAMPLER, SAMPLERS  # noqa: E402
 from Utils.cli import positive_int, run_cli  # noqa: E402
 
@@ -107,15 +108,19 @@ parser.add_argument("--balanced_sampling", action=argparse.BooleanOptionalAction
                          "(default: the preset's)")
 parser.add_argument("--lr_warmup_steps", type=int,
                     help="linear learning-rate warmup from 0 over this many steps (default: the preset's)")
+parser.add_argument("--conditioning", default=DEFAULT_CONDITIONING,
+                    choices=[m for m in CONDITIONINGS if m not in TEXT_CONDITIONINGS],
+                    help="the class code the class encoder reads (README, \"Conditioning methods\")")
 
 
-def train_from_scratch(preset, model_spec, splits, recipe, epochs, batch_size, lr, seed):
+def train_from_scratch(preset, model_spec, splits, recipe, epochs, batch_size, lr, seed, conditioning=None):
     """The enc stage's model trained from scratch: (model, Keras history, wall s, CPU s)."""
     from Models.diffusion import checkpoints as ck
     from Models.diffusion.optimizer import make_optimizer
     from Models.diffusion.trainer import TrainBatches
 
-    model = ck.build_model(preset, model_spec, random_init=True, init_seed=seed, seed=seed, recipe=recipe)
+    model = ck.build_model(preset, model_spec, random_init=True, init_seed=seed, seed=seed, recipe=recipe,
+                           conditioning=conditioning)
     batches = TrainBatches(splits.x_train, splits.y_train, batch_size, model.image_size, seed=seed,
                            random_flip=recipe["random_flip"], balanced_sampling=recipe["balanced_sampling"])
     model.compile(optimizer=make_optimizer(lr, epochs * len(batches), recipe["ema_decay"],
@@ -126,19 +131,21 @@ def train_from_scratch(preset, model_spec, splits, recipe, epochs, batch_size, l
     return model, history, time.perf_counter() - started, time.process_time() - cpu_started
 
 
-def trained_or_read(weights, preset, model_spec, splits, recipe, epochs, batch_size, lr, seed):
+def trained_or_read(weights, preset, model_spec, splits, recipe, epochs, batch_size, lr, seed, conditioning=None):
     """`train_from_scratch`, or the sampling weights read from `weights` when that file exists (no
     training); after training they are written there, so more rows can be scored from the same model.
-    Returns (model, facts about the training for the row)."""
+    Returns (model, facts about the training for the row). `conditioning`: a ConditioningSpec (default the
+    class encoder)."""
     from Models.diffusion import checkpoints as ck
 
     if weights and Path(weights).exists():
-        model = ck.build_model(preset, model_spec, random_init=True, init_seed=seed, seed=seed, recipe=recipe)
+        model = ck.build_model(preset, model_spec, random_init=True, init_seed=seed, seed=seed, recipe=recipe,
+                               conditioning=conditioning)
         model.load_weights(weights)
         print(f"{preset.name} on {model_spec.name}: sampling weights read from {weights}", flush=True)
         return model, {"weights_read_from": str(weights)}
     model, history, train_s, train_cpu_s = train_from_scratch(preset, model_spec, splits, recipe, epochs,
-                                                              batch_size, lr, seed)
+                                                              batch_size, lr, seed, conditioning)
     print(f"trained {preset.name} on {model_spec.name}: {epochs} epochs, {train_s:.0f} s, "
           f"final loss {history.history['loss'][-1]:.4f}", flush=True)
     if weights:
@@ -293,6 +300,7 @@ def main(argv=None):
     from Data.loaders import load_dataset
     from Data.registry import get_spec
     from Metrics.speckle import speckle_share
+    from Models.diffusion.conditioning import ConditioningSpec
     from Models.diffusion.presets import get_preset
     from Utils.io import append_json_line
 
@@ -306,6 +314,9 @@ def main(argv=None):
     splits = load_dataset(spec.name, data_dir=args.data_dir, train_subset=args.train_subset)
     recipe = {**preset.recipe(), **{k: getattr(args, k) for k in preset.recipe() if getattr(args, k) is not None}}
     epochs = args.epochs or preset.enc_epochs
+    # Recorded only when not the paper's class encoder, so rows and score logs from before the flag still match.
+    conditioning_record = ({} if args.conditioning == DEFAULT_CONDITIONING
+                           else ConditioningSpec(args.conditioning).record())
     batch_size = args.batch_size or preset.enc_batch_size
     lr = args.lr or preset.enc_lr
 
@@ -328,7 +339,7 @@ def main(argv=None):
                "classifier_batch_size": args.classifier_batch_size, "seed": args.seed}
     generator_settings = {**scoring, "preset": preset.name, "level_channels": list(preset.level_channels),
                           "rgb": bool(args.rgb), **recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                          "sampler": args.sampler,
+                          "sampler": args.sampler, **conditioning_record,
                           # x1 of a larger set is generated in other batches, which can move the last bits.
                           "generated_with": {"multiples": args.multiples, "class_proportions": args.class_proportions}}
 
@@ -362,7 +373,7 @@ def main(argv=None):
     if not samplings:
         return
     model, training = trained_or_read(args.weights, preset, model_spec, splits, recipe, epochs, batch_size, lr,
-                                      args.seed)
+                                      args.seed, ConditioningSpec(args.conditioning))
     real_row = {}  # the real row's figures, computed once
     for steps, guidance, base_tag in samplings:
         started = time.perf_counter()
@@ -392,7 +403,7 @@ def main(argv=None):
                    "preset": preset.name, "rgb": bool(args.rgb),
                    "level_channels": list(preset.level_channels),
                    **recipe, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                   "sampler": args.sampler, "steps": steps,
+                   "sampler": args.sampler, **conditioning_record, "steps": steps,
                    "guidance": guidance, "class_proportions": proportions,
                    "generated_with": generator_settings["generated_with"],
                    "classifier_epochs": args.classifier_epochs, "classifier_batch_size": args.classifier_batch_size,

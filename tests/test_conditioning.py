@@ -4,6 +4,7 @@ Needs CLIP's vocabulary file (an installed open-clip-torch has it: requirements-
 """
 
 import dataclasses
+import json
 
 import keras
 import numpy as np
@@ -118,3 +119,72 @@ def test_text_on_a_pretrained_preset_needs_no_enc_checkpoint(tmp_path, monkeypat
     settings, used = ck.resolve_generation_checkpoints(pretrained, spec, "0", 50, 0, text)
     assert used == {"enc": None, "dif": None} and settings["conditioning"] == "text"
     assert not any(tmp_path.iterdir())
+
+
+# ----- the ordinal class encoder (graded classes) ----------------------------------------------
+def test_ordinal_codes_are_thermometer_codes_and_the_zero_code_stays_unconditional():
+    from keras import ops
+
+    spec = get_spec("retinamnist")  # five retinopathy grades
+    keras.utils.set_random_seed(0)
+    ordinal = ck.build_model("tiny", spec, init_seed=0, conditioning=ConditioningSpec("ordinal_class_encoder"))
+    keras.utils.set_random_seed(0)
+    one_hot = ck.build_model("tiny", spec, init_seed=0)
+    assert ordinal.conditioning.method == "ordinal_class_encoder" and ordinal.class_encoder is not None
+    codes = ops.convert_to_numpy(ordinal.conditioning.label_codes(np.array([0, 1, 4, 2])))
+    np.testing.assert_array_equal(codes, [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(ops.convert_to_numpy(one_hot.conditioning.label_codes(np.array([0, 1, 4, 2]))),
+                                  np.eye(5)[[0, 1, 4, 2]])
+
+    # The same class encoder weights: grade 0's code is its one-hot, so only the higher grades move, and
+    # each grade's context is the encoder of its code; the unconditional context is the zero code's.
+    for a, b in zip(ordinal.class_encoder.weights, one_hot.class_encoder.weights):
+        np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+    context, uncond = ordinal.contexts([0, 3])
+    plain, plain_uncond = one_hot.contexts([0, 3])
+    context, plain = ops.convert_to_numpy(context), ops.convert_to_numpy(plain)
+    np.testing.assert_allclose(context[0], plain[0], rtol=1e-6, atol=1e-7)
+    assert np.abs(context[1] - plain[1]).max() > 1e-3
+    grade_3 = ordinal.class_encoder(ops.convert_to_tensor(np.array([[1, 1, 1, 1, 0]], "float32")))
+    np.testing.assert_allclose(context[1], ops.convert_to_numpy(grade_3)[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(ops.convert_to_numpy(uncond), ops.convert_to_numpy(plain_uncond))
+
+    # Training: a dropped label (keep False) trains on the zero code, the unconditional context.
+    keep = ops.convert_to_tensor(np.array([[True], [False]]))
+    trained = ops.convert_to_numpy(ordinal.conditioning.training_context(
+        ops.convert_to_tensor(np.array([3, 3], "int32")), keep, None))
+    np.testing.assert_allclose(trained[0], context[1], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(trained[1], ops.convert_to_numpy(uncond)[0], rtol=1e-6, atol=1e-7)
+
+    # Recorded as its own method: a class-encoder checkpoint is not an ordinal one.
+    ordinal_identity = ck.model_identity("tiny", spec, True, 0, conditioning=ConditioningSpec("ordinal_class_encoder"))
+    assert ordinal_identity["conditioning"] == "ordinal_class_encoder"
+    assert ordinal_identity != ck.model_identity("tiny", spec, True, 0)
+    assert ConditioningSpec.from_record(ordinal_identity) == ConditioningSpec("ordinal_class_encoder")
+
+
+def test_ordinal_class_encoder_trains_generates_and_refuses_the_other_code(tmp_path, monkeypatch, retinamnist_dir):
+    """SD_adapting.py trains with it (one epoch on a 40-image subset of RetinaMNIST's grades), generate_dataset.py
+    writes images from that checkpoint and records the method, and the one-hot class encoder refuses it."""
+    import SD_adapting
+    import generate_dataset
+    from Utils.errors import InputError
+
+    data_dir = retinamnist_dir
+    monkeypatch.setenv("SDDG_OUTPUT_ROOT", str(tmp_path))
+    common = ["--dataset", "retinamnist", "--data_dir", str(data_dir), "--preset", "tiny", "--train_subset", "40",
+              "--verbose", "0"]
+    assert SD_adapting.main(common + ["--train_model", "enc", "--epochs", "1", "--batch_size", "20",
+                                      "--grid_per_class", "0", "--conditioning", "ordinal_class_encoder"]) == 0
+    folder = ck.diffusion_checkpoint_dir(0, "retinamnist", "enc")
+    assert json.loads((folder / ck.SETTINGS_FILE).read_text())["conditioning"] == "ordinal_class_encoder"
+    out = tmp_path / "generated"
+    generate = common[:-2] + ["--enc_epoch", "1", "--dif_epoch", "0", "--inf_steps", "2", "--ugs", "1.5",
+                              "--img_total", "10", "--batch_size", "10", "--grid_per_class", "0", "--out_dir", str(out)]
+    assert generate_dataset.main(generate + ["--conditioning", "ordinal_class_encoder"]) == 0
+    assert len(list(out.glob("class_*/*.png"))) == 10
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["settings"]["conditioning"] == "ordinal_class_encoder"
+    with pytest.raises(InputError, match="conditioning"):
+        generate_dataset.main(generate[:-1] + [str(tmp_path / "one_hot")])
+    assert not (tmp_path / "one_hot").exists()

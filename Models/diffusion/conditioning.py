@@ -7,6 +7,7 @@ sampler, training, tuning, generation, CAS and the report are the same for all o
 | method | context | unconditional | the enc stage trains |
 | --- | --- | --- | --- |
 | `class_encoder` (the paper's, default) | one-hot -> Dense -> Dense -> (100, D) | the all-zero label | the class encoder |
+| `ordinal_class_encoder` (graded classes) | grade k as ones at 0..k -> the same class encoder | the all-zero label | the class encoder |
 | `text` | CLIP text encoder of a prompt from templates over the label names | the empty prompt | nothing |
 | `textual_inversion` | the same, the prompt naming the class by placeholder tokens | the empty prompt | the placeholders' embeddings |
 
@@ -37,7 +38,7 @@ from keras import ops
 
 from Models.errors import ModelSettingsError
 
-from Models.diffusion.presets import CONDITIONINGS, DEFAULT_CONDITIONING
+from Models.diffusion.presets import CONDITIONINGS, DEFAULT_CONDITIONING, TEXT_CONDITIONINGS
 # The prompts of the text methods, after CLIP's zero-shot ImageNet templates.
 DEFAULT_TEMPLATES = (
     "a photo of a {label}.",
@@ -75,7 +76,7 @@ class ConditioningSpec:
 
     @property
     def uses_text(self):
-        return self.method != "class_encoder"
+        return self.method in TEXT_CONDITIONINGS
 
     def record(self):
         """The settings.json / manifest entries (the class encoder's alone: the paper's files stay as they were)."""
@@ -137,10 +138,12 @@ def build_conditioning(spec, preset, label_names, text_encoder=None, vocabulary=
 
     spec = spec if isinstance(spec, ConditioningSpec) else ConditioningSpec(spec)
     num_classes = len(label_names)
-    if spec.method == "class_encoder":
+    if not spec.uses_text:
         encoder = ClassEncoder(num_classes, preset.context_length, preset.context_dim,
                                hidden=preset.class_encoder_hidden, name="class_encoder")
         encoder.build((None, num_classes))
+        if spec.method == "ordinal_class_encoder":
+            return OrdinalClassEncoderConditioning(encoder)
         return ClassEncoderConditioning(encoder)
     from Models.text.clip_tokenizer import ClipTokenizer
     from Models.text.text_encoder import build_text_encoder
@@ -198,19 +201,43 @@ class ClassEncoderConditioning(Conditioning):
         self.context_length = class_encoder.context_length
         self.built = True
 
+    def label_codes(self, labels):
+        """The class encoder's input for integer labels (B,): one-hot (B, num_classes)."""
+        return ops.one_hot(ops.cast(labels, "int32"), self.num_classes)
+
     def contexts(self, labels, indices=None, seed=0):
-        one_hot = ops.one_hot(ops.convert_to_tensor(np.asarray(labels), "int32"), self.num_classes)
-        return self.class_encoder(one_hot), self.class_encoder(ops.zeros((1, self.num_classes)))
+        codes = self.label_codes(ops.convert_to_tensor(np.asarray(labels), "int32"))
+        return self.class_encoder(codes), self.class_encoder(ops.zeros((1, self.num_classes)))
 
     def training_context(self, labels, keep, seed_generator, training=False):
-        one_hot = ops.one_hot(labels, self.num_classes)
+        codes = self.label_codes(labels)
         if keep is not None:
             # Classifier-free-guidance training: some labels become the all-zero vector.
-            one_hot = one_hot * ops.cast(keep, one_hot.dtype)
-        return self.class_encoder(one_hot, training=training)
+            codes = codes * ops.cast(keep, codes.dtype)
+        return self.class_encoder(codes, training=training)
 
     def trained_parts(self):
         return {"class_encoder": self.class_encoder}
+
+
+class OrdinalClassEncoderConditioning(ClassEncoderConditioning):
+    """For classes that are grades of one scale, label 0 the lowest (RetinaMNIST's retinopathy grades 0-4).
+
+    Grade k is coded as ones at positions 0..k (a thermometer code) instead of one-hot, so the class
+    encoder's first layer adds one learned vector per step up the scale: neighbouring grades share all
+    but one of them, and a rare grade borrows what its neighbours teach. The all-zero code stays the
+    unconditional label (grade 0 is a single one). Same weights and checkpoint layout as `class_encoder`.
+
+    Example:
+        >>> conditioning = OrdinalClassEncoderConditioning(ClassEncoder(5, 100, 768))
+        >>> ops.convert_to_numpy(conditioning.label_codes(np.array([0, 2])))   # [[1 0 0 0 0], [1 1 1 0 0]]
+    """
+
+    method = "ordinal_class_encoder"
+
+    def label_codes(self, labels):
+        grades = ops.reshape(ops.cast(labels, "int32"), (-1, 1))
+        return ops.cast(ops.arange(self.num_classes, dtype="int32")[None, :] <= grades, "float32")
 
 
 class TextConditioning(Conditioning):

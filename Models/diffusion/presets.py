@@ -38,8 +38,10 @@ GENERATION_BATCH_SIZE = 250
 
 # How a label becomes the UNet's context (Models/diffusion/conditioning.py); here, without Keras, so
 # that the scripts' flags are declared before TensorFlow starts.
-CONDITIONINGS = ("class_encoder", "text", "textual_inversion")
+CONDITIONINGS = ("class_encoder", "ordinal_class_encoder", "text", "textual_inversion")
 DEFAULT_CONDITIONING = "class_encoder"
+# The methods whose context comes from prompts through a CLIP text encoder (the others: a class encoder).
+TEXT_CONDITIONINGS = ("text", "textual_inversion")
 
 # The names diffusers gives these settings (`Models/diffusion/schedule.py` implements them).
 BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
