@@ -314,11 +314,11 @@ def main(argv=None):
     splits = load_dataset(spec.name, data_dir=args.data_dir, train_subset=args.train_subset)
     recipe = {**preset.recipe(), **{k: getattr(args, k) for k in preset.recipe() if getattr(args, k) is not None}}
     epochs = args.epochs or preset.enc_epochs
-    # Recorded only when not the paper's class encoder, so rows and score logs from before the flag still match.
-    conditioning_record = ({} if args.conditioning == DEFAULT_CONDITIONING
-                           else ConditioningSpec(args.conditioning).record())
     batch_size = args.batch_size or preset.enc_batch_size
     lr = args.lr or preset.enc_lr
+    conditioning = ConditioningSpec(args.conditioning)
+    # Recorded only when not the paper's class encoder, so rows and score logs from before the flag still match.
+    conditioning_record = {} if args.conditioning == DEFAULT_CONDITIONING else conditioning.record()
 
     x1_by_proportions = {p: x1_counts(spec, splits, p) for p in args.class_proportions.split(",")}
     # One generated set holds every proportion's x1..xN: the first k images of each class.
@@ -373,7 +373,7 @@ def main(argv=None):
     if not samplings:
         return
     model, training = trained_or_read(args.weights, preset, model_spec, splits, recipe, epochs, batch_size, lr,
-                                      args.seed, ConditioningSpec(args.conditioning))
+                                      args.seed, conditioning)
     real_row = {}  # the real row's figures, computed once
     for steps, guidance, base_tag in samplings:
         started = time.perf_counter()
