@@ -12,7 +12,7 @@ import pytest
 from benchmarks.bench_classifier import main as bench_classifier_main
 from benchmarks.bench_first_step import grappler_options
 from benchmarks.bench_recipe import main as bench_recipe_main
-from benchmarks.bench_recipe import ScoreLog, mean_and_runs, multiple_indices
+from benchmarks.bench_recipe import ScoreLog, label_probability, mean_and_runs, most_typical, multiple_indices
 from benchmarks.bench_samplers import main as bench_samplers_main
 from benchmarks.bench_samplers import quality_cells, row_identity, scored_rows
 from benchmarks.bench_saved_set import load_saved_set
@@ -137,6 +137,57 @@ def test_multiple_indices_take_the_first_k_x1_counts_of_each_class():
     assert sorted(multiple_indices(labels, per_class_x1, 2)) == [0, 1, 2, 3, 6, 7, 8, 9]
 
 
+def test_of_each_class_the_most_probable_of_its_first_pool_times_count_candidates_are_kept_most_typical_first():
+    labels = np.array([0, 1, 0, 1, 0, 1, 0, 1, 2, 2, 2, 2])
+    probability = np.array([.1, .9, .7, .2, .3, .8, .95, .5, .4, .6, .6, .1])
+    # class 0: candidates 0, 2 (pool 2 x 1); class 1: 1, 3, 5, 7 (pool 2 x 2); class 2: 8, 9 (pool 2 x 1)
+    kept = most_typical(labels, probability, per_class=[1, 2, 1], pool=2)
+    assert kept.tolist() == [2, 1, 5, 9]
+    # Candidate 6 (p .95) is past class 0's first two: a larger pool reaches it.
+    assert most_typical(labels, probability, per_class=[1, 1, 1], pool=4).tolist() == [6, 1, 9]
+    # Equal probabilities (class 2's 9 and 10): the earlier image first.
+    assert most_typical(labels, probability, per_class=[0, 0, 2], pool=2).tolist() == [9, 10]
+
+
+def test_a_pool_of_one_keeps_the_set_without_selection():
+    labels = np.repeat(np.arange(3), 4)
+    probability = np.random.default_rng(0).random(len(labels))
+    kept = most_typical(labels, probability, per_class=[4, 3, 2], pool=1)
+    assert sorted(kept.tolist()) == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+
+
+@pytest.mark.parametrize("per_class, pool, probability, message", [
+    ([3, 1], 2, None, "class 0: 4 candidates, 6 needed"),
+    ([1, 1], 0, None, "at least 1"),
+    ([1, 1], 1.5, None, "whole number"),
+    ([1, 1], 2, np.array([.5, np.nan, .5, .5, .5, .5, .5, .5]), "NaN or infinity"),
+    ([1, 1], 2, np.array([.5, .5]), "one probability per image"),
+])
+def test_what_cannot_be_selected_is_refused(per_class, pool, probability, message):
+    labels = np.repeat([0, 1], 4)
+    probability = np.full(len(labels), 0.5) if probability is None else probability
+    with pytest.raises(ValueError, match=message):
+        most_typical(labels, probability, per_class, pool)
+
+
+def test_label_probability_is_the_classifiers_softmax_at_each_images_own_label():
+    import keras
+
+    images = np.random.default_rng(1).integers(0, 256, (7, 2, 2, 1)).astype("float32")
+    labels = np.array([0, 1, 2, 0, 1, 2, 2])
+    classifier = keras.Sequential([keras.Input((2, 2, 1)), keras.layers.Flatten(),
+                                   keras.layers.Dense(3, activation="softmax")])
+    weights = np.random.default_rng(2).normal(0, 0.01, (4, 3)).astype("float32")
+    classifier.layers[-1].set_weights([weights, np.array([0.1, -0.2, 0.3], "float32")])
+    logits = images.reshape(7, 4) @ weights + np.array([0.1, -0.2, 0.3])
+    softmax = np.exp(logits - logits.max(1, keepdims=True))
+    softmax /= softmax.sum(1, keepdims=True)
+    np.testing.assert_allclose(label_probability(classifier, images, labels, batch_size=3),
+                               softmax[np.arange(7), labels], rtol=1e-5)
+    with pytest.raises(ValueError, match="one label per image"):
+        label_probability(classifier, images, labels[:3])
+
+
 def test_a_saved_set_is_checked_before_use(tmp_path):
     good = tmp_path / "set.npz"
     images = np.zeros((4, 8, 8, 1), np.uint8)
@@ -220,6 +271,35 @@ def test_a_killed_recipe_run_resumes_with_the_scores_it_had_and_makes_only_the_m
     said = capsys.readouterr()
     assert "t: its rows are in" in said.out and "read from" not in said.out and "generating" not in said.err
     assert grid.stat().st_mtime_ns == grid_written
+
+
+def test_a_filtered_recipe_run_generates_the_pool_and_keeps_what_its_filter_finds_most_typical(tmp_path):
+    import json
+
+    from benchmarks.bench_recipe import FILTER_SEED, filter_scorer
+    from Data.loaders import load_dataset
+    from Data.registry import get_spec
+
+    out, saved = tmp_path / "rows.jsonl", tmp_path / "set.npz"
+    bench_recipe_main(["--tag", "f", "--preset", "tiny", "--epochs", "1", "--steps", "2", "--classifier_epochs", "1",
+                       "--train_subset", "100", "--filter_pool", "2", "--save_images", str(saved), "--out", str(out)])
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["filter_pool"] == 2 and row["filter_seed"] == FILTER_SEED
+    scores = [json.loads(line) for line in out.with_suffix(".scores.jsonl").read_text().splitlines()]
+    assert scores and all(score["settings"]["filter_pool"] == 2 for score in scores)
+
+    # Two candidates for each of x1's 100 images, each with its probability under the filter: a ResNet20 of the
+    # scorer's protocol trained with the filter's seed on the same real subset gives the same probabilities.
+    with np.load(saved) as candidates:
+        images, labels, probability = candidates["images"], candidates["labels"], candidates["filter_probability"]
+    assert np.bincount(labels).tolist() == [20] * 10
+    splits = load_dataset("digits", train_subset=100)
+    again = filter_scorer(get_spec("digits"), splits, 1, 64, FILTER_SEED)(images, labels)
+    np.testing.assert_array_equal(again, probability)
+    # The kept x1 is half the candidates, the more typical of each class: the grid shows its first eight.
+    kept = most_typical(labels, probability, [10] * 10, pool=2)
+    assert len(kept) == 100 and probability[kept].mean() > probability.mean()
+    assert (tmp_path / "rows_f.png").exists()
 
 
 def test_a_samplers_row_cut_short_by_a_kill_is_written_again_whole_from_the_kept_scores(tmp_path):
