@@ -217,6 +217,15 @@ def test_bad_multiples_stop_with_one_line(multiples, tmp_path):
     assert not (tmp_path / "rows.jsonl").exists()
 
 
+@pytest.mark.parametrize("pool", ["0", "-2", "1.5", "three"])
+def test_a_bad_filter_pool_stops_with_one_line_before_anything_is_written(pool, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        bench_recipe_main(["--tag", "t", "--filter_pool", pool, "--out", str(tmp_path / "rows.jsonl")])
+    assert stopped.value.code == 2
+    assert "--filter_pool" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_killed_recipe_run_resumes_with_the_scores_it_had_and_makes_only_the_missing_ones(tmp_path, capsys):
     import json
 
