@@ -212,8 +212,8 @@ def most_typical(labels, probability, per_class, pool):
     The indices come class by class, each class's most typical first (equal probabilities: the earlier
     image first). With `pool` 1 every candidate is kept: the set without selection, in another order.
     Filtering generated images by a classifier trained on real data is a lever of the literature on
-    synthetic training sets; the paper keeps every image. On RetinaMNIST it moved CAS by +3 points on one
-    generator and -2.7 on another (BENCHMARKS.md, "Keeping the most typical of three candidates").
+    synthetic training sets; the paper keeps every image. On RetinaMNIST it moved three generators' CAS by
+    +3.0, -2.7 and +0.2 points (BENCHMARKS.md, "Keeping the most typical of three candidates").
     """
     import numpy as np
 
