@@ -225,15 +225,28 @@ def most_typical(labels, probability, per_class, pool):
         raise ValueError(f"pool: expected a whole number of candidates per kept image, at least 1, not {pool!r}")
     if not np.all(np.isfinite(probability)):
         raise ValueError("most_typical: the probabilities hold NaN or infinity")
-    kept = []
-    for c, count in enumerate(per_class):
-        candidates = np.flatnonzero(labels == c)[:int(pool) * int(count)]
-        if len(candidates) < int(pool) * int(count):
-            raise ValueError(f"class {c}: {len(candidates)} candidates, {int(pool) * int(count)} needed "
-                             f"for {int(count)} images from {int(pool)} each")
-        best = np.argsort(-probability[candidates], kind="stable")[:int(count)]
+    pool, kept = int(pool), []
+    for c, count in enumerate(int(n) for n in per_class):
+        candidates = np.flatnonzero(labels == c)[:pool * count]
+        if len(candidates) < pool * count:
+            raise ValueError(f"class {c}: {len(candidates)} candidates, {pool * count} needed "
+                             f"for {count} images from {pool} each")
+        best = np.argsort(-probability[candidates], kind="stable")[:count]
         kept.append(candidates[best])
     return np.concatenate(kept) if kept else np.zeros(0, np.int64)
+
+
+def train_on_real_validation(spec, splits, x, y, config, seed, pool=None):
+    """A ResNet20 of `config` trained on (x, y) with `seed`, validated on the real validation split: the
+    scoring classifiers' training and the filter's."""
+    import keras
+
+    from Models.classifier import train_classifier
+
+    keras.utils.set_random_seed(seed)
+    classifier, _ = train_classifier(x, y, splits.x_val, splits.y_val, spec.num_classes, config=config, seed=seed,
+                                     verbose=0, pool=pool)
+    return classifier
 
 
 def cas_scorer(spec, splits, classifier_epochs, classifier_batch_size, seed, runs=1):
@@ -244,17 +257,13 @@ def cas_scorer(spec, splits, classifier_epochs, classifier_batch_size, seed, run
     The scorer is deterministic but chaotic: inputs that differ below what a PNG stores move it by
     as much as another seed does (BENCHMARKS.md, "The scorer's own spread"), so where sets are
     compared, a set's figure is the mean of several runs (`mean_and_runs`)."""
-    import keras
-
-    from Models.classifier import ClassifierConfig, ClassifierPool, evaluate_classifier, train_classifier
+    from Models.classifier import ClassifierConfig, ClassifierPool, evaluate_classifier
 
     config = ClassifierConfig(epochs=classifier_epochs, batch_size=classifier_batch_size)
     pool = ClassifierPool()  # every classifier is scored before the next trains: one compiled model for all
 
     def train(x, y, classifier_seed):
-        keras.utils.set_random_seed(classifier_seed)
-        classifier, _ = train_classifier(x, y, splits.x_val, splits.y_val, spec.num_classes,
-                                         config=config, seed=classifier_seed, verbose=0, pool=pool)
+        classifier = train_on_real_validation(spec, splits, x, y, config, classifier_seed, pool=pool)
         return evaluate_classifier(classifier, splits.x_test, splits.y_test, spec.label_names)["top1"]
 
     def cas(x, y, record=lambda classifier_seed, train: train()):
@@ -265,20 +274,16 @@ def cas_scorer(spec, splits, classifier_epochs, classifier_batch_size, seed, run
 
 def filter_scorer(spec, splits, classifier_epochs, classifier_batch_size, seed):
     """(images, labels) -> each image's probability of its label under a ResNet20 trained on the real
-    training split (the scorer's protocol, validated on the real validation split), trained at the first call."""
+    training split (the scorer's protocol, validated on the real validation split), trained at the first call.
+    Not in the scorers' pool: their trainings would overwrite its weights before a later sampling is filtered."""
     import functools
 
-    import keras
-
-    from Models.classifier import ClassifierConfig, train_classifier
+    from Models.classifier import ClassifierConfig
 
     @functools.cache
     def classifier():
-        keras.utils.set_random_seed(seed)
         config = ClassifierConfig(epochs=classifier_epochs, batch_size=classifier_batch_size)
-        trained, _ = train_classifier(splits.x_train, splits.y_train, splits.x_val, splits.y_val, spec.num_classes,
-                                      config=config, seed=seed, verbose=0)
-        return trained
+        return train_on_real_validation(spec, splits, splits.x_train, splits.y_train, config, seed)
 
     return lambda images, labels: label_probability(classifier(), images, labels)
 
